@@ -1,0 +1,130 @@
+"""Typed configuration of the caching job (``kdcache cache CONFIG.yaml``).
+
+YAML holds values only; every model forbids unknown keys, so a typo fails before any
+work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .views import ViewRecipe
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    """ImageNet-style WebDataset tars: ``KEY.{jpg,jpeg,png,webp}`` + ``KEY.cls`` (+ ``KEY.json``)."""
+
+    urls: str | list[str] = Field(description="fsspec URL(s); brace patterns and globs allowed")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (never stored)")
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+class OutputConfig(_Strict):
+    url: str = Field(description="where the Zarr cache goes (any fsspec URL: local path, s3://...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (never stored)")
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(description="timm model name, e.g. swin_large_patch4_window7_224")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model")
+    checkpoint: str | None = Field(None, description="fsspec URL of .safetensors or torch weights")
+    checkpoint_storage_options: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = Field(False, description="use timm's pretrained weights (needs hub access)")
+    input_size: int | None = Field(None, gt=0, description="square input side; default: model's pretrained_cfg")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> TeacherConfig:
+        if self.checkpoint and self.pretrained:
+            raise ValueError("give either teacher.checkpoint or teacher.pretrained=true, not both")
+        return self
+
+
+TAP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class TapConfig(_Strict):
+    """One teacher feature tap, taken through timm's ``forward_intermediates``.
+
+    ``index`` is a block (ViT/EVA) or stage (Swin, CNN) index, negative from the end.
+    ``norm: true`` takes the model's final features after its final norm
+    (``forward_intermediates``' first return value): only valid for the last index.
+    """
+
+    name: str
+    index: int
+    norm: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TAP_NAME.match(v):
+            raise ValueError(f"tap name {v!r} must match {TAP_NAME.pattern}")
+        return v
+
+
+class LogitsConfig(_Strict):
+    mode: Literal["topk", "full"] = "topk"
+    k: int = Field(10, ge=1, description="classes kept per view in topk mode")
+
+
+class TPPConfig(_Strict):
+    """ScaleKD teacher parameter perception pack: the teacher's frozen tail."""
+
+    tail: int = Field(1, ge=1, description="last blocks (ViT/DeiT/EVA) or last stages (Swin) to pack")
+
+
+class TargetsConfig(_Strict):
+    logits: LogitsConfig | None = LogitsConfig()
+    features: list[TapConfig] = Field(default_factory=list)
+    feature_dtype: Literal["fp16", "int8"] = "fp16"
+    keep_prefix_tokens: bool = False
+    tpp: TPPConfig | None = None
+    fingerprint_size: int = Field(4, ge=1, le=16, description="teacher input avg-pooled to size×size per view")
+
+    @field_validator("features")
+    @classmethod
+    def _unique(cls, v: list[TapConfig]) -> list[TapConfig]:
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate tap names: {sorted(dup)}")
+        return v
+
+
+class JobConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    chunk_rows: int = Field(64, ge=1, description="rows per Zarr chunk inside a unit's shard")
+    max_retries: int = Field(3, ge=0, description="retries of a unit after a worker is lost")
+    index_parallelism: int = Field(8, ge=1)
+
+
+class CacheConfig(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    teacher: TeacherConfig
+    views: ViewRecipe = ViewRecipe()
+    targets: TargetsConfig = TargetsConfig()
+    job: JobConfig = JobConfig()
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as stored in the manifest: every ``storage_options`` (credentials) removed."""
+        d = self.model_dump(mode="json")
+        d["input"].pop("storage_options", None)
+        d["output"].pop("storage_options", None)
+        d["teacher"].pop("checkpoint_storage_options", None)
+        return d

@@ -1,0 +1,179 @@
+"""The manifest (``manifest.json``, written last) and the per-unit completion record."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .version import SCHEMA_VERSION, check_compatible
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherInfo(_Model):
+    model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights_sha256: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+    num_prefix_tokens: int = 0
+
+
+class ShardInfo(_Model):
+    url: str
+    size: int  # bytes
+    count: int  # samples
+
+
+class DatasetInfo(_Model):
+    shards: list[ShardInfo]
+    fingerprint: str  # sha256 over (url, size, count) of every shard, in order
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+class FeatureInfo(_Model):
+    name: str
+    index: int  # resolved, non-negative
+    norm: bool
+    tokens: int
+    dim: int
+    grid: tuple[int, int] | None  # (H, W) of the patch tokens when they form a grid
+    prefix_tokens: int  # prefix tokens kept at the front of ``tokens`` (0 by default)
+    dtype: Literal["fp16", "int8"]
+
+
+class LogitsInfo(_Model):
+    mode: Literal["topk", "full"]
+    k: int
+    num_classes: int
+
+
+class TPPInfo(_Model):
+    family: str
+    num_params: int
+    bytes: int
+    spec: dict[str, Any]
+
+
+class ArrayInfo(_Model):
+    shape: list[int]
+    dtype: str
+    chunks: list[int]
+    shards: list[int]
+    target: str
+
+
+class FidelityAcc(_Model):
+    """Fidelity of a stored target against the fp32 teacher output, accumulated over rows."""
+
+    count: int = 0
+    cosine_sum: float = 0.0
+    cosine_min: float = 1.0
+    rel_err_sum: float = 0.0
+    rel_err_max: float = 0.0
+
+    def merge(self, other: FidelityAcc) -> FidelityAcc:
+        return FidelityAcc(
+            count=self.count + other.count,
+            cosine_sum=self.cosine_sum + other.cosine_sum,
+            cosine_min=min(self.cosine_min, other.cosine_min),
+            rel_err_sum=self.rel_err_sum + other.rel_err_sum,
+            rel_err_max=max(self.rel_err_max, other.rel_err_max),
+        )
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {
+            "cosine_mean": self.cosine_sum / n,
+            "cosine_min": self.cosine_min,
+            "rel_err_mean": self.rel_err_sum / n,
+            "rel_err_max": self.rel_err_max,
+        }
+
+
+class SkippedSample(_Model):
+    shard: int
+    url: str
+    key: str
+    reason: str
+
+
+class UnitRecord(_Model):
+    """Completion record of one work unit (input tar, view), written after all its data."""
+
+    shard: int
+    view: int
+    url: str
+    count: int  # samples in the tar (rows used)
+    valid: int  # rows holding a cached sample
+    correct: int  # rows where the teacher's top-1 equals the label
+    skipped: list[SkippedSample] = Field(default_factory=list)
+    array_sha256: dict[str, str]  # array name -> sha256 of the unit's stored shard object
+    array_bytes: dict[str, int]
+    fidelity: dict[str, FidelityAcc] = Field(default_factory=dict)
+    tpp_input_sum: list[float] | None = None  # per-channel sums of the TPP tail input (float64)
+    tpp_input_sumsq: list[float] | None = None
+    tpp_input_count: int = 0
+    seconds: float = 0.0
+
+
+class Stats(_Model):
+    num_samples: int = 0
+    num_valid_rows: int = 0
+    num_skipped: int = 0
+    skipped: list[SkippedSample] = Field(default_factory=list)
+    bytes_total: int = 0
+    bytes_per_target: dict[str, int] = Field(default_factory=dict)
+    bytes_per_view: dict[str, float] = Field(default_factory=dict)
+    fidelity: dict[str, dict[str, float]] = Field(default_factory=dict)
+    teacher_top1: float | None = None  # percent, over all cached views
+    samples_per_second: float | None = None
+    seconds: float | None = None
+
+
+class Manifest(_Model):
+    schema_version: str = SCHEMA_VERSION
+    status: Literal["building", "complete"]
+    created: str
+    updated: str
+    library_versions: dict[str, str]
+    config: dict[str, Any]  # the resolved CacheConfig without credentials
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    num_views: int
+    rows_per_shard: int
+    chunk_rows: int
+    logits: LogitsInfo | None
+    features: list[FeatureInfo]
+    tpp: TPPInfo | None
+    arrays: dict[str, ArrayInfo]
+    units_total: int
+    units_complete: int = 0
+    stats: Stats = Stats()
+
+    def row(self, shard: int, position: int) -> int:
+        return shard * self.rows_per_shard + position
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Manifest:
+        """Parse manifest JSON, refusing an unknown schema major version before field checks."""
+        import json
+
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or "schema_version" not in raw:
+            raise ValueError(f"{where}: not a kdcache manifest (no schema_version)")
+        check_compatible(str(raw["schema_version"]), where)
+        return cls.model_validate(raw)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,41 @@
+"""Schema version of the cache format and the rule for reading one.
+
+A cache records ``"MAJOR.MINOR"``. A reader knows one major version: it reads any
+minor of that major (minors only add optional fields or arrays, which an older reader
+ignores), and refuses every other major with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = "1.0"
+
+
+class IncompatibleSchemaError(RuntimeError):
+    """The cache was written with a schema major version this reader does not know."""
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(p) for p in version.split("."))
+    except ValueError as e:
+        raise IncompatibleSchemaError(
+            f"schema_version {version!r} is not of the form 'MAJOR.MINOR'; the manifest is damaged "
+            "or was not written by kdcache"
+        ) from e
+    return major, minor
+
+
+def check_compatible(found: str, where: str = "cache") -> None:
+    """Raise :class:`IncompatibleSchemaError` unless ``found`` can be read by this version."""
+    major, _ = parse_version(found)
+    ours, _ = parse_version(SCHEMA_VERSION)
+    if major != ours:
+        newer = major > ours
+        raise IncompatibleSchemaError(
+            f"{where} has schema version {found}, this kdcache reads {ours}.x only. "
+            + (
+                "Upgrade kdcache (pip install -U kdcache) to read it."
+                if newer
+                else "Rebuild the cache with this kdcache (kdcache cache CONFIG), or read it with an older kdcache."
+            )
+        )
