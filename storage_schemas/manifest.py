@@ -69,6 +69,7 @@ class ArrayInfo(_Model):
     dtype: str
     chunks: list[int]
     shards: list[int]
+    fill: float | int
     target: str
 
 
@@ -159,6 +160,44 @@ class Manifest(_Model):
     units_total: int
     units_complete: int = 0
     stats: Stats = Stats()
+
+    def summary(self) -> dict[str, Any]:
+        """What ``kdcache inspect --json`` prints: status, sizes, teacher, and each target's
+        dtype, bytes and fidelity."""
+        st = self.stats
+        targets: dict[str, dict[str, Any]] = {}
+        if self.logits:
+            dtype = "fp16 logits" + (f" top-{self.logits.k} + indices + fp32 logsumexp" if self.logits.mode == "topk" else "")
+            targets["logits"] = {"mode": self.logits.mode, "k": self.logits.k, "dtype": dtype}
+        for f in self.features:
+            targets[f"feature:{f.name}"] = {"index": f.index, "norm": f.norm, "shape": [f.tokens, f.dim],
+                                            "grid": f.grid, "dtype": f.dtype}
+        for name, t in targets.items():
+            t["bytes"] = st.bytes_per_target.get(name, 0)
+            t["bytes_per_view"] = st.bytes_per_view.get(name)
+            t["fidelity"] = st.fidelity.get(name)
+        if self.tpp:
+            targets["tpp"] = {"family": self.tpp.family, "num_params": self.tpp.num_params, "bytes": self.tpp.bytes,
+                              "dtype": "safetensors"}
+        return {
+            "status": self.status,
+            "schema_version": self.schema_version,
+            "created": self.created,
+            "updated": self.updated,
+            "num_samples": self.dataset.num_samples,
+            "num_shards": len(self.dataset.shards),
+            "num_views": self.num_views,
+            "units": {"complete": self.units_complete, "total": self.units_total},
+            "teacher": {"model": self.teacher.model, "weights_sha256": self.teacher.weights_sha256,
+                        "input_size": self.teacher.input_size, "num_classes": self.teacher.num_classes,
+                        "top1": st.teacher_top1},
+            "dataset_fingerprint": self.dataset.fingerprint,
+            "targets": targets,
+            "skipped": st.num_skipped,
+            "bytes_total": st.bytes_total + (self.tpp.bytes if self.tpp else 0),
+            "bytes_per_view": st.bytes_per_view.get("total"),
+            "samples_per_second": st.samples_per_second,
+        }
 
     def row(self, shard: int, position: int) -> int:
         return shard * self.rows_per_shard + position

@@ -1,0 +1,183 @@
+"""``kdcache``: the command line. Entry points only parse arguments and call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from storage_schemas.config import CacheConfig
+
+from .config_io import ConfigError, load_config
+
+DESCRIPTION = """\
+kdcache: run a big timm teacher once over augmented WebDataset shards, cache its logits,
+features and tail (ScaleKD TPP) to Zarr, and distil any number of students from the cache.
+
+Commands:
+  data     write a bundled real data set (scikit-learn's digits) as WebDataset shards
+  cache    run the caching job on Ray (local by default; --address for a cluster)
+  inspect  summarise a cache (human or --json)
+  demo     the embedded default end to end: data, teacher, cache
+"""
+
+
+def _kv(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k, v
+
+
+def _storage_options(pairs: list[tuple[str, str]] | None) -> dict:
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in (pairs or [])}
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from pipeline.digits import write_digits
+
+    if a.name != "digits":
+        raise ConfigError(f"unknown data set {a.name!r}; available: digits")
+    out = write_digits(a.out, train_shards=a.train_shards, val_shards=a.val_shards, size=a.size)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from pipeline.job import run_cache_job
+
+    cfg = load_config(CacheConfig, a.config, a.set)
+    m = run_cache_job(cfg, address=a.address, progress=not a.no_progress)
+    print(format_summary(m.summary(), cfg.output.url))
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from pipeline.store import CacheStore
+
+    store = CacheStore(a.url, _storage_options(a.storage_option), read_only=True)
+    s = store.read_manifest(allow_partial=a.allow_partial).summary()
+    print(json.dumps(s, indent=1) if a.json else format_summary(s, a.url))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(a.workdir, quick=a.quick, force=a.force, address=a.address)
+    return 0
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else (f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB")
+
+
+def format_summary(s: dict, url: str) -> str:
+    t = s["teacher"]
+    top1 = "-" if t["top1"] is None else f"{t['top1']:.2f}%"
+    lines = [
+        f"cache      {url}",
+        f"status     {s['status']} ({s['units']['complete']}/{s['units']['total']} units), schema {s['schema_version']}",
+        f"teacher    {t['model']} @ {t['input_size']}px, {t['num_classes']} classes, "
+        f"weights {t['weights_sha256'][:12]}…, top-1 on cached views {top1}",
+        f"data       {s['num_samples']} samples in {s['num_shards']} shards × {s['num_views']} views, "
+        f"{s['skipped']} skipped",
+        f"size       {_mb(s['bytes_total'])} in all, {_mb(s['bytes_per_view'])} per view",
+    ]
+    if s.get("samples_per_second"):
+        lines.append(f"throughput {s['samples_per_second']:.1f} views/s")
+    lines.append(f"{'target':<22}{'dtype':<48}{'per view':>12}{'cosine':>10}{'rel err':>10}")
+    for name, tg in s["targets"].items():
+        fid = tg.get("fidelity") or {}
+        cos = f"{fid['cosine_mean']:.5f}" if fid else "-"
+        rel = f"{fid['rel_err_mean']:.2e}" if fid else "-"
+        per_view = _mb(tg.get("bytes_per_view")) if name != "tpp" else _mb(tg["bytes"]) + " once"
+        lines.append(f"{name:<22}{str(tg['dtype']):<48}{per_view:>12}{cos:>10}{rel:>10}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdcache", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="write a bundled real data set as WebDataset shards",
+                       description="Write scikit-learn's bundled digits (1797 real 8×8 images, 10 classes) as "
+                                   "ImageNet-style WebDataset tars (KEY.png RGB, KEY.cls, KEY.json), train and "
+                                   "val splits. Deterministic: the same bytes every time.")
+    d.add_argument("name", choices=["digits"])
+    d.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
+    d.add_argument("--train-shards", type=int, default=4)
+    d.add_argument("--val-shards", type=int, default=2)
+    d.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    d.set_defaults(fn=cmd_data)
+
+    c = sub.add_parser("cache", help="run the caching job", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the teacher once over every (input tar, view) work unit and write the "
+                                   "targets to a Zarr cache. Reruns resume: finished units are skipped.\n"
+                                   "Configs: jobs/configs/*.yaml (sections input, output, teacher, views, "
+                                   "targets, job).",
+                       epilog="examples:\n  kdcache cache jobs/configs/demo.yaml --set views.num_views=8\n"
+                              "  RAY_ADDRESS=auto kdcache cache jobs/configs/vitkd_deit3_base.yaml")
+    c.add_argument("config", help="YAML config")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set output.url=s3://bkt/cache.zarr (repeatable)")
+    c.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray instance)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(fn=cmd_cache)
+
+    i = sub.add_parser("inspect", help="summarise a cache",
+                       description="Print a cache's status, teacher, sizes and per-target fidelity.")
+    i.add_argument("url", help="cache URL (local path, s3://…)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--allow-partial", action="store_true", help="also summarise a cache still being built")
+    i.add_argument("--storage-option", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
+    i.set_defaults(fn=cmd_inspect)
+
+    m = sub.add_parser("demo", help="the embedded default, end to end",
+                       description="Write the digits shards, train a small ViT teacher on them, cache it with the "
+                                   "Ray job (local Ray, local files), and print the cache summary. Reruns reuse "
+                                   "finished steps.")
+    m.add_argument("--workdir", default="./kdcache-demo", help="where everything goes (default ./kdcache-demo)")
+    m.add_argument("--quick", action="store_true", help="fewer epochs and views, for smoke tests")
+    m.add_argument("--force", action="store_true", help="retrain the teacher and rebuild the cache")
+    m.add_argument("--address", default=None, help="Ray address (default: private local instance)")
+    m.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except Exception as e:  # one place that turns known failures into one clear line
+        msg = _user_error(e)
+        if msg is None:
+            raise
+        print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The message of an error the user can act on (possibly raised inside a Ray task), else None."""
+    from pipeline.shards import BadSampleError, BadShardError
+    from pipeline.store import CacheNotReadyError
+    from storage_schemas.version import IncompatibleSchemaError
+
+    known = (ConfigError, BadSampleError, BadShardError, CacheNotReadyError, IncompatibleSchemaError,
+             FileNotFoundError, PermissionError, ValueError)
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, known):
+            return str(e)
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

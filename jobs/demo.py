@@ -1,0 +1,94 @@
+"""``kdcache demo``: the embedded default end to end on the bundled digits.
+
+1. digits → WebDataset shards; 2. train a small ViT teacher, save safetensors;
+3. cache it with the Ray job (local Ray, local files); 4. summary + ``results.json``.
+Each step is skipped when its output exists (``--force`` redoes them).
+Training students from the cache joins here with the student trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from storage_schemas.config import CacheConfig
+from storage_schemas.views import ViewRecipe
+
+from .cli import format_summary
+from .config_io import load_config
+
+CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+TEACHER_RECIPE = ViewRecipe(seed=1000, crop={"scale": (0.35, 1.0)}, hflip=0.0,
+                            randaugment="rand-m9-mstd0.5-inc1", erase={"prob": 0.25})
+
+
+def demo_config(workdir: Path, quick: bool) -> CacheConfig:
+    sets = [f"input.urls={workdir}/data/train-{{000000..000003}}.tar", f"output.url={workdir}/cache.zarr",
+            f"teacher.checkpoint={workdir}/teacher.safetensors"]
+    if quick:
+        sets.append("views.num_views=2")
+    return load_config(CacheConfig, CONFIG, sets)
+
+
+def train_teacher(cfg: CacheConfig, workdir: Path, epochs: int) -> dict:
+    from student.supervised import evaluate, load_samples, train_classifier
+
+    data = workdir / "data"
+    train = load_samples(f"{data}/train-{{000000..000003}}.tar")
+    val = load_samples(f"{data}/val-{{000000..000001}}.tar")
+    torch.manual_seed(0)
+    model = timm.create_model(cfg.teacher.model, **cfg.teacher.model_kwargs)
+    t0 = time.time()
+    kw = dict(size=cfg.teacher.input_size, mean=cfg.teacher.mean, std=cfg.teacher.std)
+    train_classifier(model, train, val, recipe=TEACHER_RECIPE, epochs=epochs, lr=2e-3, desc="teacher", **kw)
+    top1 = evaluate(model, val, **kw)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.teacher.checkpoint)
+    info = {"model": cfg.teacher.model, "model_kwargs": cfg.teacher.model_kwargs, "top1": top1,
+            "epochs": epochs, "train_seconds": time.time() - t0, "checkpoint": cfg.teacher.checkpoint}
+    (workdir / "teacher.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address: str | None = None) -> dict:
+    from pipeline.digits import write_digits
+    from pipeline.job import run_cache_job
+
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(wd, quick)
+    t0 = time.time()
+    if force or not (wd / "data" / "val-000001.tar").exists():
+        print(f"[1/3] writing digits shards to {wd / 'data'}")
+        write_digits(str(wd / "data"))
+    else:
+        print(f"[1/3] digits shards already in {wd / 'data'}")
+    teacher_json = wd / "teacher.json"
+    if force or not teacher_json.exists() or not Path(cfg.teacher.checkpoint).exists():
+        print("[2/3] training the ViT teacher on digits")
+        teacher = train_teacher(cfg, wd, epochs=4 if quick else 40)
+    else:
+        teacher = json.loads(teacher_json.read_text())
+        print(f"[2/3] teacher already trained ({teacher['top1']:.2f}% val top-1)")
+    if force and Path(cfg.output.url).exists():
+        shutil.rmtree(cfg.output.url)
+    print(f"[3/3] caching the teacher with the Ray job → {cfg.output.url}")
+    m = run_cache_job(cfg, address=address)
+    s = m.summary()
+    print(format_summary(s, cfg.output.url))
+    results = {
+        "teacher": {"model": teacher["model"], "top1": teacher["top1"]},
+        "cache": {"url": cfg.output.url, "bytes_total": s["bytes_total"], "bytes_per_view": s["bytes_per_view"],
+                  "num_views": s["num_views"], "teacher_top1_on_views": s["teacher"]["top1"]},
+        "students": [],
+        "seconds": time.time() - t0,
+    }
+    (wd / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"teacher val top-1 {teacher['top1']:.2f}%; results in {wd / 'results.json'} "
+          f"({results['seconds']:.0f} s)")
+    return results

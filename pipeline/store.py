@@ -1,0 +1,208 @@
+"""The cache store: Zarr arrays, completion records, index and manifest behind any fsspec URL.
+
+Write discipline (see DESIGN.md "Cache layout"):
+- array metadata and a ``building`` manifest are written once, by the driver, before any unit;
+- a unit (input tar, view) writes one whole Zarr shard per array in one call (never two
+  writers on one shard), then its completion record — so a record's presence means its
+  data is complete; a crash before it leaves a unit that a rerun recomputes whole;
+- ``manifest.json`` with ``status: complete`` is written last.
+Local files are replaced atomically (write to a temporary name, then rename); object
+stores make each PUT atomic themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from storage_schemas import arrays as A
+from storage_schemas import layout
+from storage_schemas.manifest import Manifest, UnitRecord
+
+
+class CacheNotReadyError(RuntimeError):
+    """The cache has no manifest, or its manifest is not complete."""
+
+
+def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CacheStore:
+    """A kdcache store at ``url`` (local path, ``file://``, ``s3://``, ``memory://`` …)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, read_only: bool = False) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.read_only = read_only
+        self.fs, self.root = url_to_fs(url, self.storage_options)
+        self._arrays: dict[str, zarr.Array] = {}
+        self._group: zarr.Group | None = None
+
+    # --- plain objects ------------------------------------------------------------
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.url} is open read-only; refusing to write {rel}")
+        if isinstance(self.fs, LocalFileSystem):
+            _atomic_local_write(self.path(rel), data)
+        else:
+            self.fs.pipe_file(self.path(rel), data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    # --- manifest -----------------------------------------------------------------
+
+    def has_manifest(self) -> bool:
+        return self.exists(layout.MANIFEST)
+
+    def read_manifest(self, *, allow_partial: bool = False) -> Manifest:
+        """The manifest; refuses a missing one, an unknown schema major, or (unless
+        ``allow_partial``) a cache still ``building``."""
+        if not self.has_manifest():
+            raise CacheNotReadyError(
+                f"{self.url}: no {layout.MANIFEST}; this is not a kdcache cache, or its caching job never "
+                "started. Run `kdcache cache CONFIG` to build it."
+            )
+        m = Manifest.parse(self.read_bytes(layout.MANIFEST).decode(), where=self.url)
+        if m.status != "complete" and not allow_partial:
+            raise CacheNotReadyError(
+                f"{self.url}: cache is {m.status} ({m.units_complete}/{m.units_total} units recorded at the "
+                "last manifest write). Finish it by rerunning its `kdcache cache` job (it resumes), or pass "
+                "--allow-partial to read only the completed units."
+            )
+        return m
+
+    def write_manifest(self, m: Manifest) -> None:
+        self.write_bytes(layout.MANIFEST, m.model_dump_json(indent=1).encode())
+
+    # --- arrays -------------------------------------------------------------------
+
+    def _zarr_store(self):
+        if isinstance(self.fs, LocalFileSystem):
+            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
+                                                 read_only=self.read_only)
+
+    def group(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(self._zarr_store(), mode="r" if self.read_only else "a", zarr_format=3)
+        return self._group
+
+    def create_arrays(self, m: Manifest) -> None:
+        """Create every array of the manifest (metadata only), replacing same-named ones."""
+        g = self.group()
+        for name, info in m.arrays.items():
+            g.create_array(
+                name, shape=tuple(info.shape), dtype=info.dtype, chunks=tuple(info.chunks),
+                shards=tuple(info.shards), fill_value=info.fill, overwrite=True, **A.zarr_codecs(),
+            )
+        self._arrays.clear()
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self.group()[name]
+            except KeyError as e:
+                raise KeyError(f"{self.url}: array {name!r} is not in this cache") from e
+        return self._arrays[name]
+
+    def shard_key(self, name: str, shard: int, view: int) -> str:
+        """Storage key of the Zarr shard that holds unit (shard, view) of array ``name``."""
+        inner = len(self.array(name).shape) - 2
+        return "/".join([name, "c", str(shard), str(view)] + ["0"] * inner)
+
+    def write_unit(
+        self, m: Manifest, shard: int, view: int, data: dict[str, np.ndarray]
+    ) -> tuple[dict[str, str], dict[str, int]]:
+        """Write unit (shard, view): each array's rows ``[count, ...]`` padded to one whole
+        Zarr shard. Returns sha256 and byte size of each stored shard object."""
+        if set(data) != set(m.arrays):
+            raise ValueError(
+                f"unit s{shard} v{view}: arrays {sorted(set(data) ^ set(m.arrays))} missing or unexpected"
+            )
+        S = m.rows_per_shard
+        shas, sizes = {}, {}
+        for name, rows in data.items():
+            arr = self.array(name)
+            if rows.shape[0] > S or rows.shape[1:] != arr.shape[2:]:
+                raise ValueError(f"unit s{shard} v{view}: {name} rows {rows.shape} do not fit {arr.shape}")
+            block = np.full((S, 1, *arr.shape[2:]), arr.fill_value, dtype=arr.dtype)
+            block[: rows.shape[0], 0] = rows
+            arr[shard * S:(shard + 1) * S, view:view + 1] = block
+            key = self.path(self.shard_key(name, shard, view))
+            stored = self.fs.cat_file(key) if self.fs.exists(key) else b""  # all-fill shards are not stored
+            shas[name], sizes[name] = hashlib.sha256(stored).hexdigest(), len(stored)
+        return shas, sizes
+
+    def read_unit(
+        self, m: Manifest, shard: int, view: int, names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows ``[count, ...]`` of unit (shard, view) for ``names`` (default: all arrays)."""
+        S, count = m.rows_per_shard, m.dataset.shards[shard].count
+        return {n: self.array(n)[shard * S: shard * S + count, view] for n in (names or list(m.arrays))}
+
+    # --- completion records and index --------------------------------------------
+
+    def write_unit_record(self, rec: UnitRecord) -> None:
+        self.write_bytes(layout.unit_record_path(rec.shard, rec.view), rec.model_dump_json().encode())
+
+    def completed_units(self) -> set[tuple[int, int]]:
+        d = self.path(layout.UNITS_DIR)
+        if not self.fs.exists(d):
+            return set()
+        done = set()
+        for p in self.fs.ls(d, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("s") and name.endswith(".json") and "-v" in name:
+                s, v = name[1:-5].split("-v")
+                done.add((int(s), int(v)))
+        return done
+
+    def read_unit_records(self) -> list[UnitRecord]:
+        return [
+            UnitRecord.model_validate_json(self.read_bytes(layout.unit_record_path(s, v)))
+            for s, v in sorted(self.completed_units())
+        ]
+
+    def write_index(self, shard: int, url: str, keys: list[str]) -> None:
+        self.write_json(layout.index_path(shard), {"url": url, "keys": keys})
+
+    def read_index(self, shard: int) -> list[str]:
+        return self.read_json(layout.index_path(shard))["keys"]
+

@@ -1,0 +1,76 @@
+"""Shared fixtures: the digits shards, a tiny teacher trained on them, one local Ray instance."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TINY_VIT = {"model": "vit_tiny_patch16_224",
+            "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2,
+                             "num_classes": 10},
+            "input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    """scikit-learn's digits as WebDataset shards (train 4 tars, val 2 tars)."""
+    from pipeline.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    return write_digits(str(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(digits, tmp_path_factory) -> dict:
+    """A tiny ViT trained briefly on the digits (real data), saved as safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    from storage_schemas.views import ViewRecipe
+    from student.supervised import load_samples, train_classifier
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_VIT["model"], **TINY_VIT["model_kwargs"])
+    train = load_samples(digits["train"])[:600]
+    recipe = ViewRecipe(crop={"scale": (0.5, 1.0)}, hflip=0.0, randaugment=None, erase=None)
+    train_classifier(model, train, [], recipe=recipe, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, epochs=2,
+                     lr=3e-3, progress=False)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return {**TINY_VIT, "checkpoint": str(path)}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray instance for every Ray test of the session."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def cache_config(digits: dict, teacher: dict, out: str, **overrides) -> dict:
+    """A small cache config as a plain dict (the YAML's shape)."""
+    cfg = {
+        "input": {"urls": digits["train"]},
+        "output": {"url": out},
+        "teacher": {k: v for k, v in teacher.items()},
+        "views": {"seed": 0, "num_views": 2, "hflip": 0.5, "randaugment": "rand-m9-mstd0.5-inc1",
+                  "erase": {"prob": 0.5}},
+        "targets": {"logits": {"mode": "topk", "k": 5},
+                    "features": [{"name": "block0", "index": 0}, {"name": "final", "index": -1, "norm": True}],
+                    "tpp": {"tail": 1}},
+        "job": {"batch_size": 64, "chunk_rows": 128},
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
