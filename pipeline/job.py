@@ -120,7 +120,7 @@ def prepare_teacher(cfg: CacheConfig, store_url: str, secrets: dict) -> dict[str
         tensors, spec = tpp_mod.extract_tail(teacher.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                              model_kwargs=cfg.teacher.model_kwargs)
         spec["input_index"] = tpp_mod.tail_input_index(teacher.model, cfg.targets.tpp.tail)
-        nbytes = tpp_mod.save_pack(store.fs, store.path(layout.TPP_DIR), tensors, spec)
+        nbytes = tpp_mod.save_pack(store.fs, store.root, tensors, spec)
         tpp = TPPInfo(family=spec["family"], num_params=int(sum(t.numel() for t in tensors.values())),
                       bytes=nbytes, spec=spec)
     return {"teacher": info, "features": taps, "tpp": tpp}

@@ -93,7 +93,7 @@ def train_classifier(
             opt.step()
             step += 1
             sched.step_update(step)
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}")
         top1 = evaluate(model, val, size=size, mean=mean, std=std)

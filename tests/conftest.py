@@ -74,3 +74,21 @@ def cache_config(digits: dict, teacher: dict, out: str, **overrides) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return cfg
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 (loopback only) with one bucket; s3fs options to reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing-secret-0xKDC"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(Bucket="kdcache")
+    opts = {"key": creds["aws_access_key_id"], "secret": creds["aws_secret_access_key"],
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    yield {"endpoint": endpoint, "bucket": "kdcache", "storage_options": opts}
+    server.stop()

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.targets import compress_features, compress_logits, dequantize_int8, input_fingerprint, quantize_int8
+from pipeline.targets import (
+    compress_features,
+    compress_logits,
+    dequantize_int8,
+    input_fingerprint,
+    quantize_int8,
+)
 from storage_schemas import arrays as A
 
 

@@ -1,0 +1,422 @@
+"""Reading the input: ImageNet-style WebDataset tars behind any fsspec URL (DESIGN.md, Inputs).
+
+A shard flows through small generator stages, each testable on its own:
+
+    _members   tar members ``(name, bytes)`` streamed through fsspec; the end-of-archive is checked
+    _group     members grouped into samples by webdataset's key rule; duplicates raised or dropped
+    _parse     one sample: image decoded to RGB, label from ``KEY.cls``, metadata from ``KEY.json``
+
+``index_shard`` runs the first two without keeping member data: the keys and count a cache is
+laid out by. ``iter_samples`` runs all three. A sample's identity is (shard index, position in
+the shard) plus its key; positions count the samples kept, in tar order.
+
+Conventions:
+- key: a member's name up to the first ``.`` of its base name, extension lower-cased
+  (webdataset's ``base_plus_ext``): ``n01440764/n01440764_10026.JPEG`` has key
+  ``n01440764/n01440764_10026`` and extension ``jpeg``. So ``a.v2.jpg`` has key ``a`` and
+  extension ``v2.jpg``: dotted keys are not supported (as in webdataset); such a sample is
+  reported as having no image member, with a hint. Members without an extension and
+  ``__meta__`` members are ignored, as webdataset ignores them.
+- image: the first of ``jpg, jpeg, png, webp`` present. The content is sniffed, not trusted to
+  the extension (ImageNet holds a PNG and CMYK files named .JPEG), but only raster formats that
+  PIL decodes in-process are accepted (never EPS, which would run Ghostscript).
+- colour: always 8-bit RGB (``to_rgb``). Transparency is composited over black, i.e. the
+  premultiplied colour, so fully transparent pixels carry no hidden colour whatever the encoder
+  left there. 16-bit greyscale is scaled (65535 -> 255), not clipped. ICC profiles and EXIF
+  orientation are not applied, as timm's and torchvision's loaders do not apply them either:
+  the teacher sees images as it saw them in training.
+- bad samples: ``on_bad_sample='error'`` raises ``BadSampleError`` naming URL, key and reason;
+  ``'skip'`` yields the sample with ``image=None`` and ``skip_reason`` so that positions stay
+  fixed. A damaged tar raises ``BadShardError`` (``'error'``) or keeps the complete samples
+  before the damage (``'skip'``).
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import struct
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from braceexpand import braceexpand
+from fsspec.core import split_protocol, url_to_fs
+from PIL import Image, UnidentifiedImageError
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger(__name__)
+
+OnBad = Literal["error", "skip"]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Formats PIL may decode: sniffed content, in-process decoders only.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, struct.error,
+                  Image.DecompressionBombError)
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+_GLOB = re.compile(r"[*?\[]")
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+_INT = re.compile(rb"[+-]?[0-9]+")
+
+
+class BadSampleError(ValueError):
+    """One sample cannot be used: ``URL: key KEY: REASON``."""
+
+    def __init__(self, url: str, key: str, reason: str):
+        super().__init__(f"{url}: key {key}: {reason}")
+        self.url, self.key, self.reason = url, key, reason
+
+    def __reduce__(self):  # picklable with its fields, so it survives Ray's transport
+        return type(self), (self.url, self.key, self.reason)
+
+
+class BadShardError(ValueError):
+    """A whole shard cannot be read as indexed: ``URL: REASON``."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason
+
+    def __reduce__(self):
+        return type(self), (self.url, self.reason)
+
+
+class _Damaged(Exception):
+    """Internal: the tar ends early or is corrupt (becomes BadShardError or ShardIndex.truncated)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ShardIndex:
+    url: str
+    size: int  # bytes, from the file system
+    keys: list[str]  # sample keys in tar order; position = index in this list
+    truncated: str | None = None  # why the tar was cut short (on_bad_sample='skip' only)
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class Sample:
+    key: str
+    position: int  # index of the sample in its shard
+    image: Image.Image | None  # RGB; None when skipped
+    label: int | None
+    meta: dict[str, Any] | None  # KEY.json, when present
+    skip_reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- URLs
+
+
+def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """Expand brace patterns, then globs (``* ? [``), into existing shard URLs.
+
+    Order: as listed; each glob's matches sorted. Remote URLs keep their protocol
+    (``s3://bkt/x.tar``); plain local paths come back absolute, so a URL names one file
+    whatever the working directory of the worker that reads it.
+    Raises FileNotFoundError naming a pattern that matches nothing or a listed file that is
+    missing, and ValueError for a shard listed twice (it would be cached twice).
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    if not patterns:
+        raise ValueError("no input URLs given")
+    out: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand(pattern):
+            out.extend(_expand_one(url, storage_options or {}))
+    seen: set[str] = set()
+    for url in out:
+        if url in seen:
+            raise ValueError(f"input shard listed twice: {url}")
+        seen.add(url)
+    return out
+
+
+def _expand_one(url: str, storage_options: dict) -> list[str]:
+    protocol, _ = split_protocol(url)
+    fs, path = url_to_fs(url, **storage_options)
+    # http(s) URLs carry '?' in query strings and cannot be listed: never globs.
+    if _GLOB.search(path) and protocol not in ("http", "https"):
+        if "::" in url:
+            raise ValueError(f"{url}: globs in chained fsspec URLs are not supported; list the files or use braces")
+        found = sorted(p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file")
+        if not found:
+            raise FileNotFoundError(f"no input shard matches {url}")
+        return [fs.unstrip_protocol(p) if protocol else p for p in found]
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"input shard not found: {url}")
+    return [url if protocol else os.path.abspath(url)]
+
+
+# ---------------------------------------------------------------------------------------- tar stream
+
+
+class _TailWindow:
+    """Read-only file wrapper that keeps the last few chunks read, with their offsets.
+
+    Written here because tarfile's stream mode (and so webdataset's ``tar_file_iterator``)
+    ends quietly on a missing, short or invalid header block: a tar cut at a 512-byte boundary
+    (an interrupted copy or upload) would read as a shorter, valid shard. Keeping the recent
+    bytes lets ``_members`` check that the block after the last member is the all-zero
+    end-of-archive marker, without buffering the shard.
+    """
+
+    def __init__(self, f: Any, keep: int = 8):
+        self._f = f
+        self.pos = 0
+        self._chunks: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=keep)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._chunks.append((self.pos, data))
+            self.pos += len(data)
+        return data
+
+    def block(self, start: int, n: int) -> bytes | None:
+        """Bytes ``[start, start + n)`` as far as they were read; None if no longer kept."""
+        if not self._chunks:
+            return b"" if start >= self.pos else None
+        first = self._chunks[0][0]
+        if start < first:
+            return None
+        buf = b"".join(c for _, c in self._chunks)
+        return buf[start - first:start - first + n]
+
+
+def _open(url: str, storage_options: dict | None) -> tuple[Any, str]:
+    return url_to_fs(url, **(storage_options or {}))
+
+
+def _members(fs: Any, path: str, *, read_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """Regular files of a tar as ``(name, data)``, in order; data is None unless ``read_data``.
+
+    Compression is fsspec's, inferred from the name (``.tar.gz``; ``.tgz`` too).
+    Ends by raising ``_Damaged`` when the tar is cut short or corrupt. The member loop is our
+    own, not webdataset's ``tar_file_iterator``, because the end check needs the TarFile.
+    """
+    compression = "gzip" if path.endswith(".tgz") else "infer"
+    with fs.open(path, "rb", compression=compression) as raw:
+        src = _TailWindow(raw)
+        try:
+            tar = tarfile.open(fileobj=src, mode="r|")
+            for info in tar:
+                if not info.isreg() or ("/" not in info.name and _META.match(info.name)):
+                    continue
+                data = tar.extractfile(info).read() if read_data else None
+                yield info.name, data
+                tar.members = []  # stream mode keeps every TarInfo otherwise (webdataset does the same)
+        except _TAR_ERRORS as exn:
+            raise _Damaged(f"tar corrupt or cut short (read {src.pos} bytes): {exn}") from exn
+        end = tar.offset  # first byte after the last member's (padded) data
+        block = src.block(end, tarfile.BLOCKSIZE)
+        if block is None or len(block) < tarfile.BLOCKSIZE:
+            raise _Damaged(f"tar cut short: it ends at byte {src.pos} without the end-of-archive marker "
+                           f"(last complete member ends at byte {end})")
+        if block.count(0) != tarfile.BLOCKSIZE:
+            raise _Damaged(f"tar corrupt: invalid member header at byte {end}")
+
+
+def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample: OnBad
+           ) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+    """Group members into samples ``(position, key, {ext: data})`` by webdataset's key rule.
+
+    Written here rather than with webdataset's ``group_by_keys``, which reports a duplicate
+    member only through an exception's text and lets a key that comes back later in the shard
+    through as a second sample. Here both are ``BadSampleError`` (``'error'``) or dropped
+    keeping the first (``'skip'``). A sample is yielded only once the next key starts, so a
+    ``_Damaged`` from ``members`` drops the sample it cut into.
+    """
+    key: str | None = None
+    group: dict[str, bytes | None] = {}
+    dropping = False  # the current key was already seen: 'skip' drops this later run of it
+    seen: set[str] = set()
+    position = 0
+    for name, data in members:
+        prefix, ext = base_plus_ext(name)
+        if prefix is None:  # no extension: belongs to no sample
+            continue
+        ext = ext.lower()
+        if prefix != key:
+            if key is not None and not dropping:
+                yield position, key, group
+                position += 1
+            key, group, dropping = prefix, {}, prefix in seen
+            if dropping:
+                _bad(url, prefix, "duplicate key: its members are not adjacent in the tar, or it occurs twice",
+                     on_bad_sample)
+            seen.add(prefix)
+        if ext in group:
+            _bad(url, key, f"duplicate member {name}", on_bad_sample)
+            continue
+        group[ext] = data
+    if key is not None and not dropping:
+        yield position, key, group
+
+
+def _bad(url: str, key: str, reason: str, on_bad_sample: OnBad) -> None:
+    if on_bad_sample == "error":
+        raise BadSampleError(url, key, reason)
+    log.warning("%s: key %s: %s (dropped, keeping the first)", url, key, reason)
+
+
+def _check_policy(on_bad_sample: str) -> None:
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
+
+
+# ---------------------------------------------------------------------------------------- index
+
+
+def index_shard(url: str, storage_options: dict | None = None, on_bad_sample: OnBad = "error") -> ShardIndex:
+    """Stream one tar and list its sample keys in order (member data is read and dropped)."""
+    _check_policy(on_bad_sample)
+    fs, path = _open(url, storage_options)
+    size = fs.size(path)
+    keys: list[str] = []
+    truncated = None
+    try:
+        for _, key, _ in _group(url, _members(fs, path, read_data=False), on_bad_sample):
+            keys.append(key)
+    except _Damaged as exn:
+        if on_bad_sample == "error":
+            raise BadShardError(url, exn.reason) from exn
+        log.warning("%s: %s; keeping the %d complete samples before it", url, exn.reason, len(keys))
+        truncated = exn.reason
+    return ShardIndex(url=url, size=size, keys=keys, truncated=truncated)
+
+
+def dataset_fingerprint(shards: list[ShardIndex]) -> str:
+    """sha256 (hex) over (url, size, count) of every shard, in order."""
+    rows = [[s.url, s.size, s.count] for s in shards]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- samples
+
+
+def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample: OnBad = "error",
+                 num_classes: int | None = None, keys: list[str] | None = None) -> Iterator[Sample]:
+    """Stream one tar as decoded samples, in order.
+
+    ``keys`` (from ``index_shard``) are checked against the stream: a different key at any
+    position, or a different count, raises BadShardError ("shard changed since it was indexed").
+    ``num_classes`` bounds labels to ``[0, num_classes)``; without it labels must be >= 0.
+    """
+    _check_policy(on_bad_sample)
+    fs, path = _open(url, storage_options)
+    count = 0
+    try:
+        for position, key, group in _group(url, _members(fs, path), on_bad_sample):
+            if keys is not None and (position >= len(keys) or keys[position] != key):
+                indexed = repr(keys[position]) if position < len(keys) else "no sample"
+                raise BadShardError(url, f"shard changed since it was indexed: position {position} holds key "
+                                         f"{key!r}, the index has {indexed}")
+            count = position + 1
+            try:
+                image, label, meta = _parse(url, key, group, num_classes)
+            except BadSampleError as exn:
+                if on_bad_sample == "error":
+                    raise
+                yield Sample(key=key, position=position, image=None, label=None, meta=None, skip_reason=exn.reason)
+                continue
+            yield Sample(key=key, position=position, image=image, label=label, meta=meta)
+    except _Damaged as exn:
+        if on_bad_sample == "error":
+            raise BadShardError(url, exn.reason) from exn
+        log.warning("%s: %s; stopping after the %d complete samples before it", url, exn.reason, count)
+    if keys is not None and count != len(keys):
+        raise BadShardError(url, f"shard changed since it was indexed: {count} samples read, the index has "
+                                 f"{len(keys)}")
+
+
+def _parse(url: str, key: str, group: dict[str, bytes | None], num_classes: int | None
+           ) -> tuple[Image.Image, int, dict[str, Any] | None]:
+    """Image, label and metadata of one sample; BadSampleError names what is wrong."""
+    ext = next((e for e in IMAGE_EXTS if e in group), None)
+    if ext is None:
+        found = ", ".join(sorted(group))
+        hint = " (keys end at the first '.' of a file name, as in webdataset)" if "." in found else ""
+        raise BadSampleError(url, key, f"no image member ({'/'.join(IMAGE_EXTS)}); members: {found}{hint}")
+    label = _label(url, key, group.get("cls"), num_classes)  # before decoding: cheaper
+    meta = _meta(url, key, group.get("json"))
+    try:
+        image = decode_image(group[ext])
+    except UnidentifiedImageError as exn:  # its text holds a memory address: not stable, not useful
+        raise BadSampleError(url, key, f"{key}.{ext} is not a decodable image: content is none of "
+                                       f"{', '.join(IMAGE_FORMATS)}") from exn
+    except _DECODE_ERRORS as exn:
+        raise BadSampleError(url, key, f"{key}.{ext} is not a decodable image: {exn}") from exn
+    return image, label, meta
+
+
+def _label(url: str, key: str, data: bytes | None, num_classes: int | None) -> int:
+    if data is None:
+        raise BadSampleError(url, key, "no label member (KEY.cls)")
+    text = data.strip()
+    if not _INT.fullmatch(text):
+        raise BadSampleError(url, key, f"label {text[:40]!r} in {key}.cls is not an integer")
+    label = int(text)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise BadSampleError(url, key, f"label {label} out of range [0, {num_classes if num_classes else 'inf'})")
+    return label
+
+
+def _meta(url: str, key: str, data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    try:
+        meta = json.loads(data)
+    except ValueError as exn:
+        raise BadSampleError(url, key, f"{key}.json is not valid JSON: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise BadSampleError(url, key, f"{key}.json is not a JSON object")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes (content sniffed among ``IMAGE_FORMATS``) fully, as 8-bit RGB."""
+    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    img.load()  # decode now: a corrupt file fails here, in the sample it belongs to
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB ``[H, W, 3]``.
+
+    - alpha (RGBA, LA, PA, or a palette/colour-key ``transparency``): composited over black,
+      ``round(c * a / 255)``;
+    - 16-bit greyscale (I;16*, and I as PIL opens 16-bit PNGs): ``round(v * 255 / 65535)``,
+      values outside 0..65535 clipped;
+    - L, P, 1, CMYK (multiplicative, no ICC), YCbCr: PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode == "I" or mode.startswith("I;16"):
+        v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        grey = ((v * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA") or (mode in ("L", "P", "RGB") and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8))
+    return img.convert("RGB")
