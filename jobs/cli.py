@@ -71,7 +71,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _mb(n: float | None) -> str:
-    return "-" if n is None else (f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB")
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
 
 
 def format_summary(s: dict, url: str) -> str:

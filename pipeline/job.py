@@ -13,6 +13,7 @@ import datetime as dt
 import importlib.metadata as md
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -84,9 +85,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 # --- index pass ------------------------------------------------------------------------
 
 
-def index_dataset(cfg: CacheConfig, store: CacheStore, progress: bool) -> list[ShardIndex]:
-    """Count the samples of every shard in parallel on Ray; reuse a stored index whose size matches."""
-    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)
+def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[ShardIndex]:
+    """Count the samples of every shard in parallel on Ray."""
     remote = ray.remote(num_cpus=1)(index_shard)
     fut = {i: remote.remote(u, cfg.input.storage_options, cfg.input.on_bad_sample) for i, u in enumerate(urls)}
     out: dict[int, ShardIndex] = {}
@@ -184,13 +184,18 @@ def run_units(cfg: CacheConfig, url: str, pending: list[tuple[int, int]], progre
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and samples
     ds = ray.data.from_items([{"shard": s, "view": v} for s, v in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(
-        UnitActor, batch_size=1, concurrency=min(num_actors, len(pending)),
-        num_cpus=cfg.job.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"url": url, "secrets": secrets_of(cfg),
-                               "num_threads": max(1, int(cfg.job.cpus_per_actor))},
-        max_restarts=-1, max_task_retries=cfg.job.max_retries,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.5x deprecates passing actor options as keyword arguments but has no named
+        # replacement for max_task_retries yet; the bound on retries per unit matters (a unit
+        # that kills its worker every time must fail the job, not loop forever).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        ds = ds.map_batches(
+            UnitActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(pending))),
+            num_cpus=cfg.job.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+            fn_constructor_kwargs={"url": url, "secrets": secrets_of(cfg),
+                                   "num_threads": max(1, int(cfg.job.cpus_per_actor))},
+            max_restarts=-1, max_task_retries=cfg.job.max_retries,
+        )
     with tqdm(total=len(pending), desc="cache units", unit="unit", disable=not progress) as bar:
         for row in ds.iter_rows():
             bar.update(1)
@@ -250,9 +255,10 @@ def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: boo
         if existing.status == "complete":
             log(f"{cfg.output.url}: cache is complete ({existing.units_total} units); nothing to do.")
             return existing
+    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)  # fails fast, before Ray starts
     init_ray(address)
     t0 = time.time()
-    shards = index_dataset(cfg, store, progress)
+    shards = index_dataset(cfg, urls, progress)
     if existing:
         if existing.dataset.fingerprint != dataset_fingerprint(shards):
             raise ValueError(f"{cfg.output.url}: the input shards changed since this cache was started "

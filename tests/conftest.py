@@ -92,3 +92,15 @@ def moto_s3():
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     yield {"endpoint": endpoint, "bucket": "kdcache", "storage_options": opts}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
+    """The cache every comparison starts from: tiny teacher, digits train, 2 views, ViTKD/ScaleKD taps, TPP."""
+    from pipeline.job import run_cache_job
+    from storage_schemas.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("ref") / "cache.zarr"
+    cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
+    m = run_cache_job(cfg, progress=False)
+    return {"cfg": cfg, "manifest": m, "path": out}

@@ -43,14 +43,6 @@ def data_files(root: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "cache.zarr"
-    cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
-    m = run_cache_job(cfg, progress=False)
-    return {"cfg": cfg, "manifest": m, "path": out}
-
-
 def live_teacher(teacher: dict) -> torch.nn.Module:
     model = timm.create_model(teacher["model"], **teacher["model_kwargs"])
     model.load_state_dict(load_file(teacher["checkpoint"]))

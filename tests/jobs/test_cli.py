@@ -1,0 +1,83 @@
+"""The kdcache command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+from storage_schemas import layout
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_explains_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("data", "cache", "inspect", "demo"):
+        assert cmd in r.stdout
+    r = run("cache", "--help")
+    assert "--set" in r.stdout and "RAY_ADDRESS" in r.stdout and "resume" in r.stdout
+
+
+def test_data_digits(tmp_path):
+    r = run("data", "digits", "--out", str(tmp_path), "--train-shards", "2", "--val-shards", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["counts"]["train"] + out["counts"]["val"] == 1797
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "train-000001.tar",
+                                                              "val-000000.tar"]
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "never.zarr"
+    cfg.write_text(f"input: {{urls: x.tar}}\noutput: {{url: {out}}}\nteacher: {{model: resnet18}}\n"
+                   "targets: {logits: {mode: topk, kk: 3}}\n")
+    assert main(["cache", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "targets.logits.kk: unknown key" in err
+    assert not out.exists()
+    assert main(["cache", str(cfg), "--set", "job.batch_size=-1"]) == 2
+    assert "job.batch_size" in capsys.readouterr().err
+
+
+def test_missing_input_is_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: {{urls: '{tmp_path}/nope-{{0..3}}.tar'}}\noutput: {{url: {tmp_path}/o.zarr}}\n"
+                   "teacher: {model: resnet18}\n")
+    assert main(["cache", str(cfg), "--no-progress"]) == 2
+    assert "nope-0.tar" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_inspect_json_and_text(reference, capsys):
+    url = str(reference["path"])
+    assert main(["inspect", url, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    m = reference["manifest"]
+    assert s["status"] == "complete" and s["num_views"] == 2
+    assert s["num_samples"] == sum(sh.count for sh in m.dataset.shards)
+    assert s["teacher"]["model"] == "vit_tiny_patch16_224"
+    for name in ("logits", "feature:block0", "feature:final"):
+        t = s["targets"][name]
+        assert t["bytes"] > 0 and t["dtype"] and t["fidelity"]["cosine_mean"] > 0.5
+    files = sum(p.stat().st_size for p in reference["path"].rglob("*") if p.is_file()
+                and (p.parent.name == "c" or "/c/" in p.as_posix()))
+    assert s["bytes_total"] >= files * 0.5  # arrays dominate; manifest/records are not counted
+    assert main(["inspect", url]) == 0
+    text = capsys.readouterr().out
+    assert "complete (8/8 units)" in text and "feature:final" in text
+
+
+def test_inspect_refuses_non_cache_and_partial(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    (tmp_path / layout.MANIFEST).write_text('{"schema_version": "3.0"}')
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "Upgrade kdcache" in capsys.readouterr().err

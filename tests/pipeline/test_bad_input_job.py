@@ -1,0 +1,58 @@
+"""Bad input through the whole Ray job: a clear error naming shard and key, or a recorded skip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.job import run_cache_job
+from pipeline.store import CacheStore
+from storage_schemas import arrays as A
+from storage_schemas.config import CacheConfig
+from tests.conftest import cache_config
+from tests.pipeline.test_shards import encode, sample, write_tar
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def bad_shards(tmp_path):
+    good = []
+    for i in range(6):
+        good += sample(f"ok{i:02d}", label=i % 10, colour=(20 * i, 40, 200 - 10 * i))
+    write_tar(tmp_path / "in-000000.tar", good)
+    bad = sample("a00", 3) + [("broken.png", b"\x89PNG not really"), ("broken.cls", b"4")]
+    bad += [("nolabel.png", encode(Image.new("RGB", (5, 5), (1, 2, 3))))] + sample("a01", 5)
+    write_tar(tmp_path / "in-000001.tar", bad)
+    return str(tmp_path / "in-{000000..000001}.tar")
+
+
+def _cfg(urls, teacher, out, **kw):
+    d = cache_config({"train": urls}, teacher, out, **kw)
+    d["targets"]["tpp"] = None
+    return CacheConfig.model_validate(d)
+
+
+def test_bad_sample_error_names_shard_and_key(bad_shards, tiny_teacher, ray_local, tmp_path):
+    cfg = _cfg(bad_shards, tiny_teacher, str(tmp_path / "c.zarr"))
+    with pytest.raises(Exception) as exc:
+        run_cache_job(cfg, progress=False)
+    text = str(exc.value)
+    assert "in-000001.tar" in text and "key broken" in text
+    assert CacheStore(str(tmp_path / "c.zarr")).read_manifest(allow_partial=True).status == "building"
+
+
+def test_bad_samples_skipped_and_recorded(bad_shards, tiny_teacher, ray_local, tmp_path):
+    cfg = _cfg(bad_shards, tiny_teacher, str(tmp_path / "c.zarr"), input__on_bad_sample="skip")
+    m = run_cache_job(cfg, progress=False)
+    skipped = {s.key: s.reason for s in m.stats.skipped}
+    assert set(skipped) == {"broken", "nolabel"} and m.stats.num_skipped == 2
+    assert "label" in skipped["nolabel"]
+    # positions in shard 1: a00, broken, nolabel, a01 -> rows 1 and 2 empty in every view
+    store = CacheStore(str(tmp_path / "c.zarr"), read_only=True)
+    for view in range(m.num_views):
+        rows = store.read_unit(m, 1, view, [A.VALID, A.LABEL])
+        assert rows[A.VALID].tolist() == [1, 0, 0, 1] and rows[A.LABEL].tolist() == [3, -1, -1, 5]
+    assert m.stats.num_valid_rows == (6 + 2) * m.num_views
+    assert np.isclose(m.summary()["num_samples"], 10)
