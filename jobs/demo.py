@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from storage_schemas.config import CacheConfig
-from storage_schemas.views import ViewRecipe
 
 from .cli import format_summary
 from .config_io import load_config
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-# The teacher trains on light views of its own (seed 1000): strong RandAugment slows a
-# from-scratch ViT on 1.4k images far more than it helps within the demo's time budget.
-TEACHER_RECIPE = ViewRecipe(seed=1000, crop={"scale": (0.5, 1.0)}, hflip=0.0, randaugment=None, erase=None)
+# The teacher trains on views of the cache's recipe under another seed, so it is at home
+# on the views it is cached with (val 93.6 %, 83 % on the cached views, vs 77 % when
+# trained on lighter views) without ever seeing the cached views themselves.
+TEACHER_SEED = 1000
 TEACHER_EPOCHS = {"quick": 6, "full": 30}
 
 
@@ -48,7 +48,8 @@ def train_teacher(cfg: CacheConfig, workdir: Path, epochs: int) -> dict:
     model = timm.create_model(cfg.teacher.model, **cfg.teacher.model_kwargs)
     t0 = time.time()
     kw = dict(size=cfg.teacher.input_size, mean=cfg.teacher.mean, std=cfg.teacher.std)
-    train_classifier(model, train, val, recipe=TEACHER_RECIPE, epochs=epochs, lr=2e-3, warmup_epochs=2,
+    recipe = cfg.views.model_copy(update={"seed": TEACHER_SEED})
+    train_classifier(model, train, val, recipe=recipe, epochs=epochs, lr=2e-3, warmup_epochs=2,
                      desc="teacher", **kw)
     top1 = evaluate(model, val, **kw)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.teacher.checkpoint)

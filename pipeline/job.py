@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
+import logging
 import os
 import time
 import warnings
@@ -183,6 +184,7 @@ def run_units(cfg: CacheConfig, url: str, pending: list[tuple[int, int]], progre
     num_actors = cfg.job.num_actors or (max(gpus, 1) if use_gpu else 1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and samples
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines drown the bar
     ds = ray.data.from_items([{"shard": s, "view": v} for s, v in pending], override_num_blocks=len(pending))
     with warnings.catch_warnings():
         # Ray 2.5x deprecates passing actor options as keyword arguments but has no named

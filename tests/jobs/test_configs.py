@@ -1,0 +1,28 @@
+"""Every shipped config validates, and its taps resolve on the named timm architecture."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from jobs.config_io import load_config
+from pipeline.teacher import num_feature_levels
+from storage_schemas.config import CacheConfig
+
+CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_taps_exist(path):
+    cfg = load_config(CacheConfig, path)
+    name = cfg.teacher.model.split(".")[0]
+    with torch.device("meta"):  # architecture only: no weights, no hub
+        model = timm.create_model(name, pretrained=False, **cfg.teacher.model_kwargs)
+    levels = num_feature_levels(model)
+    for tap in cfg.targets.features:
+        idx = tap.index + levels if tap.index < 0 else tap.index
+        assert 0 <= idx < levels, f"{path.name}: tap {tap.name} index {tap.index} outside {levels} levels"
+        assert not tap.norm or idx == levels - 1
+    if cfg.targets.tpp:
+        assert cfg.targets.tpp.tail < levels
