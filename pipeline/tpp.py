@@ -143,30 +143,22 @@ def _describe(model: nn.Module, family: str, tail: int) -> dict[str, Any]:
     gh, gw = model.patch_embed.grid_size
     prefix = int(model.num_prefix_tokens)
     rope = getattr(model, "rope", None)
+    # ViT blocks keep the token layout: the tail's input and output are described alike.
+    tokens = {"format": "NLC", "tokens": prefix + gh * gw, "grid": [gh, gw], "dim": model.embed_dim,
+              "prefix_tokens": prefix}
     d = {
         "depth": depth,
         "unit": "block",
         "indices": list(range(first, depth)),
         "input_index": idx,
         "input": {
-            "format": "NLC",
-            "tokens": prefix + gh * gw,
-            "grid": [gh, gw],
-            "dim": model.embed_dim,
-            "prefix_tokens": prefix,
+            **tokens,
             "accepts_without_prefix": True,
             "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
             "tap": {"indices": [idx], "norm": False, "output_fmt": "NLC", "return_prefix_tokens": prefix > 0},
             "assemble": "torch.cat([prefix, spatial], 1)" if prefix else "spatial",
         },
-        "output": {
-            "format": "NLC",
-            "tokens": prefix + gh * gw,
-            "grid": [gh, gw],
-            "dim": model.embed_dim,
-            "prefix_tokens": prefix,
-            "final_norm": type(model.norm).__name__,
-        },
+        "output": {**tokens, "final_norm": type(model.norm).__name__},
     }
     if family == "eva":
         d["rope"] = None if rope is None else {

@@ -104,3 +104,13 @@ def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
     cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
     m = run_cache_job(cfg, progress=False)
     return {"cfg": cfg, "manifest": m, "path": out}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped, with the reason shown, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
