@@ -42,20 +42,22 @@ class TeacherTargets:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], m: Manifest, device: str | torch.device = "cpu",
                     taps: list[str] | None = None) -> TeacherTargets:
-        """Decode the rows of a batch (``[B, ...]`` per array, as read from the cache)."""
+        """Decode the rows of a batch (``[B, ...]`` per array, as read from the cache); targets
+        whose arrays are absent from ``arrays`` (not read) are left empty."""
 
         def t(name: str, dtype=torch.float32) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(arrays[name])).to(device=device, dtype=dtype)
 
         out = cls(num_classes=m.teacher.num_classes)
-        if m.logits is not None and m.logits.mode == "full":
+        # Decode what the rows hold: a reader that asked for features only gets no logits.
+        if A.LOGITS_FULL in arrays:
             out.logits = t(A.LOGITS_FULL)
-        elif m.logits is not None:
+        elif A.LOGITS_TOPK_VALUES in arrays:
             out.topk_values = t(A.LOGITS_TOPK_VALUES)
             out.topk_indices = t(A.LOGITS_TOPK_INDICES, torch.int64)
             out.logsumexp = t(A.LOGITS_LOGSUMEXP)
         for f in m.features:
-            if taps is not None and f.name not in taps:
+            if (taps is not None and f.name not in taps) or A.feature_array(f.name) not in arrays:
                 continue
             if f.dtype == "int8":
                 out.features[f.name] = dequantize_int8(t(A.feature_array(f.name), torch.int8),

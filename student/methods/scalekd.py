@@ -1,0 +1,203 @@
+"""ScaleKD (Fan et al., "ScaleKD: Strong Vision Transformers Could Be Excellent Teachers",
+2024), reference/methods.md "ScaleKD"; official code deep-optimization/ScaleKD
+(``FreqMaskingDistillLossv2``, ``AttentionProjector``, ``ClassificationDistiller``).
+
+Attached at the student's last two stages s3, s4 (``student_indices``; default: the last
+two levels of a staged CNN/Swin student, and blocks ``min(⌈3L/4⌉−1, L−2)`` and ``L−1`` of an
+isotropic ViT/Mixer student with L blocks, e.g. 8 and 11 for 12 blocks, i.e. the ends of
+its 3rd and 4th quarter, as a 4-stage pyramid would split it).
+
+- CAP (:class:`CrossAttentionProjector`): student map → 3×3 conv + BN + ReLU, + learnable
+  positional embedding (C_s, H, W); every position is a key/value token. Queries: learnable
+  (H_q·W_q, C_t) at s3, the TPP path output at s4 (both through Linear + ReLU first, the
+  official ``proj_pos``; ``query_proj``). One cross-attention layer, Q: C_t→C_t, K/V:
+  C_s→C_t, logits × head_dim^-0.5 × ``softmax_scale`` (5.0), output projection, no residual;
+  then LayerNorm and FFN C_t→4C_t→C_t (ReLU) with identity shortcut. Output [B, H_q·W_q, C_t].
+- DFM: ``L = α0 Σ‖n(S) − n(T)‖²/B + α1 Σ‖n(S − mean_hw S) − n(T − mean_hw T)‖²/B``, n = L2
+  normalisation over channels per position; α = (0.08, 0.06). The official frequency view
+  (DCT, zero the DC term, inverse DCT) is exactly the spatial-mean removal used here.
+  Target: the teacher's final tokens after the final norm (cache tap ``final``).
+- TPP: the s3 CAP output (the tail's input width and grid, grid tokens without prefix) goes
+  through the teacher's frozen tail (``pipeline.tpp.TeacherTail``), gets both DFM losses
+  against the target and is the query of the s4 CAP (not detached).
+
+Wiring of the two views (as the official ``ClassificationDistiller.loss``): each DFM view has
+its own CAP at each stage and its own path, ``S3 → CAP3_v → tail → L_v(s3)`` and
+``→ query of CAP4_v(S4) → L_v(s4)``, so the tail runs once per view; the s4 CAP output is
+compared with the target directly. With ``tpp: false`` (no pack in the cache) both CAPs
+project straight to the target with learnable queries.
+
+The frozen tail is held in the instance ``__dict__`` rather than registered as a submodule:
+it never appears in ``parameters()``, ``state_dict()`` or ``modules()``, so neither the
+optimizer nor checkpoints see it (it comes from the cache), while autograd still
+differentiates through it into the CAPs and the student. It is moved to the input's device
+on first use; its parameters have ``requires_grad=False`` and it always runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from pipeline.tpp import TeacherTail
+from student.targets import TeacherTargets
+
+from .base import (
+    KDMethod,
+    MethodOptions,
+    Needs,
+    StudentInfo,
+    StudentOutput,
+    TeacherContext,
+    register,
+    tap_tokens,
+)
+
+VIEWS = ("spat", "freq")
+
+
+def dfm_spatial(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ‖n(S) − n(T)‖² / B over [B, N, C] tokens, n = L2 normalisation over C per token."""
+    return (F.normalize(s.float(), dim=-1) - F.normalize(t.float(), dim=-1)).pow(2).sum() / s.shape[0]
+
+
+def dfm_frequency(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """:func:`dfm_spatial` after removing each channel's mean over the N positions (= zeroing the DCT DC term)."""
+    return dfm_spatial(s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True))
+
+
+DFM = {"spat": dfm_spatial, "freq": dfm_frequency}
+
+
+def default_heads(dim: int, head_dim: int = 64) -> int:
+    """Largest head count ≤ dim // head_dim (at least 1) that divides ``dim``."""
+    h = max(1, dim // head_dim)
+    while dim % h:
+        h -= 1
+    return h
+
+
+class CrossAttentionProjector(nn.Module):
+    """ScaleKD CAP: student map [B, C_s, H, W] (+ queries [B, N_q, C_t]) → [B, N_q, C_t]."""
+
+    def __init__(self, student_shape: tuple[int, int, int], dim: int, num_queries: int, *, num_heads: int,
+                 softmax_scale: float, learn_query: bool, query_proj: bool = True) -> None:
+        super().__init__()
+        cs, h, w = student_shape
+        if dim % num_heads:
+            raise ValueError(f"ScaleKD CAP: num_heads {num_heads} does not divide the teacher width {dim}")
+        self.num_queries, self.num_heads = num_queries, num_heads
+        self.scale = (dim // num_heads) ** -0.5 * softmax_scale
+        self.proj_student = nn.Sequential(nn.Conv2d(cs, cs, 3, padding=1), nn.BatchNorm2d(cs), nn.ReLU())
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, cs, h, w), std=0.02))
+        self.query = nn.Parameter(torch.randn(num_queries, dim)) if learn_query else None
+        self.query_proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU()) if query_proj else nn.Identity()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(cs, dim), nn.Linear(cs, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        B = x.shape[0]
+        kv = (self.proj_student(x) + self.pos_embed).flatten(2).transpose(1, 2)  # [B, H*W, C_s]
+        if query is None:
+            if self.query is None:
+                raise ValueError("ScaleKD CAP: this projector takes its queries from the TPP path; none given")
+            query = self.query.expand(B, -1, -1)
+        if query.shape[1] != self.num_queries:
+            raise ValueError(f"ScaleKD CAP: expected {self.num_queries} queries, got {query.shape[1]}")
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, h, N, d]
+
+        q, k, v = heads(self.q(self.query_proj(query))), heads(self.k(kv)), heads(self.v(kv))
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).flatten(2)
+        a = self.norm(self.proj(a))
+        return a + self.ffn(a)
+
+
+class ScaleKDOptions(MethodOptions):
+    alpha: tuple[float, float] = Field((0.08, 0.06), description="(spatial, frequency) DFM weights")
+    target_tap: str = "final"
+    student_indices: tuple[int, int] | None = Field(None, description="s3, s4; None: see module docstring")
+    tpp: bool = Field(True, description="teacher parameter perception through the cached frozen tail")
+    softmax_scale: float = Field(5.0, gt=0, description="5.0 in every official CNN/MLP/ViT student config")
+    num_heads: int | None = Field(None, ge=1, description="None: width // 64 (rounded down to a divisor)")
+    query_proj: bool = Field(True, description="Linear + ReLU on the queries (official proj_pos)")
+
+
+def default_student_indices(student: StudentInfo) -> tuple[int, int]:
+    L = student.num_levels
+    if L < 2:
+        raise ValueError(f"ScaleKD: the student has {L} feature level(s); it needs two")
+    if student.isotropic:
+        return min(math.ceil(3 * L / 4) - 1, L - 2), L - 1
+    return L - 2, L - 1
+
+
+@register("scalekd")
+class ScaleKD(KDMethod):
+    """ScaleKD feature losses: CAP + DFM at s3 and s4, with TPP through the frozen teacher tail."""
+
+    Options = ScaleKDOptions
+
+    def __init__(self, opts: ScaleKDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
+        super().__init__(opts, student, teacher)
+        target = teacher.feature(opts.target_tap, "ScaleKD")
+        if target.grid is None:
+            raise ValueError(f"ScaleKD: teacher tap {target.name!r} has no token grid")
+        self.target = target
+        nt, ct = target.grid[0] * target.grid[1], target.dim
+        idx = opts.student_indices or default_student_indices(student)
+        self.s3_index, self.s4_index = (student.resolve(i) for i in idx)
+        n3, c3 = nt, ct
+        if opts.tpp:
+            tail = teacher.tail
+            if tail is None:
+                raise ValueError("ScaleKD tpp=true needs the teacher's frozen tail (cache with targets.tpp: "
+                                 "{tail: 1}; load it with pipeline.tpp.load_pack) or set scalekd.tpp=false")
+            spec_in, spec_out = tail.spec["input"], tail.spec["output"]
+            if tuple(spec_out["grid"]) != tuple(target.grid) or spec_out["dim"] != ct:
+                raise ValueError(f"ScaleKD: the TPP tail outputs grid {spec_out['grid']} x {spec_out['dim']}, "
+                                 f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
+            n3, c3 = spec_in["grid"][0] * spec_in["grid"][1], spec_in["dim"]
+        self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
+
+        def cap(index: int, dim: int, n: int, learn_query: bool) -> CrossAttentionProjector:
+            return CrossAttentionProjector(student.shapes[index], dim, n, num_heads=opts.num_heads or default_heads(dim),
+                                           softmax_scale=opts.softmax_scale, learn_query=learn_query,
+                                           query_proj=opts.query_proj)
+
+        self.s3 = nn.ModuleDict({v: cap(self.s3_index, c3, n3, True) for v in VIEWS})
+        self.s4 = nn.ModuleDict({v: cap(self.s4_index, ct, nt, not opts.tpp) for v in VIEWS})
+
+    @property
+    def tail(self) -> TeacherTail | None:
+        return self.__dict__["_tail"]
+
+    def needs(self) -> Needs:
+        return Needs(taps=(self.opts.target_tap,), tpp=self.opts.tpp, student_indices=(self.s3_index, self.s4_index))
+
+    def run_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N3, C3] s3 CAP output → [B, Nt, Ct] through the frozen tail, differentiable in ``x``."""
+        p = next(self.tail.parameters())
+        if p.device != x.device:
+            self.tail.to(x.device)
+        return self.tail(x.to(p.dtype)).to(x.dtype)
+
+    def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = tap_tokens(targets, self.target)
+        s3, s4 = out.features[self.s3_index], out.features[self.s4_index]
+        losses = {}
+        for i, v in enumerate(VIEWS):
+            y3 = self.s3[v](s3)
+            if self.tail is not None:
+                y3 = self.run_tail(y3)
+            y4 = self.s4[v](s4, y3 if self.tail is not None else None)
+            losses[f"loss_scalekd_s3_{v}"] = self.opts.alpha[i] * DFM[v](y3, t)
+            losses[f"loss_scalekd_s4_{v}"] = self.opts.alpha[i] * DFM[v](y4, t)
+        return losses

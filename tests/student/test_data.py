@@ -1,0 +1,324 @@
+"""Student data: lockstep streaming of tars and cache rows, view replay, policies, splits, resume."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from torch.utils.data import DataLoader
+
+from pipeline.shards import iter_samples
+from pipeline.store import CacheNotReadyError, CacheStore
+from pipeline.targets import input_fingerprint
+from pipeline.views import eval_view
+from storage_schemas import arrays as A
+from storage_schemas import layout
+from student.data import (
+    CacheDataset,
+    collate_rows,
+    eval_loader,
+    merge_states,
+    random_views,
+    refuse_mixup,
+    shuffle_order,
+    target_arrays,
+)
+
+TAPS = ["block0", "final"]
+
+
+def make(reference, path=None, **kw) -> CacheDataset:
+    t = reference["manifest"].teacher
+    opts = {"size": t.input_size, "mean": t.mean, "std": t.std, "shuffle_buffer": 64, **kw}
+    return CacheDataset(str(path or reference["path"]), **opts)
+
+
+def ids(samples) -> list[tuple[int, int]]:
+    return [(s["shard"], s["position"]) for s in samples]
+
+
+def all_ids(m) -> set[tuple[int, int]]:
+    return {(t, p) for t, sh in enumerate(m.dataset.shards) for p in range(sh.count)}
+
+
+@pytest.fixture(scope="module")
+def random_epoch(reference) -> list[dict]:
+    """Epoch 0 of the random policy at the teacher's size, with fingerprints and all targets."""
+    m = reference["manifest"]
+    names = [*target_arrays(m, logits=True, taps=TAPS), A.VIEW_FINGERPRINT, A.PRED_TOP1]
+    return list(make(reference, arrays=names, view_policy="random"))
+
+
+# --- fidelity of what is served ---------------------------------------------------------------
+
+
+def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, reference):
+    m = reference["manifest"]
+    assert len(random_epoch) == m.dataset.num_samples == 1437
+    x = torch.stack([s["x"] for s in random_epoch])
+    fp = input_fingerprint(x, m.config["targets"]["fingerprint_size"]).astype(np.float32)
+    stored = np.stack([s["targets"][A.VIEW_FINGERPRINT] for s in random_epoch]).astype(np.float32)
+    np.testing.assert_allclose(fp, stored, rtol=1e-3, atol=1e-3)
+    assert {s["view"] for s in random_epoch} == {0, 1}  # both stored views were replayed
+
+
+def test_rows_match_cache_and_keys_match_tar(random_epoch, reference):
+    m = reference["manifest"]
+    store = CacheStore(str(reference["path"]), read_only=True)
+    units = {(t, v): store.read_unit(m, t, v) for t in range(len(m.dataset.shards)) for v in range(m.num_views)}
+    tar_keys = {t: [(s.key, s.label) for s in iter_samples(sh.url)] for t, sh in enumerate(m.dataset.shards)}
+    names = set(target_arrays(m, logits=True, taps=TAPS)) | {A.VIEW_FINGERPRINT, A.PRED_TOP1}
+    for s in random_epoch:
+        rows, p = units[(s["shard"], s["view"])], s["position"]
+        assert (s["__key__"], s["label"]) == tar_keys[s["shard"]][p] == (store.read_index(s["shard"])[p], rows[A.LABEL][p])
+        assert set(s["targets"]) == names
+        for name, row in s["targets"].items():
+            np.testing.assert_array_equal(row, rows[name][p], err_msg=f"{name} {s['__key__']}")
+    batch = make(reference, taps=TAPS).collate(random_epoch[:16])
+    assert batch.x.shape == (16, 3, 32, 32) and batch.labels.tolist() == [s["label"] for s in random_epoch[:16]]
+    assert batch.targets.topk_values.shape == (16, m.logits.k) and set(batch.targets.features) == set(TAPS)
+    assert batch.keys == [s["__key__"] for s in random_epoch[:16]]
+
+
+def test_only_requested_arrays_are_read(reference):
+    m = reference["manifest"]
+    ds = make(reference, logits=False, taps=["final"])
+    assert A.LOGITS_TOPK_VALUES not in ds.read_names and A.feature_array("block0") not in ds.read_names
+    assert {A.VIEW_CROP, A.LABEL, A.VALID, A.feature_array("final")} <= set(ds.read_names)
+    with pytest.raises(ValueError, match=r"tap 'nope' is not in this cache; it holds \['block0', 'final'\]"):
+        make(reference, taps=["nope"])
+    with pytest.raises(ValueError, match="not in this cache"):
+        make(reference, arrays=["feat_nope"])
+    batch = ds.collate([next(iter(ds))])  # no logits read: only the tap is decoded
+    assert not batch.targets.has_logits and list(batch.targets.features) == ["final"]
+    assert batch.targets.features["final"].shape == (1, m.features[1].tokens, m.features[1].dim)
+
+
+# --- view policies, order, splits --------------------------------------------------------------
+
+
+def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(reference):
+    m = reference["manifest"]
+    ds = make(reference, size=16, logits=False)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        got = list(ds)
+        assert sorted(ids(got)) == sorted(all_ids(m))
+        assert {s["view"] for s in got} == {epoch % m.num_views} and got[0]["x"].shape == (3, 16, 16)
+
+
+def test_random_policy_views_and_epochs_differ(random_epoch, reference):
+    m = reference["manifest"]
+    assert sorted(ids(random_epoch)) == sorted(all_ids(m))
+    for t in range(len(m.dataset.shards)):
+        want = random_views(0, 0, t, m.dataset.shards[t].count, range(m.num_views))
+        assert all(s["view"] == want[s["position"]] for s in random_epoch if s["shard"] == t)
+    ds = make(reference, size=16, view_policy="random", logits=False)
+    ds.set_epoch(1)
+    again = list(ds)
+    assert sorted(ids(again)) == sorted(all_ids(m))
+    v0 = {(s["shard"], s["position"]): s["view"] for s in random_epoch}
+    v1 = {(s["shard"], s["position"]): s["view"] for s in again}
+    assert 0.3 < np.mean([v0[k] != v1[k] for k in v0]) < 0.7  # fresh draws per epoch
+    assert ids(again) != ids(random_epoch)
+
+
+def test_shuffle_order_depends_on_seed_and_epoch_only(random_epoch, reference):
+    ds = make(reference, size=8, view_policy="random", logits=False)
+    assert ids(ds) == ids(random_epoch)  # same seed and epoch: same order, whatever the size
+
+    def plan(seed, epoch):  # tars in order and the buffer's order, planned before any read
+        tasks, order = make(reference, seed=seed, logits=False).consumer_order(epoch, 0, 1)
+        return [t.shard for t in tasks], order.tolist()
+
+    assert plan(0, 0) == plan(0, 0)
+    assert plan(1, 0) != plan(0, 0) != plan(0, 1)
+    shards = [s["shard"] for s in random_epoch]
+    second = next(i for i, t in enumerate(shards) if t != shards[0])
+    assert shards[0] in shards[second:second + 64]  # the buffer mixes units read in turn
+    order = shuffle_order(1000, 64, np.random.default_rng(0))
+    assert sorted(order) == list(range(1000)) and all(order[k] < k + 64 for k in range(1000))
+    assert shuffle_order(5, 0, np.random.default_rng(0)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_two_ranks_two_workers_see_every_sample_once(reference):
+    m = reference["manifest"]
+    seen: list[tuple[int, int]] = []
+    consumers = collections.Counter()
+    for rank in range(2):
+        ds = make(reference, size=8, logits=False, rank=rank, world_size=2)
+        ds.set_epoch(3)
+        for b in DataLoader(ds, batch_size=50, num_workers=2, collate_fn=collate_rows):
+            seen += list(zip(b["shard"].tolist(), b["position"].tolist(), strict=True))
+            consumers.update(b["consumer"])
+            assert b["num_consumers"] == 4 and set(b["view"].tolist()) == {1}
+    assert len(seen) == len(set(seen)) and set(seen) == all_ids(m)
+    assert sorted(consumers) == [0, 1, 2, 3]  # 4 tars: one each
+
+
+def test_drop_uneven_equalises_deterministically(reference):
+    m = reference["manifest"]
+    got = [list(make(reference, size=8, logits=False, rank=r, world_size=3, drop_uneven=True)) for r in range(3)]
+    quota = min(sh.count for sh in m.dataset.shards)  # ranks hold 2, 1 and 1 tars
+    assert [len(g) for g in got] == [quota] * 3
+    flat = [i for g in got for i in ids(g)]
+    assert len(set(flat)) == len(flat)
+    ds = make(reference, size=8, logits=False, rank=0, world_size=3, drop_uneven=True)
+    assert ds.num_samples() == quota and ids(ds) == ids(got[0])
+    assert make(reference, logits=False, rank=0, world_size=3).num_samples() > quota  # default: off
+
+
+# --- exact resume --------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_yields_exactly_the_remaining_samples(reference):
+    def run(ds, stop=None):
+        out = []
+        for i, b in enumerate(ds.loader(batch_size=40, num_workers=2), start=1):
+            out += list(zip(b.shards.tolist(), b.positions.tolist(), b.views.tolist(), strict=True))
+            if i == stop:  # a batch handed out counts as consumed: stop after using it
+                break
+        return out
+
+    kw = {"size": 8, "logits": False, "view_policy": "random", "seed": 5}
+    full_ds = make(reference, **kw)
+    full_ds.set_epoch(2)
+    full = run(full_ds)
+    ds = make(reference, **kw)
+    ds.set_epoch(2)
+    head = run(ds, stop=7)  # an odd number of batches: the resumed loader must start at worker 1
+    state = merge_states([ds.state_dict()])
+    assert state["epoch"] == 2 and sum(state["consumed"].values()) == len(head) == 280
+    resumed = make(reference, **kw)
+    resumed.load_state_dict(state)
+    tail = run(resumed)
+    assert head + tail == full and len(set(full)) == reference["manifest"].dataset.num_samples
+    with pytest.raises(ValueError, match="seed=5"):
+        make(reference, **{**kw, "seed": 6}).load_state_dict(state)
+    wrong = make(reference, **kw)
+    wrong.load_state_dict(state)
+    with pytest.raises(ValueError, match="same world size and workers"):
+        next(iter(wrong))  # in-process: 1 consumer, the state counted 2
+
+
+# --- read-only and partial caches ----------------------------------------------------------------
+
+
+class NoWriteFS(fsspec.AbstractFileSystem):
+    """Local files behind ``kdcachero://``; every write raises and is recorded."""
+
+    protocol = "kdcachero"
+    attempts: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local = LocalFileSystem()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = path[len("kdcachero://"):] if path.startswith("kdcachero://") else path
+        return LocalFileSystem._strip_protocol(path)
+
+    def _refuse(self, what, path, *args, **kwargs):
+        NoWriteFS.attempts.append(f"{what} {path}")
+        raise PermissionError(f"read-only test filesystem: {what} {path}")
+
+    def ls(self, path, detail=True, **kwargs):
+        return self.local.ls(path, detail=detail)
+
+    def info(self, path, **kwargs):
+        return self.local.info(path)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        return self.local.cat_file(path, start=start, end=end)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if set(mode) - {"r", "b"}:
+            self._refuse(f"open({mode!r})", path)
+        return self.local._open(path, mode)
+
+    def pipe_file(self, path, *a, **k):
+        self._refuse("pipe_file", path)
+
+    def put_file(self, lpath, rpath, *a, **k):
+        self._refuse("put_file", rpath)
+
+    def rm_file(self, path, *a, **k):
+        self._refuse("rm_file", path)
+
+    def rm(self, path, *a, **k):
+        self._refuse("rm", path)
+
+    def mkdir(self, path, *a, **k):
+        self._refuse("mkdir", path)
+
+    def makedirs(self, path, *a, **k):
+        self._refuse("makedirs", path)
+
+    def mv(self, path1, path2, *a, **k):
+        self._refuse("mv", path1)
+
+    def cp_file(self, path1, path2, *a, **k):
+        self._refuse("cp_file", path2)
+
+    def touch(self, path, *a, **k):
+        self._refuse("touch", path)
+
+
+def test_cache_is_only_read(reference):
+    fsspec.register_implementation("kdcachero", NoWriteFS, clobber=True)
+    NoWriteFS.attempts.clear()
+    url = f"kdcachero://{reference['path']}"
+    with pytest.raises(PermissionError):  # the guard works
+        fsspec.filesystem("kdcachero").pipe_file(f"{reference['path']}/x", b"")
+    NoWriteFS.attempts.clear()
+    ds = make(reference, url, size=8, taps=TAPS)
+    assert ds.store().read_only and isinstance(ds.store().fs, NoWriteFS)
+    got = list(ds)
+    assert sorted(ids(got)) == sorted(all_ids(reference["manifest"])) and NoWriteFS.attempts == []
+
+
+def test_partial_cache_refused_unless_asked_then_only_completed_units(reference, tmp_path):
+    path = tmp_path / "partial.zarr"
+    shutil.copytree(reference["path"], path)
+    store = CacheStore(str(path))
+    dropped = {(0, 0), (1, 1), (2, 0), (2, 1)}
+    for s, v in dropped:
+        (path / layout.unit_record_path(s, v)).unlink()
+    store.write_manifest(reference["manifest"].model_copy(update={"status": "building", "units_complete": 4}))
+    with pytest.raises(CacheNotReadyError, match="--allow-partial"):
+        make(reference, path, logits=False)
+    m = reference["manifest"]
+    cycle = list(make(reference, path, size=8, logits=False, allow_partial=True))  # epoch 0: view 0
+    assert sorted(ids(cycle)) == sorted(i for i in all_ids(m) if i[0] in (1, 3))
+    rand = list(make(reference, path, size=8, logits=False, allow_partial=True, view_policy="random"))
+    assert sorted(ids(rand)) == sorted(i for i in all_ids(m) if i[0] != 2)
+    assert all((s["shard"], s["view"]) not in dropped for s in rand)
+    assert {s["view"] for s in rand if s["shard"] == 3} == {0, 1}
+
+
+# --- eval and mixup --------------------------------------------------------------------------------
+
+
+def test_eval_loader_centre_crops_val_tars(digits):
+    loader = eval_loader(digits["val"], 24, (0.5,) * 3, (0.5,) * 3, batch_size=100, crop_pct=0.875)
+    xs, ys = zip(*loader, strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert x.shape == (digits["counts"]["val"], 3, 24, 24) and y.dtype == torch.int64
+    first = next(iter_samples(loader.dataset.urls[0]))
+    want = eval_view(first.image, size=24, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    assert torch.equal(x[0], want) and int(y[0]) == first.label
+
+
+def test_refuse_mixup_explains_why():
+    refuse_mixup(0.0, 0.0)
+    with pytest.raises(ValueError, match=r"mixup=0.8, cutmix=0.0: Mixup/CutMix cannot be used with cached") as e:
+        refuse_mixup(0.8, 0.0)
+    assert "--online-teacher" in str(e.value) and "mixup=0" in str(e.value)
+    with pytest.raises(ValueError, match="cutmix=1.0"):
+        refuse_mixup(0.0, 1.0)
