@@ -143,7 +143,8 @@ def plan_manifest(cfg: CacheConfig, shards: list[ShardIndex], prepared: dict[str
     V, R = cfg.views.num_views, len(shards) * S
     arrays = {s.name: ArrayInfo(shape=list(s.shape(R, V)), dtype=s.dtype, chunks=list(s.chunk_shape(chunk)),
                                 shards=list(s.shard_shape(S)), fill=s.fill, target=s.target) for s in specs}
-    dataset = DatasetInfo(shards=[ShardInfo(url=s.url, size=s.size, count=len(s.keys)) for s in shards],
+    dataset = DatasetInfo(shards=[ShardInfo(url=s.url, size=s.size, count=len(s.keys), truncated=s.truncated)
+                                  for s in shards],
                           fingerprint=dataset_fingerprint(shards))
     t = now()
     return Manifest(status="building", created=t, updated=t, library_versions=library_versions(),
@@ -261,6 +262,10 @@ def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: boo
     init_ray(address)
     t0 = time.time()
     shards = index_dataset(cfg, urls, progress)
+    for s in shards:
+        if s.truncated:
+            log(f"warning: {s.url} is damaged ({s.truncated}); caching the {len(s.keys)} samples before the "
+                "damage and recording it in the manifest (on_bad_sample: skip)")
     if existing:
         if existing.dataset.fingerprint != dataset_fingerprint(shards):
             raise ValueError(f"{cfg.output.url}: the input shards changed since this cache was started "

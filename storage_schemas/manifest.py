@@ -29,6 +29,7 @@ class ShardInfo(_Model):
     url: str
     size: int  # bytes
     count: int  # samples
+    truncated: str | None = None  # why the tar ends early (on_bad_sample: skip); samples after it are lost
 
 
 class DatasetInfo(_Model):
@@ -194,6 +195,7 @@ class Manifest(_Model):
             "dataset_fingerprint": self.dataset.fingerprint,
             "targets": targets,
             "skipped": st.num_skipped,
+            "truncated_shards": [{"url": s.url, "reason": s.truncated} for s in self.dataset.shards if s.truncated],
             "bytes_total": st.bytes_total + (self.tpp.bytes if self.tpp else 0),
             "bytes_per_view": st.bytes_per_view.get("total"),
             "samples_per_second": st.samples_per_second,

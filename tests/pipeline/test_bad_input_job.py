@@ -56,3 +56,21 @@ def test_bad_samples_skipped_and_recorded(bad_shards, tiny_teacher, ray_local, t
         assert rows[A.VALID].tolist() == [1, 0, 0, 1] and rows[A.LABEL].tolist() == [3, -1, -1, 5]
     assert m.stats.num_valid_rows == (6 + 2) * m.num_views
     assert np.isclose(m.summary()["num_samples"], 10)
+
+
+def test_truncated_tar_error_or_recorded(bad_shards, tiny_teacher, ray_local, tmp_path):
+    from pathlib import Path
+
+    first = Path(bad_shards.replace("{000000..000001}", "000000"))
+    data = first.read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])  # mid-member
+    cfg = _cfg(str(cut), tiny_teacher, str(tmp_path / "e.zarr"))
+    with pytest.raises(Exception, match="cut-000000.tar"):
+        run_cache_job(cfg, progress=False)
+    cfg = _cfg(str(cut), tiny_teacher, str(tmp_path / "s.zarr"), input__on_bad_sample="skip")
+    m = run_cache_job(cfg, progress=False, log=lambda s: None)
+    shard = m.dataset.shards[0]
+    assert shard.truncated and 0 < shard.count < 6
+    assert m.summary()["truncated_shards"][0]["url"].endswith("cut-000000.tar")
+    assert m.stats.num_valid_rows == shard.count * m.num_views
