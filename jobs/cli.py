@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from storage_schemas.config import CacheConfig
 
@@ -18,6 +19,8 @@ Commands:
   data     write a bundled real data set (scikit-learn's digits) as WebDataset shards
   cache    run the caching job on Ray (local by default; --address for a cluster)
   inspect  summarise a cache (human or --json)
+  train    train a timm student from a cache (KD, ViTKD, ScaleKD); torchrun for DDP
+  eval     top-1/top-5 of a trained student on validation tars
   demo     the embedded default end to end: data, teacher, cache
 """
 
@@ -60,6 +63,36 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     store = CacheStore(a.url, _storage_options(a.storage_option), read_only=True)
     s = store.read_manifest(allow_partial=a.allow_partial).summary()
     print(json.dumps(s, indent=1) if a.json else format_summary(s, a.url))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from student.config import TrainConfig
+    from student.trainer import Trainer
+
+    cfg = load_config(TrainConfig, a.config, a.set)
+    result = Trainer(cfg, progress=not a.no_progress).fit()
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from student.config import TrainConfig
+    from student.trainer import build_student, evaluate
+
+    out = Path(a.run)
+    cfg = load_config(TrainConfig, out / "config.yaml")
+    model, size, mean, std = build_student(cfg)
+    ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["ema"] if a.ema and ck.get("ema") else ck["model"])
+    urls = a.val_urls or cfg.data.val_urls
+    if not urls:
+        raise ConfigError("no validation tars: pass --val-urls or set data.val_urls in the run's config")
+    r = evaluate(model, urls, size=size, mean=mean, std=std, crop_pct=cfg.data.eval_crop_pct,
+                 batch_size=a.batch_size, device=torch.device("cpu"))
+    print(json.dumps(r, indent=1))
     return 0
 
 
@@ -139,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--storage-option", action="append", type=_kv, metavar="KEY=VALUE",
                    help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
     i.set_defaults(fn=cmd_inspect)
+
+    t = sub.add_parser("train", help="train a student from a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train any timm student from a cache, without the teacher. Methods compose "
+                                   "(methods: ce+kd+vitkd); each has its own options (method_options.NAME.KEY). "
+                                   "Resumes from OUTPUT/last.pt. Mixup/CutMix are refused: a cache holds the "
+                                   "teacher's outputs on unmixed views only, and the teacher's output on a mixed "
+                                   "image is not a mix of those.",
+                       epilog="examples:\n  kdcache train jobs/configs/train_demo_vitkd.yaml --set optim.epochs=5\n"
+                              "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_resnet50.yaml")
+    t.add_argument("config", help="YAML config (sections cache, student, methods, method_options, data, optim)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained student",
+                       description="Top-1/top-5 with timm's centre-crop eval transform on validation tars.")
+    e.add_argument("run", help="a training output folder (holds config.yaml and last.pt)")
+    e.add_argument("--val-urls", default=None, help="validation tars (default: the run's data.val_urls)")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights if the run kept them")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("demo", help="the embedded default, end to end",
                        description="Write the digits shards, train a small ViT teacher on them, cache it with the "

@@ -10,7 +10,20 @@ from jobs.config_io import load_config
 from pipeline.teacher import num_feature_levels
 from storage_schemas.config import CacheConfig
 
-CONFIGS = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
+TRAIN = [p for p in ALL if p.name.startswith("train_")]
+CONFIGS = [p for p in ALL if p not in TRAIN]
+
+
+@pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.name)
+def test_train_config_validates_and_names_real_methods(path):
+    from student.config import TrainConfig
+    from student.methods import method_names
+
+    cfg = load_config(TrainConfig, path)
+    names = cfg.methods.split("+") if isinstance(cfg.methods, str) else cfg.methods
+    assert set(names) <= set(method_names()) and set(cfg.method_options) <= set(names)
+    timm.create_model(cfg.student.model, pretrained=False, **cfg.student.model_kwargs)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,66 @@
+"""Typed configuration of the training job (``kdcache train CONFIG.yaml``). YAML holds values only."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CacheRef(_Strict):
+    url: str = Field(description="the cache (any fsspec URL); opened read-only")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    allow_partial: bool = Field(False, description="train on the completed units of an unfinished cache")
+
+
+class StudentModel(_Strict):
+    model: str = Field(description="timm model name")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int | None = Field(None, gt=0, description="default: model_kwargs.img_size, else pretrained_cfg")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class DataOptions(_Strict):
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    view_policy: Literal["cycle", "random"] = "cycle"
+    shuffle_buffer: int = Field(1024, ge=1)
+    drop_uneven: bool = False
+    input_storage_options: dict[str, Any] = Field(default_factory=dict)
+    val_urls: str | list[str] | None = Field(None, description="validation tars (centre-crop eval)")
+    eval_crop_pct: float = Field(0.875, gt=0, le=1)
+    mixup: float = Field(0.0, ge=0, description="refused with a cache (not replayable); see --help")
+    cutmix: float = Field(0.0, ge=0)
+
+
+class OptimOptions(_Strict):
+    opt: str = Field("adamw", description="timm optimizer name: adamw, lamb, sgd, …")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    sched: str = Field("cosine", description="timm scheduler name")
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: int = Field(1, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    cache: CacheRef
+    student: StudentModel
+    methods: str | list[str] = Field("ce+kd", description="KD methods composed with '+', e.g. ce+kd+vitkd")
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per method, by name")
+    data: DataOptions = DataOptions()
+    optim: OptimOptions = OptimOptions()
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the student (timm ModelEmaV3)")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    output: str = Field(description="folder for checkpoints, metrics.jsonl, curves.png, config.yaml")
+    log_every: int = Field(10, ge=1, description="steps between metrics lines")
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (exact mid-epoch resume)")

@@ -1,0 +1,266 @@
+"""The student trainer: a timm student distilled from a cache, single process or DDP (torchrun).
+
+The step is the nanoGPT kind you read in one sitting: replayed views and decoded cache
+targets come from :class:`student.data.CacheDataset`; the :class:`Distiller` runs the
+student once through timm's ``forward_intermediates`` and sums the named, weighted losses
+of the configured methods (timm's task contract: a dict with ``loss`` and each component).
+Checkpoints hold tensors and plain values only and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import resolve_model_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from pipeline.store import CacheStore
+from pipeline.tpp import load_pack
+
+from .config import TrainConfig
+from .data import CacheDataset, eval_loader, merge_states, refuse_mixup
+from .methods import (
+    TeacherContext,
+    build_methods,
+    check_against_manifest,
+    student_forward,
+    student_info,
+    union_needs,
+)
+from .targets import TeacherTargets
+
+
+class Distiller(torch.nn.Module):
+    """Student + KD methods (with their projectors) as one module, so DDP wraps one forward."""
+
+    def __init__(self, student: torch.nn.Module, methods: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.student, self.methods = student, methods
+        self.needs = union_needs(methods)
+
+    def forward(self, x: torch.Tensor, targets: TeacherTargets, labels: torch.Tensor, step: int) -> dict:
+        out = student_forward(self.student, x, self.needs.student_indices)
+        losses: dict[str, torch.Tensor] = {}
+        for m in self.methods:
+            m.set_step(step)
+            losses.update(m(out, targets, labels))
+        return {"loss": sum(losses.values()), "output": out.logits, **losses}
+
+
+def _distributed() -> tuple[int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, urls, *, size: int, mean, std, crop_pct: float, batch_size: int,
+             device: torch.device, num_classes: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 (percent) on validation tars, summed over DDP ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, total
+    for x, y in eval_loader(urls, size, mean, std, batch_size, crop_pct, num_classes=num_classes):
+        logits = model(x.to(device))
+        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.cpu()
+        counts += torch.tensor([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum(), len(y)],
+                               dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train(was_training)
+    n = max(float(counts[2]), 1.0)
+    return {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": int(counts[2])}
+
+
+def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]:
+    """The timm student and its input size, mean and std (config, else the model's pretrained config)."""
+    student = timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
+    data_cfg = resolve_model_data_config(student)
+    img = cfg.student.model_kwargs.get("img_size")
+    size = int(cfg.student.input_size or (img if isinstance(img, int) else data_cfg["input_size"][-1]))
+    return student, size, tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` trains, resuming from ``output/last.pt``."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        refuse_mixup(cfg.data.mixup, cfg.data.cutmix)
+        self.rank, self.world = _distributed()
+        if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(cfg.seed)
+        store = CacheStore(cfg.cache.url, cfg.cache.storage_options, read_only=True)
+        self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
+        student, self.size, self.mean, self.std = build_student(cfg)
+        tail = load_pack(store.fs, store.root) if m.tpp else None
+        info = student_info(student, self.size)
+        methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
+        self.model = Distiller(student, methods).to(self.device)
+        check_against_manifest(self.model.needs, m)
+        self.dataset = CacheDataset(
+            store, size=self.size, mean=self.mean, std=self.std, logits=self.model.needs.logits,
+            taps=self.model.needs.taps, view_policy=cfg.data.view_policy, seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
+            allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
+        )
+        o = cfg.optim
+        self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
+                                             momentum=o.momentum)
+        per_rank = self.dataset.num_samples(cfg.data.num_workers)
+        self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.data.batch_size))
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=o.sched, num_epochs=o.epochs,
+                                                warmup_epochs=o.warmup_epochs, min_lr=o.min_lr,
+                                                step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
+        self.ema = ModelEmaV3(student, decay=cfg.ema_decay) if cfg.ema_decay else None
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        self.out = Path(cfg.output)
+        self.epoch, self.step = 0, 0
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda"
+                    else contextlib.nullcontext())
+
+    # --- one step ---------------------------------------------------------------------
+
+    def train_step(self, batch) -> dict[str, float]:
+        with self.amp:
+            out = self.ddp(batch.x.to(self.device), batch.targets, batch.labels.to(self.device), self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.model.student, step=self.step)
+        return {k: float(v.detach()) for k, v in out.items() if k != "output"}
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        resumed = self.load(self.out / "last.pt")
+        result = {}
+        for epoch in range(self.epoch, self.cfg.optim.epochs):
+            if not resumed:
+                self.dataset.set_epoch(epoch)
+            resumed = False
+            self.epoch = epoch
+            self.model.train()
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", unit="step",
+                       disable=not self.progress or self.rank != 0)
+            t0, seen = time.time(), 0
+            join = self.ddp.join() if self.world > 1 else contextlib.nullcontext()
+            with join:
+                for batch in self.dataset.loader(self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers,
+                                                 device=self.device):
+                    logs = self.train_step(batch)
+                    seen += len(batch.labels)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                    if self.step % self.cfg.log_every == 0:
+                        self.log({"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                  **logs})
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                        self.save(self.out / "last.pt", epoch_done=False)
+            bar.close()
+            result = {"epoch": epoch, "step": self.step, "samples_per_s": seen / max(time.time() - t0, 1e-9)}
+            if self.cfg.data.val_urls:
+                result |= {f"val_{k}": v for k, v in self.evaluate().items()}
+            self.log(result)
+            self.epoch = epoch + 1
+            self.save(self.out / "last.pt", epoch_done=True)
+        if self.rank == 0:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+        return result
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.model.student
+        return evaluate(model, self.cfg.data.val_urls, size=self.size, mean=self.mean, std=self.std,
+                        crop_pct=self.cfg.data.eval_crop_pct, batch_size=2 * self.cfg.data.batch_size,
+                        device=self.device, num_classes=self.manifest.teacher.num_classes)
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    # --- checkpoints (tensors and plain values: torch.load(weights_only=True)) ------------
+
+    def save(self, path: Path, *, epoch_done: bool) -> None:
+        data = self.dataset.state_dict()
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, data)
+            data = merge_states(states)
+        if self.rank != 0:
+            return
+        ckpt = {"model": self.model.student.state_dict(), "methods": self.model.methods.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "data": None if epoch_done else data,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "cache": {"url": self.cfg.cache.url, "weights_sha256": self.manifest.teacher.weights_sha256}}
+        tmp = path.with_suffix(".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a broken last.pt
+
+    def load(self, path: Path) -> bool:
+        """Resume from ``path`` if it exists; True when it resumes mid-epoch (data position restored)."""
+        if not path.exists():
+            return False
+        ck = torch.load(path, map_location=self.device, weights_only=True)
+        if ck["cache"]["weights_sha256"] != self.manifest.teacher.weights_sha256:
+            raise ValueError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
+                             "use a new output folder")
+        self.model.student.load_state_dict(ck["model"])
+        self.model.methods.load_state_dict(ck["methods"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.module.load_state_dict(ck["ema"])
+        self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+        if ck["data"] is not None:
+            self.dataset.load_state_dict(ck["data"])
+            return True
+        return False
+
+
+def plot_metrics(jsonl: Path, png: Path) -> None:
+    """Loss per logged step and validation top-1 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    steps = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["epoch"], r["val_top1"]) for r in rows if "val_top1" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if steps:
+        a.plot(*zip(*steps, strict=True))
+    a.set(xlabel="step", ylabel="total loss", title="training loss")
+    if evals:
+        b.plot(*zip(*evals, strict=True), marker="o")
+    b.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
