@@ -70,7 +70,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from student.config import TrainConfig
     from student.trainer import Trainer
 
-    cfg = load_config(TrainConfig, a.config, a.set)
+    sets = list(a.set)
+    if a.online_teacher:
+        sets += [f"online_teacher.checkpoint={a.online_teacher}", f"online_teacher.views={a.online_views}"]
+    cfg = load_config(TrainConfig, a.config, sets)
     result = Trainer(cfg, progress=not a.no_progress).fit()
     print(json.dumps(result, indent=1))
     return 0
@@ -183,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_resnet50.yaml")
     t.add_argument("config", help="YAML config (sections cache, student, methods, method_options, data, optim)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--online-teacher", metavar="CHECKPOINT", default=None,
+                   help="run the cache's teacher live from CHECKPOINT (must match the cache's weights) instead of "
+                        "reading targets: for comparisons and equivalence checks")
+    t.add_argument("--online-views", choices=["cached", "fresh"], default="cached",
+                   help="with --online-teacher: the stored view records (default), or fresh views every epoch")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 

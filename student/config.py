@@ -50,6 +50,15 @@ class OptimOptions(_Strict):
     clip_grad: float | None = Field(None, gt=0)
 
 
+class OnlineTeacher(_Strict):
+    """Run the teacher live instead of reading its targets (comparison and equivalence runs)."""
+
+    checkpoint: str = Field(description="the cached teacher's weights (fsspec URL); must match the cache's sha256")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    views: Literal["cached", "fresh"] = Field(
+        "cached", description="cached: the stored view records (equivalence); fresh: new views every epoch")
+
+
 class TrainConfig(_Strict):
     cache: CacheRef
     student: StudentModel
@@ -61,6 +70,7 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on the CPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    online_teacher: OnlineTeacher | None = None
     output: str = Field(description="folder for checkpoints, metrics.jsonl, curves.png, config.yaml")
     log_every: int = Field(10, ge=1, description="steps between metrics lines")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (exact mid-epoch resume)")

@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.shards import BadSampleError, BadShardError, expand_urls, iter_samples
 from pipeline.store import CacheStore
 from pipeline.unit import prefetch_map
-from pipeline.views import apply_view, eval_view
+from pipeline.views import apply_view, eval_view, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import ViewRecipe
@@ -199,9 +199,16 @@ class CacheDataset(IterableDataset):
         storage_options: dict | None = None,
         input_storage_options: dict | None = None,
         threads: int = 2,
+        teacher_input: tuple[int, tuple, tuple] | None = None,
+        fresh_views: bool = False,
     ) -> None:
         """``arrays`` (target array names) overrides ``logits``/``taps``; ``storage_options`` are
-        the cache's fsspec options, ``input_storage_options`` the image tars'."""
+        the cache's fsspec options, ``input_storage_options`` the image tars'.
+
+        For the online teacher (``--online-teacher``): ``teacher_input=(size, mean, std)`` also
+        replays each view at the teacher's input as ``"x_teacher"``; ``fresh_views`` replaces the
+        stored record by a new one drawn for view index ``num_views + epoch`` (never cached,
+        reproducible): the fresh-views upper bound that finitely many cached views approximate."""
         if view_policy not in ("cycle", "random"):
             raise ValueError(f"view_policy must be 'cycle' or 'random', not {view_policy!r}")
         if isinstance(cache, CacheStore):
@@ -223,6 +230,7 @@ class CacheDataset(IterableDataset):
         views = [n for n in VIEW_ARRAYS if n in self.m.arrays]
         self.read_names = list(dict.fromkeys([*views, A.LABEL, A.VALID, *self.targets]))
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.teacher_input, self.fresh_views = teacher_input, fresh_views
         self.view_policy, self.seed, self.shuffle = view_policy, int(seed), shuffle
         self.shuffle_buffer, self.drop_uneven, self.threads = int(shuffle_buffer), drop_uneven, max(1, threads)
         if rank is None or world_size is None:
@@ -445,10 +453,20 @@ class CacheDataset(IterableDataset):
             raise BadShardError(url, f"{n} cached samples streamed, the cache records {task.n}")
 
     def _replay(self, item: _Item) -> dict:
-        record = A.decode_view(item.rows, item.position)
+        if self.fresh_views:
+            view = self.m.num_views + self.epoch
+            record = sample_view(self.recipe, shard=item.shard, position=item.position, view=view,
+                                 width=item.image.width, height=item.image.height)
+            record = A.decode_view(A.encode_views([record], self.recipe), 0)  # float32, as if stored
+        else:
+            record = A.decode_view(item.rows, item.position)
         x = apply_view(item.image, record, self.recipe, size=self.size, mean=self.mean, std=self.std)
-        return {"x": x, "label": item.label, "targets": {n: item.rows[n][item.position] for n in self.targets},
-                "__key__": item.key, "shard": item.shard, "position": item.position, "view": item.view}
+        out = {"x": x, "label": item.label, "targets": {n: item.rows[n][item.position] for n in self.targets},
+               "__key__": item.key, "shard": item.shard, "position": item.position, "view": item.view}
+        if self.teacher_input is not None:
+            size, mean, std = self.teacher_input
+            out["x_teacher"] = apply_view(item.image, record, self.recipe, size=size, mean=mean, std=std)
+        return out
 
     # --- batches ------------------------------------------------------------------------
 
@@ -497,6 +515,7 @@ class Batch(NamedTuple):
     views: torch.Tensor
     consumers: list[int]
     num_consumers: int | None
+    x_teacher: torch.Tensor | None = None  # the same views at the teacher's input (online teacher)
 
 
 def collate_rows(samples: list[dict]) -> dict:
@@ -513,6 +532,8 @@ def collate_rows(samples: list[dict]) -> dict:
         "view": torch.tensor([s["view"] for s in samples]),
         "consumer": [s.get("consumer", 0) for s in samples],
         "num_consumers": samples[0].get("num_consumers") if samples else None,
+        "x_teacher": torch.stack([s["x_teacher"] for s in samples]) if samples and "x_teacher" in samples[0]
+        else None,
     }
 
 
@@ -527,6 +548,7 @@ def collate(samples: list[dict] | dict, m: Manifest, *, taps: Sequence[str] | No
         targets=TeacherTargets.from_arrays(arrays, m, device=device, taps=taps),
         keys=raw["__key__"], shards=raw["shard"], positions=raw["position"], views=raw["view"],
         consumers=list(raw["consumer"]), num_consumers=raw["num_consumers"],
+        x_teacher=None if raw.get("x_teacher") is None else raw["x_teacher"].to(device),
     )
 
 

@@ -27,7 +27,10 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from pipeline.store import CacheStore
+from pipeline.targets import extract_targets
+from pipeline.teacher import Teacher
 from pipeline.tpp import load_pack
+from storage_schemas.config import TapConfig, TeacherConfig
 
 from .config import TrainConfig
 from .data import CacheDataset, eval_loader, merge_states, refuse_mixup
@@ -86,6 +89,21 @@ def evaluate(model: torch.nn.Module, urls, *, size: int, mean, std, crop_pct: fl
     return {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": int(counts[2])}
 
 
+def online_teacher(cfg: TrainConfig, m, device: torch.device) -> Teacher:
+    """The cache's teacher, loaded live from ``cfg.online_teacher.checkpoint``; refused unless its
+    weights are the ones the cache was built from."""
+    tc = TeacherConfig.model_validate({**m.config["teacher"], "checkpoint": cfg.online_teacher.checkpoint,
+                                       "pretrained": False,
+                                       "checkpoint_storage_options": cfg.online_teacher.storage_options})
+    taps = [TapConfig(name=f.name, index=f.index, norm=f.norm) for f in m.features]
+    teacher = Teacher(tc, taps, keep_prefix_tokens=m.config["targets"]["keep_prefix_tokens"], device=device)
+    if teacher.weights_sha256 != m.teacher.weights_sha256:
+        raise ValueError(f"online_teacher.checkpoint {cfg.online_teacher.checkpoint} has weights sha256 "
+                         f"{teacher.weights_sha256[:12]}…, the cache was built from {m.teacher.weights_sha256[:12]}…; "
+                         "pass the checkpoint the cache was made with")
+    return teacher
+
+
 def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """The timm student and its input size, mean and std (config, else the model's pretrained config)."""
     student = timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
@@ -115,11 +133,16 @@ class Trainer:
         methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
         self.model = Distiller(student, methods).to(self.device)
         check_against_manifest(self.model.needs, m)
+        self.teacher = online_teacher(cfg, m, self.device) if cfg.online_teacher else None
+        online = self.teacher is not None
         self.dataset = CacheDataset(
-            store, size=self.size, mean=self.mean, std=self.std, logits=self.model.needs.logits,
-            taps=self.model.needs.taps, view_policy=cfg.data.view_policy, seed=cfg.seed,
+            store, size=self.size, mean=self.mean, std=self.std,
+            logits=self.model.needs.logits and not online, taps=() if online else self.model.needs.taps,
+            view_policy=cfg.data.view_policy, seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
             allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
+            teacher_input=(self.teacher.input_size, self.teacher.mean, self.teacher.std) if online else None,
+            fresh_views=online and cfg.online_teacher.views == "fresh",
         )
         o = cfg.optim
         self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
@@ -138,9 +161,21 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------
 
+    def targets(self, batch) -> TeacherTargets:
+        """The batch's teacher targets: decoded cache rows, or the live teacher's outputs put through
+        the very extraction and decoding the cache went through (same code, same rounding)."""
+        if self.teacher is None:
+            return batch.targets
+        m = self.manifest
+        arrays, _ = extract_targets(self.teacher(batch.x_teacher), logits_mode=m.logits.mode if m.logits else None,
+                                    logits_k=m.logits.k if m.logits else 0,
+                                    feature_dtype=m.config["targets"]["feature_dtype"])
+        return TeacherTargets.from_arrays(arrays, m, device=self.device, taps=list(self.model.needs.taps))
+
     def train_step(self, batch) -> dict[str, float]:
+        targets = self.targets(batch)
         with self.amp:
-            out = self.ddp(batch.x.to(self.device), batch.targets, batch.labels.to(self.device), self.step)
+            out = self.ddp(batch.x.to(self.device), targets, batch.labels.to(self.device), self.step)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.cfg.optim.clip_grad:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from student.config import TrainConfig
+from student.config import OnlineTeacher, TrainConfig
 from student.trainer import Trainer
 
 pytestmark = pytest.mark.ray  # the reference cache is built with Ray
@@ -110,3 +110,50 @@ def test_ddp_two_ranks_gloo(reference, digits, tmp_path):
     # 4 tars over 2 ranks: each rank steps over its own two tars only
     n_train = reference["manifest"].stats.num_valid_rows // reference["manifest"].num_views
     assert 0 < ck["step"] < -(-n_train // 128)
+
+
+def test_cached_and_online_teacher_give_the_same_targets_and_losses(reference, digits, tiny_teacher, tmp_path):
+    cached = Trainer(config(reference, digits, tmp_path / "c"), progress=False)
+    cfg = config(reference, digits, tmp_path / "o")
+    cfg.online_teacher = OnlineTeacher(checkpoint=tiny_teacher["checkpoint"], views="cached")
+    online = Trainer(cfg, progress=False)
+    for t in (cached, online):
+        t.dataset.set_epoch(0)
+    compared = 0
+    for a, b in zip(cached.dataset.loader(64), online.dataset.loader(64), strict=False):
+        assert a.keys == b.keys and torch.equal(a.x, b.x)
+        ta, tb = a.targets, online.targets(b)
+        for tap in ("block0", "final"):
+            torch.testing.assert_close(ta.features[tap], tb.features[tap], atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(ta.topk_values, tb.topk_values, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(ta.logsumexp, tb.logsumexp, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            la = cached.model(a.x, ta, a.labels, 0)
+            lb = online.model(b.x, tb, b.labels, 0)
+        for k in ("loss", "loss_ce", "loss_kd", "loss_vitkd_lr", "loss_vitkd_gen"):
+            assert float(la[k]) == pytest.approx(float(lb[k]), rel=1e-3, abs=1e-6), k
+        compared += 1
+        if compared == 2:
+            break
+    assert compared == 2
+
+
+def test_online_teacher_must_be_the_cached_one_and_fresh_views_differ(reference, digits, tiny_teacher, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    other = timm.create_model(tiny_teacher["model"], **tiny_teacher["model_kwargs"])
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    cfg = config(reference, digits, tmp_path / "x")
+    cfg.online_teacher = OnlineTeacher(checkpoint=str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="the cache was built from"):
+        Trainer(cfg, progress=False)
+    cfg.online_teacher = OnlineTeacher(checkpoint=tiny_teacher["checkpoint"], views="fresh")
+    fresh = Trainer(cfg, progress=False)
+    cached = Trainer(config(reference, digits, tmp_path / "y"), progress=False)
+    for t in (fresh, cached):
+        t.dataset.set_epoch(0)
+    a = next(iter(cached.dataset.loader(16)))
+    b = next(iter(fresh.dataset.loader(16)))
+    assert a.keys == b.keys and not torch.equal(a.x, b.x)  # same samples, new views
+    assert b.x_teacher is not None and fresh.targets(b).features["final"].shape == a.targets.features["final"].shape
