@@ -19,10 +19,12 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("data", "cache", "inspect", "demo"):
+    for cmd in ("data", "cache", "inspect", "train", "eval", "demo"):
         assert cmd in r.stdout
     r = run("cache", "--help")
     assert "--set" in r.stdout and "RAY_ADDRESS" in r.stdout and "resume" in r.stdout
+    r = run("train", "--help")
+    assert "Mixup/CutMix are refused" in r.stdout and "--online-teacher" in r.stdout and "torchrun" in r.stdout
 
 
 def test_data_digits(tmp_path):
