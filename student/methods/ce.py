@@ -20,7 +20,7 @@ from pydantic import Field
 
 from student.targets import TeacherTargets
 
-from .base import KDMethod, MethodOptions, Needs, StudentInfo, StudentOutput, TeacherContext, register
+from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
 
 
 class CEOptions(MethodOptions):
@@ -37,8 +37,6 @@ class CE(KDMethod):
 
     Options = CEOptions
 
-    def __init__(self, opts: CEOptions, student: StudentInfo, teacher: TeacherContext) -> None:
-        super().__init__(opts, student, teacher)
 
     def needs(self) -> Needs:
         return Needs()

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from student.targets import TeacherTargets
 
-from .base import KDMethod, MethodOptions, Needs, StudentInfo, StudentOutput, TeacherContext, register
+from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
 
 __all__ = ["KD", "LogitBuckets", "bucket_logits", "logit_buckets", "xlogy_sum"]
 
@@ -120,8 +120,6 @@ class KD(KDMethod):
 
     Options = KDOptions
 
-    def __init__(self, opts: KDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
-        super().__init__(opts, student, teacher)
 
     def needs(self) -> Needs:
         return Needs(logits=True)

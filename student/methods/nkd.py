@@ -23,7 +23,7 @@ from pydantic import Field
 
 from student.targets import TeacherTargets
 
-from .base import KDMethod, MethodOptions, Needs, StudentInfo, StudentOutput, TeacherContext, register
+from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
 from .kd import bucket_logits, logit_buckets, xlogy_sum
 
 
@@ -44,8 +44,6 @@ class NKD(KDMethod):
 
     Options = NKDOptions
 
-    def __init__(self, opts: NKDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
-        super().__init__(opts, student, teacher)
 
     def needs(self) -> Needs:
         return Needs(logits=True)
