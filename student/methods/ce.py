@@ -37,7 +37,6 @@ class CE(KDMethod):
 
     Options = CEOptions
 
-
     def needs(self) -> Needs:
         return Needs()
 

@@ -120,7 +120,6 @@ class KD(KDMethod):
 
     Options = KDOptions
 
-
     def needs(self) -> Needs:
         return Needs(logits=True)
 

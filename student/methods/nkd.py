@@ -44,7 +44,6 @@ class NKD(KDMethod):
 
     Options = NKDOptions
 
-
     def needs(self) -> Needs:
         return Needs(logits=True)
 
