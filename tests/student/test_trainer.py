@@ -98,8 +98,13 @@ def test_ddp_two_ranks_gloo(reference, digits, tmp_path):
     cfg = config(reference, digits, tmp_path / "ddp", data__val_urls=digits["val"])
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29533",
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port,
                         "-m", "jobs.cli", "train", str(path), "--no-progress"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
