@@ -24,7 +24,6 @@ from pipeline.store import CacheStore
 from pipeline.teacher import Teacher
 from pipeline.unit import UnitRunner, batched
 from pipeline.views import apply_view, sample_view
-from storage_schemas import arrays as A
 from storage_schemas.config import CacheConfig
 
 from .common import device_name, digits_data, markdown_table, write_results
@@ -64,7 +63,6 @@ def forward_only(cfg: CacheConfig, urls: list[str]) -> tuple[float, int]:
             for s in iter_samples(url):
                 rec = sample_view(cfg.views, shard=shard, position=s.position, view=view, width=s.image.width,
                                   height=s.image.height)
-                rec = A.decode_view(A.encode_views([rec], cfg.views), 0)
                 xs.append(apply_view(s.image, rec, cfg.views, size=teacher.input_size, mean=teacher.mean,
                                      std=teacher.std))
             batches += [torch.stack(b) for b in batched(xs, cfg.job.batch_size)]

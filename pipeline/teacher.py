@@ -80,6 +80,17 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return hashlib.sha256(st_save(sd)).hexdigest()
 
 
+def resolve_input(model: torch.nn.Module, model_kwargs: dict, input_size: int | None, mean, std
+                  ) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+    """Square input side, mean and std of a timm model: the configured values, else
+    ``model_kwargs['img_size']`` for the side, else the model's pretrained config."""
+    data_cfg = resolve_model_data_config(model)
+    img = model_kwargs.get("img_size")
+    size = int(input_size or (img if isinstance(img, int) else data_cfg["input_size"][-1]))
+    return (size, tuple(float(m) for m in (mean or data_cfg["mean"])),
+            tuple(float(s) for s in (std or data_cfg["std"])))
+
+
 def num_feature_levels(model: torch.nn.Module) -> int:
     """How many indices ``forward_intermediates`` accepts (blocks for ViT, stages for Swin/CNN)."""
     info = getattr(model, "feature_info", None)
@@ -118,11 +129,8 @@ class Teacher:
         self.weights_sha256 = state_dict_sha256(self.model)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
         self.keep_prefix_tokens = keep_prefix_tokens
-        data_cfg = resolve_model_data_config(self.model)
-        img_size = cfg.model_kwargs.get("img_size")
-        self.input_size = int(cfg.input_size or (img_size if isinstance(img_size, int) else data_cfg["input_size"][-1]))
-        self.mean = tuple(float(m) for m in (cfg.mean or data_cfg["mean"]))
-        self.std = tuple(float(s) for s in (cfg.std or data_cfg["std"]))
+        self.input_size, self.mean, self.std = resolve_input(self.model, cfg.model_kwargs, cfg.input_size,
+                                                             cfg.mean, cfg.std)
         self.num_classes = int(self.model.num_classes)
         levels = num_feature_levels(self.model)
         self.taps = [self._resolve(t, levels) for t in taps]

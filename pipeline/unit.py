@@ -102,10 +102,10 @@ class UnitRunner:
         if s.image is None:
             return {"position": s.position, "key": s.key, "skip": s.skip_reason}
         recipe = self.cfg.views
+        # sample_view's fields are float32-exact, so this record is exactly what gets stored
+        # and what a student replays (tests/pipeline/test_views.py checks the round trip).
         rec = sample_view(recipe, shard=shard, position=s.position, view=view,
                           width=s.image.width, height=s.image.height)
-        # Replay exactly what is stored (float32 fields), so the student's replay matches.
-        rec = A.decode_view(A.encode_views([rec], recipe), 0)
         x = apply_view(s.image, rec, recipe, size=self.teacher.input_size,
                        mean=self.teacher.mean, std=self.teacher.std)
         return {"position": s.position, "key": s.key, "label": s.label, "record": rec, "x": x}

@@ -457,7 +457,6 @@ class CacheDataset(IterableDataset):
             view = self.m.num_views + self.epoch
             record = sample_view(self.recipe, shard=item.shard, position=item.position, view=view,
                                  width=item.image.width, height=item.image.height)
-            record = A.decode_view(A.encode_views([record], self.recipe), 0)  # float32, as if stored
         else:
             record = A.decode_view(item.rows, item.position)
         x = apply_view(item.image, record, self.recipe, size=self.size, mean=self.mean, std=self.std)

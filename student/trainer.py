@@ -20,7 +20,6 @@ import timm
 import torch
 import torch.distributed as dist
 import yaml
-from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline.store import CacheStore
 from pipeline.targets import extract_targets
-from pipeline.teacher import Teacher
+from pipeline.teacher import Teacher, resolve_input
 from pipeline.tpp import load_pack
 from storage_schemas.config import TapConfig, TeacherConfig
 
@@ -106,11 +105,9 @@ def online_teacher(cfg: TrainConfig, m, device: torch.device) -> Teacher:
 
 def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """The timm student and its input size, mean and std (config, else the model's pretrained config)."""
-    student = timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
-    data_cfg = resolve_model_data_config(student)
-    img = cfg.student.model_kwargs.get("img_size")
-    size = int(cfg.student.input_size or (img if isinstance(img, int) else data_cfg["input_size"][-1]))
-    return student, size, tuple(cfg.student.mean or data_cfg["mean"]), tuple(cfg.student.std or data_cfg["std"])
+    st = cfg.student
+    student = timm.create_model(st.model, **st.model_kwargs)
+    return (student, *resolve_input(student, st.model_kwargs, st.input_size, st.mean, st.std))
 
 
 class Trainer:
