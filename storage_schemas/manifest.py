@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -201,9 +200,6 @@ class Manifest(_Model):
             "samples_per_second": st.samples_per_second,
         }
 
-    def row(self, shard: int, position: int) -> int:
-        return shard * self.rows_per_shard + position
-
     @classmethod
     def parse(cls, text: str, where: str) -> Manifest:
         """Parse manifest JSON, refusing an unknown schema major version before field checks."""
@@ -215,6 +211,3 @@ class Manifest(_Model):
         check_compatible(str(raw["schema_version"]), where)
         return cls.model_validate(raw)
 
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
