@@ -114,9 +114,33 @@ def run(views: int = 2, num_shards: int = 2) -> dict:
                                   if v.get("bytes_per_view") is not None},
                                **{f"{k}_cosine": v["fidelity"]["cosine_mean"] for k, v in s["targets"].items()
                                   if v.get("fidelity")}})
-    return {"device": device_name(), "throughput": rows, "bytes": bytes_rows,
+        growth_rows = growth(data, tmp, shards)
+    return {"device": device_name(), "throughput": rows, "bytes": bytes_rows, "growth": growth_rows,
             "cache_job_vs_teacher_forward": {r["teacher"]: r["ray_job_in_units_vs_forward"] for r in rows},
             "cache_job_end_to_end_vs_teacher_forward": {r["teacher"]: r["ray_job_vs_forward"] for r in rows}}
+
+
+def growth(data: dict, tmp: Path, shards: str, base: tuple[int, int, int] = (2, 3, 2)) -> list[dict]:
+    """Cost as views, taps and samples grow, one axis at a time from ``base`` = (views, taps, tars):
+    bytes stored and seconds inside units (the job's steady state), each relative to the base."""
+    label, model, kwargs, size, taps = TEACHERS[0]
+    rows = []
+    axes = [("views", v, (v, base[1], base[2])) for v in (1, 2, 4)] + \
+           [("taps", n, (base[0], n, base[2])) for n in (1, 2, 3)] + \
+           [("tars", n, (base[0], base[1], n)) for n in (1, 2, 4)]
+    for axis, value, (views, ntaps, ntars) in axes:
+        urls = shards.replace(f"{{000000..{base[2] - 1:06d}}}", f"{{000000..{ntars - 1:06d}}}")
+        cfg = config(data, str(tmp / f"growth-{axis}-{value}.zarr"), model, kwargs, size, taps[-ntaps:],
+                     dict(CODECS[0][1]), views, urls)
+        s = run_cache_job(cfg, progress=False, log=lambda s: None).summary()
+        secs = sum(r.seconds for r in CacheStore(cfg.output.url).read_unit_records())
+        rows.append({"axis": axis, "value": value, "views": views, "taps": ntaps, "tars": ntars,
+                     "num_views_cached": s["num_samples"] * views, "bytes_total": s["bytes_total"],
+                     "seconds_in_units": secs})
+    for r in rows:
+        b = next(x for x in rows if (x["views"], x["taps"], x["tars"]) == base)
+        r["bytes_vs_base"], r["seconds_vs_base"] = r["bytes_total"] / b["bytes_total"], r["seconds_in_units"] / b["seconds_in_units"]
+    return rows
 
 
 def main() -> dict:
@@ -129,6 +153,9 @@ def main() -> dict:
     print("\nbytes per cached view, by codec")
     cols = sorted({k for r in res["bytes"] for k in r})
     print(markdown_table(res["bytes"], ["codec"] + [c for c in cols if c != "codec"]))
+    print("\ncost growth (digits ViT teacher; one axis at a time from 2 views, 3 taps, 2 tars)")
+    print(markdown_table(res["growth"], ["axis", "value", "num_views_cached", "bytes_total", "bytes_vs_base",
+                                         "seconds_in_units", "seconds_vs_base"]))
     path = write_results("cache_throughput", res)
     print(f"\nwritten {path}")
     return res

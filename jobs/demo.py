@@ -1,9 +1,11 @@
 """``kdcache demo``: the embedded default end to end on the bundled digits.
 
 1. digits → WebDataset shards; 2. train a small ViT teacher, save safetensors;
-3. cache it with the Ray job (local Ray, local files); 4. summary + ``results.json``.
-Each step is skipped when its output exists (``--force`` redoes them).
-Training students from the cache joins here with the student trainer.
+3. cache it with the Ray job (local Ray, local files); 4. train students from the cache
+(``jobs/configs/demo_students.yaml``), each with KD and without; 5. a table, ``results.json``
+and ``results.png`` in the workdir.
+Finished steps are reused on a rerun (the cache resumes, trained students are not retrained);
+``--force`` redoes them all.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from storage_schemas.config import CacheConfig
 
 from .cli import format_summary
 from .config_io import load_config
+from .demo_students import format_table, plot_results, train_students
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # The teacher trains on views of the cache's recipe under another seed, so it is at home
 # on the views it is cached with (val 93.6 %, 83 % on the cached views, vs 77 % when
 # trained on lighter views) without ever seeing the cached views themselves.
 TEACHER_SEED = 1000
-TEACHER_EPOCHS = {"quick": 6, "full": 30}
+TEACHER_EPOCHS = {"quick": 6, "full": 50}
 
 
 def demo_config(workdir: Path, quick: bool) -> CacheConfig:
@@ -59,7 +62,8 @@ def train_teacher(cfg: CacheConfig, workdir: Path, epochs: int) -> dict:
     return info
 
 
-def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address: str | None = None) -> dict:
+def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address: str | None = None,
+             seeds: list[int] = (0,), students: bool = True) -> dict:
     from pipeline.digits import write_digits
     from pipeline.job import run_cache_job
 
@@ -68,31 +72,43 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
     cfg = demo_config(wd, quick)
     t0 = time.time()
     if force or not (wd / "data" / "val-000001.tar").exists():
-        print(f"[1/3] writing digits shards to {wd / 'data'}")
+        print(f"[1/4] writing digits shards to {wd / 'data'}")
         write_digits(str(wd / "data"))
     else:
-        print(f"[1/3] digits shards already in {wd / 'data'}")
+        print(f"[1/4] digits shards already in {wd / 'data'}")
     teacher_json = wd / "teacher.json"
     if force or not teacher_json.exists() or not Path(cfg.teacher.checkpoint).exists():
-        print("[2/3] training the ViT teacher on digits")
+        print("[2/4] training the ViT teacher on digits")
         teacher = train_teacher(cfg, wd, epochs=TEACHER_EPOCHS["quick" if quick else "full"])
     else:
         teacher = json.loads(teacher_json.read_text())
-        print(f"[2/3] teacher already trained ({teacher['top1']:.2f}% val top-1)")
-    if force and Path(cfg.output.url).exists():
-        shutil.rmtree(cfg.output.url)
-    print(f"[3/3] caching the teacher with the Ray job → {cfg.output.url}")
+        print(f"[2/4] teacher already trained ({teacher['top1']:.2f}% val top-1)")
+    if force:
+        for old in (Path(cfg.output.url), wd / "runs"):
+            if old.exists():
+                shutil.rmtree(old)
+    print(f"[3/4] caching the teacher with the Ray job → {cfg.output.url}")
     m = run_cache_job(cfg, address=address)
     s = m.summary()
     print(format_summary(s, cfg.output.url))
+    cache = {"url": cfg.output.url, "bytes_total": s["bytes_total"], "bytes_per_view": s["bytes_per_view"],
+             "num_views": s["num_views"], "teacher_top1_on_views": s["teacher"]["top1"]}
+    rows = []
+    if students:
+        rows = train_students(cache_url=cfg.output.url, val_urls=f"{wd}/data/val-{{000000..000001}}.tar",
+                              runs_dir=wd / "runs", quick=quick, seeds=list(seeds),
+                              teacher_sha256=m.teacher.weights_sha256)
     results = {
-        "teacher": {"model": teacher["model"], "top1": teacher["top1"]},
-        "cache": {"url": cfg.output.url, "bytes_total": s["bytes_total"], "bytes_per_view": s["bytes_per_view"],
-                  "num_views": s["num_views"], "teacher_top1_on_views": s["teacher"]["top1"]},
-        "students": [],
+        "teacher": {"model": teacher["model"], "model_kwargs": teacher["model_kwargs"], "top1": teacher["top1"]},
+        "cache": cache,
+        "students": rows,
+        "quick": quick,
         "seconds": time.time() - t0,
     }
     (wd / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"teacher val top-1 {teacher['top1']:.2f}%; results in {wd / 'results.json'} "
-          f"({results['seconds']:.0f} s)")
+    if rows:
+        plot_results(results["teacher"], rows, wd / "results.png")
+    print(format_table(results["teacher"], cache, rows))
+    print(f"results in {wd / 'results.json'}" + (f" and {wd / 'results.png'}" if rows else "")
+          + f" ({results['seconds']:.0f} s)")
     return results

@@ -42,6 +42,7 @@ from storage_schemas.manifest import (
 )
 
 from . import tpp as tpp_mod
+from .lease import Lease
 from .shards import ShardIndex, dataset_fingerprint, expand_urls, index_shard
 from .store import CacheStore
 from .teacher import Teacher
@@ -249,16 +250,33 @@ def write_tpp_stats(store: CacheStore, records: list[UnitRecord]) -> None:
 
 
 def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> Manifest:
-    """Build (or resume) the cache that ``cfg`` describes; returns the complete manifest."""
+                  log: Callable[[str], None] = print, resume: bool = False) -> Manifest:
+    """Build (or resume) the cache that ``cfg`` describes; returns the complete manifest.
+
+    The job holds the cache's lease (:mod:`pipeline.lease`) while it writes: a second job on the
+    same URL is refused; ``resume=True`` takes over the lease of a job that died."""
     store = CacheStore(cfg.output.url, cfg.output.storage_options)
+    existing = _existing(store, cfg)
+    if existing and existing.status == "complete":
+        log(f"{cfg.output.url}: cache is complete ({existing.units_total} units); nothing to do.")
+        return existing
+    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)  # fails fast, before Ray starts
+    with Lease(store, cfg.job.lease_ttl_s, resume=resume):
+        existing = _existing(store, cfg)  # again, now that no other job writes
+        if existing and existing.status == "complete":
+            return existing
+        return _run_leased(cfg, store, existing, urls, address, progress, log)
+
+
+def _existing(store: CacheStore, cfg: CacheConfig) -> Manifest | None:
     existing = store.read_manifest(allow_partial=True) if store.has_manifest() else None
     if existing:
         check_resumable(existing, cfg, cfg.output.url)
-        if existing.status == "complete":
-            log(f"{cfg.output.url}: cache is complete ({existing.units_total} units); nothing to do.")
-            return existing
-    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)  # fails fast, before Ray starts
+    return existing
+
+
+def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, urls: list[str],
+                address: str | None, progress: bool, log: Callable[[str], None]) -> Manifest:
     init_ray(address)
     t0 = time.time()
     shards = index_dataset(cfg, urls, progress)
@@ -289,7 +307,8 @@ def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: boo
                            "rerun the same command to finish (it resumes).")
     write_tpp_stats(store, records)
     m = m.model_copy(update={"status": "complete", "updated": now(), "units_complete": len(records),
-                             "stats": summarize(m, records, time.time() - t0 if pending else None)})
-    store.write_manifest(m)  # last
+                             "stats": summarize(m, records, time.time() - t0 if pending else None),
+                             "checksums_sha256": store.write_checksums()})
+    store.write_manifest(m)  # last (then its sha256 sidecar)
     return m
 

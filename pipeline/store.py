@@ -109,7 +109,29 @@ class CacheStore:
         return m
 
     def write_manifest(self, m: Manifest) -> None:
-        self.write_bytes(layout.MANIFEST, m.model_dump_json(indent=1).encode())
+        data = m.model_dump_json(indent=1).encode()
+        self.write_bytes(layout.MANIFEST, data)
+        self.write_bytes(layout.MANIFEST_SHA256, hashlib.sha256(data).hexdigest().encode())
+
+    # --- integrity ------------------------------------------------------------------
+
+    def objects(self) -> list[str]:
+        """Every object in the store, as paths relative to its root, sorted."""
+        root = self.root.rstrip("/")
+        return sorted(p[len(root) + 1:] for p in self.fs.find(root) if p.startswith(root + "/"))
+
+    def checksummed_objects(self) -> list[str]:
+        """The objects ``checksums.json`` covers: all but array shards (in the unit records) and
+        the manifest, its sidecar and the checksums file itself."""
+        skip = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS, layout.LEASE}
+        return [p for p in self.objects() if p not in skip and not layout.is_array_shard(p)]
+
+    def write_checksums(self) -> str:
+        """Write ``checksums.json`` (sha256 of every :meth:`checksummed_objects`); returns its own sha256."""
+        sums = {p: hashlib.sha256(self.read_bytes(p)).hexdigest() for p in self.checksummed_objects()}
+        data = json.dumps(sums, indent=0, sort_keys=True).encode()
+        self.write_bytes(layout.CHECKSUMS, data)
+        return hashlib.sha256(data).hexdigest()
 
     # --- arrays -------------------------------------------------------------------
 

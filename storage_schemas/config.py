@@ -111,6 +111,7 @@ class JobConfig(_Strict):
     chunk_rows: int = Field(64, ge=1, description="rows per Zarr chunk inside a unit's shard")
     max_retries: int = Field(3, ge=0, description="retries of a unit after a worker is lost")
     index_parallelism: int = Field(8, ge=1)
+    lease_ttl_s: float = Field(120.0, gt=0, description="a writer's lease expires this long after its last heartbeat")
 
 
 class CacheConfig(_Strict):

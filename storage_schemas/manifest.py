@@ -160,6 +160,7 @@ class Manifest(_Model):
     units_total: int
     units_complete: int = 0
     stats: Stats = Stats()
+    checksums_sha256: str | None = None  # sha256 of checksums.json (schema ≥ 1.1, complete caches)
 
     def summary(self) -> dict[str, Any]:
         """What ``kdcache inspect --json`` prints: status, sizes, teacher, and each target's

@@ -7,7 +7,7 @@ ignores), and refuses every other major with a message that says what to do.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: checksums.json + manifest.json.sha256
 
 
 class IncompatibleSchemaError(RuntimeError):

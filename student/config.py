@@ -29,6 +29,7 @@ class DataOptions(_Strict):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
     view_policy: Literal["cycle", "random"] = "cycle"
+    max_views: int | None = Field(None, ge=1, description="use only the first N cached views (same as an N-view cache)")
     shuffle_buffer: int = Field(1024, ge=1)
     drop_uneven: bool = False
     input_storage_options: dict[str, Any] = Field(default_factory=dict)

@@ -201,6 +201,7 @@ class CacheDataset(IterableDataset):
         threads: int = 2,
         teacher_input: tuple[int, tuple, tuple] | None = None,
         fresh_views: bool = False,
+        max_views: int | None = None,
     ) -> None:
         """``arrays`` (target array names) overrides ``logits``/``taps``; ``storage_options`` are
         the cache's fsspec options, ``input_storage_options`` the image tars'.
@@ -208,7 +209,9 @@ class CacheDataset(IterableDataset):
         For the online teacher (``--online-teacher``): ``teacher_input=(size, mean, std)`` also
         replays each view at the teacher's input as ``"x_teacher"``; ``fresh_views`` replaces the
         stored record by a new one drawn for view index ``num_views + epoch`` (never cached,
-        reproducible): the fresh-views upper bound that finitely many cached views approximate."""
+        reproducible): the fresh-views upper bound that finitely many cached views approximate.
+        ``max_views`` trains on the first N cached views only: view v of a sample is seeded by
+        (seed, tar, position, v), so that is exactly what a cache of N views would hold."""
         if view_policy not in ("cycle", "random"):
             raise ValueError(f"view_policy must be 'cycle' or 'random', not {view_policy!r}")
         if isinstance(cache, CacheStore):
@@ -218,6 +221,10 @@ class CacheDataset(IterableDataset):
         store = CacheStore(self.url, self.storage_options, read_only=True)
         self.m = store.read_manifest(allow_partial=allow_partial)
         self.recipe = ViewRecipe.model_validate(self.m.config["views"])
+        if max_views is not None and not 1 <= max_views <= self.m.num_views:
+            raise ValueError(f"max_views={max_views}: {self.url} holds {self.m.num_views} views per sample; "
+                             f"choose 1..{self.m.num_views}")
+        self.num_views = max_views or self.m.num_views
         self.on_bad_sample = self.m.config.get("input", {}).get("on_bad_sample", "error")
         if arrays is None:
             self.targets = target_arrays(self.m, logits=logits, taps=taps)
@@ -253,7 +260,7 @@ class CacheDataset(IterableDataset):
     def _cached_units(self, store: CacheStore) -> tuple[dict[int, tuple[int, ...]], dict[int, int]]:
         """Completed views per tar and valid (cached) samples per tar."""
         m = self.m
-        T, V = len(m.dataset.shards), m.num_views
+        T, V = len(m.dataset.shards), self.num_views
         if m.status == "complete":
             skipped: dict[int, set[str]] = {}
             for s in m.stats.skipped:
@@ -263,6 +270,8 @@ class CacheDataset(IterableDataset):
         units: dict[int, list[int]] = {}
         valid = {}
         for rec in store.read_unit_records():
+            if rec.view >= V:
+                continue
             units.setdefault(rec.shard, []).append(rec.view)
             if valid.setdefault(rec.shard, rec.valid) != rec.valid:
                 raise ValueError(f"{self.url}: units of shard {rec.shard} disagree on their cached sample count "
@@ -284,7 +293,7 @@ class CacheDataset(IterableDataset):
 
     def plan(self, epoch: int) -> list[_Task]:
         """The tars of ``epoch`` in the order consumers take them round robin (same on every consumer)."""
-        V = self.m.num_views
+        V = self.num_views
         tasks = []
         for t in range(len(self.m.dataset.shards)):
             done = self._units.get(t, ())

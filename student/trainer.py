@@ -139,7 +139,7 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
             allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
             teacher_input=(self.teacher.input_size, self.teacher.mean, self.teacher.std) if online else None,
-            fresh_views=online and cfg.online_teacher.views == "fresh",
+            fresh_views=online and cfg.online_teacher.views == "fresh", max_views=cfg.data.max_views,
         )
         o = cfg.optim
         self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
@@ -191,7 +191,10 @@ class Trainer:
         if self.rank == 0:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         resumed = self.load(self.out / "last.pt")
-        result = {}
+        final = self.out / "final.json"
+        if self.epoch >= self.cfg.optim.epochs and final.exists():
+            return json.loads(final.read_text())  # already trained: nothing to redo
+        result, t_fit = {}, time.time()
         for epoch in range(self.epoch, self.cfg.optim.epochs):
             if not resumed:
                 self.dataset.set_epoch(epoch)
@@ -223,6 +226,8 @@ class Trainer:
             self.save(self.out / "last.pt", epoch_done=True)
         if self.rank == 0:
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            result["train_seconds"] = time.time() - t_fit
+            final.write_text(json.dumps(result, indent=1))
         return result
 
     def evaluate(self) -> dict[str, float]:

@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("data", "cache", "inspect", "train", "eval", "demo"):
+    for cmd in ("data", "cache", "inspect", "verify", "train", "eval", "demo"):
         assert cmd in r.stdout
     r = run("cache", "--help")
     assert "--set" in r.stdout and "RAY_ADDRESS" in r.stdout and "resume" in r.stdout

@@ -34,11 +34,13 @@ pytestmark = pytest.mark.ray
 
 
 def data_files(root: Path) -> dict[str, bytes]:
-    """Every stored object except the manifest and completion records (they hold timings)."""
+    """Every stored object except the manifest, completion records (they hold timings) and the
+    checksums of those (checksums.json, the manifest's sidecar)."""
     out = {}
+    timed = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != layout.MANIFEST and not rel.startswith(layout.UNITS_DIR):
+        if p.is_file() and rel not in timed and not rel.startswith(layout.UNITS_DIR):
             out[rel] = p.read_bytes()
     return out
 
@@ -164,7 +166,7 @@ def test_interrupted_job_resumes_to_identical_bytes(reference, digits, tiny_teac
 
     out = tmp_path / "resumed.zarr"
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump(cache_config(digits, tiny_teacher, str(out))))
+    cfg_path.write_text(yaml.safe_dump(cache_config(digits, tiny_teacher, str(out), job__lease_ttl_s=2.0)))
     cmd = [sys.executable, "-m", "jobs.cli", "cache", str(cfg_path), "--no-progress"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     p = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -184,8 +186,12 @@ def test_interrupted_job_resumes_to_identical_bytes(reference, digits, tiny_teac
     assert 2 <= n_done < reference["manifest"].units_total, "the kill came too late to test a resume"
     with pytest.raises(CacheNotReadyError, match="--allow-partial"):
         CacheStore(str(out), read_only=True).read_manifest()
+    time.sleep(2.5)  # the dead driver's lease expires (job.lease_ttl_s = 2)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "abandoned lease" in r.stderr and "--resume" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / layout.LEASE).exists()
     assert f"resuming {out}: {n_done}/" in r.stdout
     a, b = data_files(reference["path"]), data_files(out)
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []

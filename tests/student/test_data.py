@@ -112,6 +112,26 @@ def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(reference):
         assert {s["view"] for s in got} == {epoch % m.num_views} and got[0]["x"].shape == (3, 16, 16)
 
 
+def test_max_views_serves_only_the_first_views_with_their_stored_rows(random_epoch, reference):
+    m = reference["manifest"]
+    assert m.num_views == 2
+    view0 = {(s["shard"], s["position"]): s for s in random_epoch if s["view"] == 0}
+    for policy in ("cycle", "random"):
+        ds = make(reference, view_policy=policy, max_views=1, arrays=[A.LOGITS_TOPK_VALUES])
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            got = list(ds)
+            assert sorted(ids(got)) == sorted(all_ids(m)) and {s["view"] for s in got} == {0}
+            for s in got:  # the row served is view 0's row, the image is view 0's replay
+                if (ref := view0.get((s["shard"], s["position"]))) is not None:
+                    torch.testing.assert_close(s["x"], ref["x"])
+                    np.testing.assert_array_equal(s["targets"][A.LOGITS_TOPK_VALUES],
+                                                  ref["targets"][A.LOGITS_TOPK_VALUES])
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"max_views={bad}: .* holds 2 views per sample; choose 1..2"):
+            make(reference, max_views=bad)
+
+
 def test_random_policy_views_and_epochs_differ(random_epoch, reference):
     m = reference["manifest"]
     assert sorted(ids(random_epoch)) == sorted(all_ids(m))

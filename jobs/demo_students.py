@@ -1,0 +1,152 @@
+"""Step 4 of ``kdcache demo``: students trained from the one cache, each with KD and without.
+
+The line-up is ``jobs/configs/demo_students.yaml``. Every run goes through the student
+trainer (:class:`student.trainer.Trainer`) exactly as ``kdcache train`` would; the baseline
+is the same config with methods ``ce`` only, so the two differ in the teacher's targets and
+nothing else. A run's folder name carries a hash of its whole config and of the teacher's
+weights, so a rerun reuses finished runs (``final.json``) and resumes unfinished ones, and a
+changed config or teacher trains anew instead of reusing stale results.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from .config_io import ConfigError
+
+STUDENTS = Path(__file__).parent / "configs" / "demo_students.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoRun(_Strict):
+    label: str
+    method: str
+    epochs: dict[Literal["full", "quick"], int]
+    config: dict[str, Any]
+
+
+class DemoStudents(_Strict):
+    common: dict[str, Any] = {}
+    runs: list[DemoRun]
+
+
+def load_students(path: Path = STUDENTS) -> DemoStudents:
+    try:
+        return DemoStudents.model_validate(yaml.safe_load(path.read_text()))
+    except Exception as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def merge_config(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def baseline_of(config: dict) -> dict:
+    """The same training config without the teacher: methods ``ce`` with the run's CE options
+    (label smoothing…) but full weight, since there is nothing left to balance it against."""
+    ce = {k: v for k, v in config.get("method_options", {}).get("ce", {}).items() if k != "weight"}
+    return {**config, "methods": "ce", "method_options": {"ce": ce} if ce else {}}
+
+
+def run_config(config: dict, *, cache_url: str, val_urls: str, runs_dir: Path, epochs: int, seed: int,
+               teacher_sha256: str) -> dict:
+    """A complete TrainConfig dict; its output folder is named by a hash of everything that shapes the run."""
+    cfg = merge_config(config, {"cache": {"url": cache_url}, "seed": seed, "data": {"val_urls": val_urls},
+                          "optim": {"epochs": epochs}})
+    digest = hashlib.sha256(json.dumps([cfg, teacher_sha256], sort_keys=True).encode()).hexdigest()[:8]
+    methods = cfg["methods"] if isinstance(cfg["methods"], str) else "+".join(cfg["methods"])
+    name = f"{cfg['student']['model']}-{methods.replace('+', '_')}-e{epochs}-s{seed}-{digest}"
+    return {**cfg, "output": str(Path(runs_dir) / name)}
+
+
+def train_one(cfg: dict) -> dict:
+    from student.config import TrainConfig
+    from student.trainer import Trainer
+
+    result = Trainer(TrainConfig.model_validate(cfg)).fit()
+    return {"top1": result["val_top1"], "top5": result.get("val_top5"),
+            "train_seconds": result.get("train_seconds"), "output": cfg["output"]}
+
+
+def train_students(*, cache_url: str, val_urls: str, runs_dir: Path, quick: bool, seeds: list[int],
+                   teacher_sha256: str, spec: DemoStudents | None = None) -> list[dict]:
+    """Train every run of the line-up (KD and baseline) for every seed; one summary row per run."""
+    spec = spec or load_students()
+    rows = []
+    for i, run in enumerate(spec.runs):
+        epochs = run.epochs["quick" if quick else "full"]
+        config = merge_config(spec.common, run.config)
+        res: dict[str, list[dict]] = {"kd": [], "baseline": []}
+        for seed in seeds:
+            for kind, c in (("baseline", baseline_of(config)), ("kd", config)):
+                cfg = run_config(c, cache_url=cache_url, val_urls=val_urls, runs_dir=runs_dir, epochs=epochs,
+                                 seed=seed, teacher_sha256=teacher_sha256)
+                print(f"[4/4] student {i + 1}/{len(spec.runs)}: {run.label}, {kind} ({cfg['methods']}), "
+                      f"seed {seed}, {epochs} epochs → {cfg['output']}", flush=True)
+                res[kind].append(train_one(cfg))
+        base = [r["top1"] for r in res["baseline"]]
+        kd = [r["top1"] for r in res["kd"]]
+        rows.append({
+            "student": run.label, "model": config["student"]["model"], "method": run.method,
+            "methods": config["methods"], "epochs": epochs, "seeds": seeds,
+            "baseline_top1": statistics.mean(base), "kd_top1": statistics.mean(kd),
+            "gain": statistics.mean(kd) - statistics.mean(base),
+            "baseline_std": statistics.pstdev(base), "kd_std": statistics.pstdev(kd),
+            "baseline_per_seed": base, "kd_per_seed": kd,
+            "train_seconds": {k: sum(r["train_seconds"] or 0.0 for r in v) for k, v in res.items()},
+        })
+    return rows
+
+
+def format_table(teacher: dict, cache: dict, rows: list[dict]) -> str:
+    """The demo's closing table: teacher, each student's baseline / KD / gain, time, cache size."""
+    seeds = rows[0]["seeds"] if rows else []
+    lines = [f"teacher  {teacher['model']}: {teacher['top1']:.2f}% val top-1",
+             f"cache    {cache['bytes_total'] / 1e6:.1f} MB, {cache['bytes_per_view'] / 1e3:.1f} kB per view, "
+             f"{cache['num_views']} views per sample",
+             f"students (val top-1 %, mean of {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds}):",
+             f"  {'student':<22}{'method':<12}{'epochs':>7}{'baseline':>10}{'KD':>8}{'gain':>8}{'train s':>9}"]
+    for r in rows:
+        t = r["train_seconds"]["baseline"] + r["train_seconds"]["kd"]
+        lines.append(f"  {r['student']:<22}{r['method']:<12}{r['epochs']:>7}{r['baseline_top1']:>10.2f}"
+                     f"{r['kd_top1']:>8.2f}{r['gain']:>+8.2f}{t:>9.0f}")
+    return "\n".join(lines)
+
+
+def plot_results(teacher: dict, rows: list[dict], png: Path) -> None:
+    """Baseline and KD top-1 per student/method (error bars: std over seeds), teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(rows)), 3.8))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["baseline_top1"] for r in rows], 0.4,
+           yerr=[r["baseline_std"] for r in rows], label="no KD (ce)", color="#999999")
+    ax.bar([x + 0.2 for x in xs], [r["kd_top1"] for r in rows], 0.4,
+           yerr=[r["kd_std"] for r in rows], label="KD from the cache", color="#1f77b4")
+    ax.axhline(teacher["top1"], color="#d62728", ls="--", label=f"teacher {teacher['top1']:.1f}%")
+    ax.set_xticks(list(xs), [f"{r['student']}\n{r['method']}" for r in rows], fontsize=8)
+    lo = min([r["baseline_top1"] for r in rows] + [r["kd_top1"] for r in rows] + [teacher["top1"]])
+    ax.set_ylim(max(0.0, lo - 10), 100)
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"digits: students distilled from one cache (seeds {rows[0]['seeds'] if rows else []})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,263 @@
+"""``kdcache verify``: is every byte of a cache what its job wrote, and does it agree with the teacher?
+
+The integrity chain (schema ≥ 1.1) covers every object in the store:
+``manifest.json.sha256`` → ``manifest.json`` → (its ``checksums_sha256``) ``checksums.json`` →
+every object that is not an array shard (Zarr metadata, unit records, index, TPP pack) →
+(each unit record's ``array_sha256``) every array shard object. On top of the hashes:
+
+- every chunk decodes (zstd + crc32c in the codec chain), per array and unit;
+- the records match the manifest: one per (tar, view), the tar's URL and sample count, valid =
+  count − skipped, the rows flagged valid, labels within the classes, stats that add up;
+- with ``teacher``: N cached views are replayed at the teacher's input from their stored
+  records and pushed through the live teacher; its outputs, put through the cache's own codec,
+  must match the stored rows.
+
+Problems are collected, not raised: one run lists every damaged object, each by its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from storage_schemas import arrays as A
+from storage_schemas import layout
+from storage_schemas.arrays import decode_view
+from storage_schemas.config import TapConfig
+from storage_schemas.manifest import Manifest, UnitRecord
+
+from .store import CacheStore
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    checked: dict[str, int] = field(default_factory=dict)  # what was checked, how many
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.checked[what] = self.checked.get(what, 0) + n
+
+    def as_dict(self) -> dict:
+        return {"url": self.url, "ok": self.ok, "checked": self.checked, "problems": self.problems}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_cache(store: CacheStore, *, teacher_checkpoint: str | None = None, samples: int = 64,
+                 input_storage_options: dict | None = None, progress: bool = True) -> VerifyReport:
+    """Check ``store`` (open it read-only); see the module docstring for what is checked."""
+    rep = VerifyReport(store.url)
+    m = _manifest(store, rep)
+    if m is None:
+        return rep
+    _checksums(store, m, rep)
+    records = _records(store, m, rep)
+    _arrays(store, m, records, rep, progress)
+    if teacher_checkpoint and not rep.problems:
+        _teacher(store, m, teacher_checkpoint, samples, rep, input_storage_options)
+    elif teacher_checkpoint:
+        rep.problems.append("teacher comparison skipped: fix the problems above first")
+    return rep
+
+
+def _manifest(store: CacheStore, rep: VerifyReport) -> Manifest | None:
+    if not store.exists(layout.MANIFEST):
+        rep.problems.append(f"{layout.MANIFEST}: missing (not a cache, or its job never started)")
+        return None
+    data = store.read_bytes(layout.MANIFEST)
+    if store.exists(layout.MANIFEST_SHA256):
+        want = store.read_bytes(layout.MANIFEST_SHA256).decode(errors="replace").strip()
+        if want != _sha(data):
+            rep.problems.append(f"{layout.MANIFEST}: sha256 {_sha(data)[:12]}… does not match "
+                                f"{layout.MANIFEST_SHA256} ({want[:12]}…): the manifest or its sidecar is damaged")
+    else:
+        rep.problems.append(f"{layout.MANIFEST_SHA256}: missing (cache written before schema 1.1, or damaged)")
+    rep.count("manifest")
+    try:
+        m = Manifest.parse(data.decode(), where=store.url)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a finding, reported with its message
+        rep.problems.append(f"{layout.MANIFEST}: does not parse: {e}")
+        return None
+    if m.status != "complete":
+        rep.problems.append(f"{layout.MANIFEST}: status {m.status!r} ({m.units_complete}/{m.units_total} units); "
+                            "finish the cache by rerunning its job")
+    return m
+
+
+def _checksums(store: CacheStore, m: Manifest, rep: VerifyReport) -> None:
+    if m.checksums_sha256 is None:
+        if m.status == "complete":
+            rep.problems.append(f"{layout.MANIFEST}: no checksums_sha256 (cache written before schema 1.1); "
+                                "only array shards can be checked")
+        return
+    if not store.exists(layout.CHECKSUMS):
+        rep.problems.append(f"{layout.CHECKSUMS}: missing")
+        return
+    data = store.read_bytes(layout.CHECKSUMS)
+    if _sha(data) != m.checksums_sha256:
+        rep.problems.append(f"{layout.CHECKSUMS}: sha256 does not match the manifest's checksums_sha256")
+        return
+    sums: dict[str, str] = json.loads(data)
+    present = set(store.checksummed_objects())
+    for rel in sorted(set(sums) - present):
+        rep.problems.append(f"{rel}: listed in {layout.CHECKSUMS} but missing from the store")
+    for rel in sorted(present - set(sums)):
+        rep.problems.append(f"{rel}: in the store but not in {layout.CHECKSUMS} (written after the job finished?)")
+    for rel in sorted(present & set(sums)):
+        if _sha(store.read_bytes(rel)) != sums[rel]:
+            rep.problems.append(f"{rel}: sha256 does not match {layout.CHECKSUMS}")
+        rep.count("objects hashed")
+
+
+def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[int, int], UnitRecord]:
+    records: dict[tuple[int, int], UnitRecord] = {}
+    for s, v in sorted(store.completed_units()):
+        rel = layout.unit_record_path(s, v)
+        try:
+            rec = UnitRecord.model_validate_json(store.read_bytes(rel))
+        except Exception as e:  # noqa: BLE001 - reported per record
+            rep.problems.append(f"{rel}: does not parse: {str(e).splitlines()[0]}")
+            continue
+        if (rec.shard, rec.view) != (s, v):
+            rep.problems.append(f"{rel}: holds unit s{rec.shard} v{rec.view}")
+            continue
+        if not (s < len(m.dataset.shards) and v < m.num_views):
+            rep.problems.append(f"{rel}: unit outside the manifest's {len(m.dataset.shards)} tars × {m.num_views} views")
+            continue
+        sh = m.dataset.shards[s]
+        if rec.url != sh.url or rec.count != sh.count:
+            rep.problems.append(f"{rel}: tar {rec.url} with {rec.count} samples, the manifest has {sh.url} "
+                                f"with {sh.count}")
+        if rec.valid != rec.count - len(rec.skipped):
+            rep.problems.append(f"{rel}: valid {rec.valid} ≠ count {rec.count} − skipped {len(rec.skipped)}")
+        if set(rec.array_sha256) != set(m.arrays):
+            rep.problems.append(f"{rel}: records arrays {sorted(rec.array_sha256)}, the manifest {sorted(m.arrays)}")
+        records[(s, v)] = rec
+        rep.count("unit records")
+    if m.status == "complete":
+        missing = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views) if (s, v) not in records]
+        for s, v in missing:
+            rep.problems.append(f"{layout.unit_record_path(s, v)}: missing or unreadable in a complete cache")
+        if not missing and records:
+            from .job import summarize  # the job's own totals, recomputed from the records
+
+            st = summarize(m, list(records.values()), None)
+            for key in ("num_valid_rows", "num_skipped", "bytes_total", "bytes_per_target"):
+                if getattr(st, key) != getattr(m.stats, key):
+                    rep.problems.append(f"{layout.MANIFEST}: stats.{key} {getattr(m.stats, key)} ≠ "
+                                        f"{getattr(st, key)} from the unit records")
+    for s in range(len(m.dataset.shards)):
+        rel = layout.index_path(s)
+        try:
+            keys = store.read_index(s)
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"{rel}: unreadable: {e}")
+            continue
+        if len(keys) != m.dataset.shards[s].count:
+            rep.problems.append(f"{rel}: {len(keys)} keys, the manifest counts {m.dataset.shards[s].count}")
+    return records
+
+
+def _arrays(store: CacheStore, m: Manifest, records: dict[tuple[int, int], UnitRecord], rep: VerifyReport,
+            progress: bool) -> None:
+    C = m.teacher.num_classes
+    for (s, v), rec in tqdm(sorted(records.items()), desc="verify units", unit="unit", disable=not progress):
+        for name in m.arrays:
+            key = "/".join([name, "c", str(s), str(v)] + ["0"] * (len(m.arrays[name].shape) - 2))  # no zarr.json read
+            stored = store.fs.cat_file(store.path(key)) if store.fs.exists(store.path(key)) else b""
+            if _sha(stored) != rec.array_sha256.get(name) or len(stored) != rec.array_bytes.get(name):
+                rep.problems.append(f"{key}: sha256/size do not match {layout.unit_record_path(s, v)}")
+            rep.count("array shards hashed")
+        try:
+            rows = store.read_unit(m, s, v)
+        except Exception as e:  # noqa: BLE001 - a chunk that fails its crc32c or zstd lands here
+            rep.problems.append(f"unit s{s} v{v}: a chunk does not decode: {type(e).__name__}: {e}")
+            continue
+        rep.count("units decoded")
+        valid = rows[A.VALID].astype(bool).reshape(-1)
+        if int(valid.sum()) != rec.valid:
+            rep.problems.append(f"unit s{s} v{v}: {int(valid.sum())} rows flagged valid, the record says {rec.valid}")
+        labels = rows[A.LABEL].reshape(-1)[valid]
+        if labels.size and (labels.min() < 0 or labels.max() >= C):
+            rep.problems.append(f"unit s{s} v{v}: labels outside [0, {C})")
+        for name, a in rows.items():
+            if a.dtype.kind == "f" and not np.isfinite(a[valid]).all():
+                rep.problems.append(f"unit s{s} v{v}: {name} holds NaN or inf in valid rows")
+
+
+def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep: VerifyReport,
+             input_storage_options: dict | None) -> None:
+    """Replay ``samples`` cached views through the live teacher and compare with the stored rows.
+
+    Views are taken from units in a seeded random order, a few per unit, replayed from their
+    stored records with the job's own code (``pipeline.views``) and encoded with its codec."""
+    import torch
+
+    from storage_schemas.config import TeacherConfig
+    from storage_schemas.views import ViewRecipe
+
+    from .shards import iter_samples
+    from .targets import extract_targets
+    from .teacher import Teacher
+    from .views import apply_view
+
+    cfg = TeacherConfig.model_validate({**m.config["teacher"], "checkpoint": checkpoint, "pretrained": False})
+    tg = m.config["targets"]
+    teacher = Teacher(cfg, [TapConfig.model_validate(t) for t in tg["features"]],
+                      keep_prefix_tokens=tg.get("keep_prefix_tokens", False))
+    if teacher.weights_sha256 != m.teacher.weights_sha256:
+        rep.problems.append(f"--teacher {checkpoint}: weights sha256 {teacher.weights_sha256[:12]}…, the cache was "
+                            f"built from {m.teacher.weights_sha256[:12]}…")
+        return
+    recipe = ViewRecipe.model_validate(m.config["views"])
+    names = [n for n, a in m.arrays.items() if a.target not in ("view", "meta")] + [A.PRED_TOP1]
+    rng = np.random.default_rng(12345)
+    units = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views)]
+    per_unit = max(1, -(-samples // len(units)))
+    xs, want = [], {n: [] for n in names}
+    for k in rng.permutation(len(units)):
+        if len(xs) >= samples:
+            break
+        s, v = units[k]
+        rows = store.read_unit(m, s, v)
+        valid = np.flatnonzero(rows[A.VALID].reshape(-1))
+        pick = set(rng.choice(valid, size=min(per_unit, len(valid)), replace=False).tolist()) if len(valid) else set()
+        for sample in iter_samples(m.dataset.shards[s].url, input_storage_options, on_bad_sample="skip"):
+            if sample.position in pick and len(xs) < samples:
+                rec = decode_view(rows, sample.position)
+                xs.append(apply_view(sample.image, rec, recipe, size=teacher.input_size, mean=teacher.mean,
+                                     std=teacher.std))
+                for n in names:
+                    want[n].append(rows[n][sample.position])
+    if not xs:
+        rep.problems.append("teacher comparison: no valid cached view to replay")
+        return
+    with torch.no_grad():
+        live, _ = extract_targets(teacher(torch.stack(xs)), logits_mode=m.logits.mode if m.logits else None,
+                                  logits_k=m.logits.k if m.logits else 0,
+                                  feature_dtype=m.config["targets"]["feature_dtype"])
+    for n in names:
+        got, ref = live[n].reshape(len(xs), -1), np.stack(want[n]).reshape(len(xs), -1)
+        if got.dtype.kind in "iu":
+            agree = float(np.mean(got == ref))
+            if agree < 0.99:  # top-k indices may swap on exact ties
+                rep.problems.append(f"{n}: the live teacher agrees on {agree:.1%} of entries over {len(xs)} views")
+        else:
+            g, r = got.astype(np.float64), ref.astype(np.float64)
+            rel = float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-12))
+            if rel > 2e-2:
+                rep.problems.append(f"{n}: the live teacher differs from the cache, relative error {rel:.2e} "
+                                    f"over {len(xs)} views")
+        rep.count("teacher arrays compared")
+    rep.count("teacher views replayed", len(xs))

@@ -1,0 +1,99 @@
+"""The demo's student step: the shipped line-up is valid, baselines differ from KD runs only in
+the teacher's targets, results are means of the per-run logs, and reruns reuse finished runs."""
+
+import json
+import statistics
+from pathlib import Path
+
+import timm
+import yaml
+
+from jobs.config_io import load_config
+from jobs.demo_students import (
+    DemoRun,
+    DemoStudents,
+    baseline_of,
+    format_table,
+    load_students,
+    plot_results,
+    run_config,
+    train_students,
+)
+from storage_schemas.config import CacheConfig
+from student.config import TrainConfig
+from student.methods import method_names
+
+DEMO = Path(__file__).parents[2] / "jobs" / "configs" / "demo.yaml"
+
+
+def test_shipped_lineup_validates_and_covers_every_method(tmp_path):
+    spec = load_students()
+    cache_taps = {t.name for t in load_config(CacheConfig, DEMO).targets.features}
+    methods_seen = set()
+    for run in spec.runs:
+        merged = {**spec.common, **run.config}
+        for c in (merged, baseline_of(merged)):
+            cfg = TrainConfig.model_validate(run_config(c, cache_url="x.zarr", val_urls="v.tar", runs_dir=tmp_path,
+                                                        epochs=run.epochs["full"], seed=0, teacher_sha256="ab"))
+            names = cfg.methods.split("+")
+            assert set(names) <= set(method_names())
+            timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
+        methods_seen |= set(merged["methods"].split("+"))
+        assert run.epochs["quick"] <= run.epochs["full"]
+    # the issue's line-up: vanilla KD, ViTKD, ScaleKD on a CNN and on an MLP; the taps they read are cached
+    assert {"kd", "vitkd", "scalekd"} <= methods_seen
+    scalekd_models = {r.config["student"]["model"] for r in spec.runs if "scalekd" in r.config["methods"]}
+    assert any("mixer" in m for m in scalekd_models) and any("mixer" not in m for m in scalekd_models)
+    assert {"block0", "block1", "final"} <= cache_taps
+
+
+def test_baseline_is_ce_only_with_full_weight_and_same_everything_else():
+    cfg = {"student": {"model": "resnet18"}, "methods": "ce+kd+scalekd", "optim": {"lr": 0.1},
+           "method_options": {"ce": {"weight": 0.5, "label_smoothing": 0.1}, "kd": {"weight": 0.5}}}
+    base = baseline_of(cfg)
+    assert base == {"student": {"model": "resnet18"}, "methods": "ce", "optim": {"lr": 0.1},
+                    "method_options": {"ce": {"label_smoothing": 0.1}}}
+    assert cfg["methods"] == "ce+kd+scalekd"  # the KD config is left as it was
+
+
+def test_run_folders_change_with_config_seed_and_teacher(tmp_path):
+    c = {"student": {"model": "resnet18"}, "methods": "ce+kd"}
+    kw = dict(cache_url="c.zarr", val_urls="v.tar", runs_dir=tmp_path, epochs=2)
+    a = run_config(c, seed=0, teacher_sha256="t1", **kw)["output"]
+    assert a == run_config(c, seed=0, teacher_sha256="t1", **kw)["output"]
+    assert len({a, run_config(c, seed=1, teacher_sha256="t1", **kw)["output"],
+                run_config(c, seed=0, teacher_sha256="t2", **kw)["output"],
+                run_config({**c, "methods": "ce"}, seed=0, teacher_sha256="t1", **kw)["output"]}) == 4
+
+
+def test_train_students_means_per_seed_logs_and_reuses_finished_runs(reference, digits, tmp_path):
+    tiny = {"model": "mixer_t4_32", "model_kwargs": {"num_blocks": 2, "embed_dim": 32}, "input_size": 32}
+    spec = DemoStudents(
+        common={"data": {"batch_size": 128, "eval_crop_pct": 1.0}, "optim": {"lr": 3e-3, "warmup_epochs": 0}},
+        runs=[DemoRun(label="tiny mixer", method="vanilla KD", epochs={"full": 1, "quick": 1},
+                      config={"student": tiny, "methods": "ce+kd"})])
+    kw = dict(cache_url=str(reference["path"]), val_urls=digits["val"], runs_dir=tmp_path / "runs", quick=True,
+              seeds=[0, 1], teacher_sha256=reference["manifest"].teacher.weights_sha256, spec=spec)
+    (row,) = train_students(**kw)
+
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 4  # (baseline, KD) × 2 seeds
+    logged = {}
+    for r in runs:
+        evals = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+        cfg = yaml.safe_load((r / "config.yaml").read_text())
+        logged.setdefault(cfg["methods"], []).append(next(e["val_top1"] for e in evals if "val_top1" in e))
+    assert row["baseline_top1"] == statistics.mean(logged["ce"])
+    assert row["kd_top1"] == statistics.mean(logged["ce+kd"])
+    assert row["gain"] == row["kd_top1"] - row["baseline_top1"]
+    assert sorted(row["kd_per_seed"]) == sorted(logged["ce+kd"]) and row["seeds"] == [0, 1]
+
+    stamps = {r: (r / "last.pt").stat().st_mtime_ns for r in runs}
+    assert train_students(**kw) == [row]  # nothing retrained: same numbers, checkpoints untouched
+    assert stamps == {r: (r / "last.pt").stat().st_mtime_ns for r in runs}
+
+    teacher = {"model": "vit", "top1": 90.0}
+    table = format_table(teacher, {"bytes_total": 2e6, "bytes_per_view": 3e3, "num_views": 2}, [row])
+    assert "tiny mixer" in table and f"{row['gain']:+.2f}" in table
+    plot_results(teacher, [row], tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
