@@ -74,3 +74,20 @@ def test_truncated_tar_error_or_recorded(bad_shards, tiny_teacher, ray_local, tm
     assert shard.truncated and 0 < shard.count < 6
     assert m.summary()["truncated_shards"][0]["url"].endswith("cut-000000.tar")
     assert m.stats.num_valid_rows == shard.count * m.num_views
+
+
+def test_empty_shard_is_cached_as_empty_and_trains(bad_shards, tiny_teacher, ray_local, tmp_path):
+    """An empty tar among the inputs: the job completes, records 0 samples for it, verify passes,
+    and a student's epoch sees every sample of the other tars exactly once."""
+    from pipeline.verify import verify_cache
+    from student.data import CacheDataset
+
+    write_tar(tmp_path / "in-000002.tar", [])  # beside the fixture's two tars
+    urls = bad_shards.replace("{000000..000001}", "{000000..000002}")
+    cfg = _cfg(urls, tiny_teacher, str(tmp_path / "c.zarr"), input__on_bad_sample="skip")
+    m = run_cache_job(cfg, progress=False, log=lambda s: None)
+    assert m.status == "complete" and [s.count for s in m.dataset.shards] == [6, 4, 0]
+    assert verify_cache(CacheStore(str(tmp_path / "c.zarr"), read_only=True), progress=False).ok
+    ds = CacheDataset(str(tmp_path / "c.zarr"), size=16, mean=(0.5,) * 3, std=(0.5,) * 3, logits=False)
+    seen = sorted((s["shard"], s["position"]) for s in ds)
+    assert seen == [(0, p) for p in range(6)] + [(1, 0), (1, 3)]

@@ -6,6 +6,7 @@ view replayed from the stored record — not the job's own code path.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,10 +21,12 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from jobs.cli import main as cli
 from pipeline.job import run_cache_job
 from pipeline.shards import iter_samples
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.tpp import load_pack
+from pipeline.verify import verify_cache
 from pipeline.views import apply_view
 from storage_schemas import arrays as A
 from storage_schemas import layout
@@ -198,7 +201,7 @@ def test_interrupted_job_resumes_to_identical_bytes(reference, digits, tiny_teac
 
 
 @pytest.mark.s3
-def test_s3_cache_reads_back_identically(reference, digits, tiny_teacher, moto_s3):
+def test_s3_cache_reads_back_identically(reference, digits, tiny_teacher, moto_s3, capsys):
     url = f"s3://{moto_s3['bucket']}/caches/digits.zarr"
     cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, url))
     cfg.output.storage_options = moto_s3["storage_options"]
@@ -215,3 +218,14 @@ def test_s3_cache_reads_back_identically(reference, digits, tiny_teacher, moto_s
                 np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     tail = load_pack(s3.fs, s3.root)
     assert sum(p.numel() for p in tail.parameters()) == m.tpp.num_params
+    # the lease was taken and released on S3; the checksum chain holds there too
+    assert not s3.exists(layout.LEASE) and verify_cache(s3, progress=False).ok
+    # credentials reach no stored object and no line of `kdcache inspect`
+    secret = moto_s3["storage_options"]["secret"].encode()
+    assert all(secret not in s3.read_bytes(rel) for rel in s3.objects())
+    opts = moto_s3["storage_options"]
+    args = ["inspect", url, "--json", "--storage-option", f"key={opts['key']}", "--storage-option",
+            f"secret={opts['secret']}", "--storage-option", f"client_kwargs={json.dumps(opts['client_kwargs'])}"]
+    assert cli(args) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["status"] == "complete" and opts["secret"] not in out.out + out.err
