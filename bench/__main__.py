@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
     p.add_argument("--skip-studies", action="store_true", help="skip the views/codec accuracy studies")
-    p.add_argument("--epochs", type=int, default=20, help="student epochs in the studies")
+    p.add_argument("--epochs", type=int, default=12, help="student epochs in the studies")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the studies")
     a = p.parse_args(argv)
     cache = cache_throughput.main()

@@ -13,7 +13,7 @@ every row.
 - Codec: 4 views; fp16 vs int8 features (logits top-5) and top-2 / top-5 / all logits (fp16
   features). The digits have 10 classes, so "all" is top-10; top-2 stands in for a small k.
 
-    python -m bench.kd_studies --workdir kdcache-demo --epochs 20 --seeds 0 1 2
+    python -m bench.kd_studies --workdir kdcache-demo --epochs 12 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def train_seeds(wd: Path, cache_url: str, sha: str, epochs: int, seeds: list[int
 
 def run(wd: Path, epochs: int, seeds: list[int]) -> dict:
     t0 = time.time()
-    run_demo(str(wd), students=False)  # data, teacher, demo cache: reused when already there
+    if not (wd / "teacher.json").exists():
+        run_demo(str(wd), students=False)  # data, teacher and the demo cache
     url8, sha = study_cache(wd, "views8", ["views.num_views=8"])
     views = []
     for v in VIEWS:
@@ -127,7 +128,7 @@ def plot(res: dict, views_png: Path, codecs_png: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="kdcache-demo", type=Path)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args(argv)
     res = run(a.workdir.resolve(), a.epochs, a.seeds)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
-    if not (a.workdir / "cache.zarr" / "manifest.json").exists():
+    if not (a.workdir / "teacher.json").exists() or not (a.workdir / "cache.zarr" / "manifest.json").exists():
         from jobs.demo import run_demo
 
         run_demo(str(a.workdir), students=False)  # data, teacher and the demo cache
