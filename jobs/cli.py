@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  kdcache demo --quick          # smoke test, ~3 min\n"
                               "  kdcache demo --seeds 0 1 2    # the README's KD-gain table (mean of 3 seeds)")
     m.add_argument("--workdir", default="./kdcache-demo", help="where everything goes (default ./kdcache-demo)")
-    m.add_argument("--quick", action="store_true", help="fewer epochs and views, for smoke tests")
+    m.add_argument("--quick", action="store_true",
+                   help="fewer epochs and views, for smoke tests; teacher, cache and results go to WORKDIR/quick")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds; table = mean (default 0)")
     m.add_argument("--no-students", action="store_true", help="stop after the cache (steps 1-3)")
     m.add_argument("--force", action="store_true", help="redo everything: teacher, cache and students")

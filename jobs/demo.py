@@ -34,15 +34,22 @@ TEACHER_SEED = 1000
 TEACHER_EPOCHS = {"quick": 6, "full": 50}
 
 
+def out_dir(workdir: Path, quick: bool) -> Path:
+    """Where teacher, cache, runs and results go: ``--quick`` keeps its own (weaker teacher, 2
+    views) under ``WORKDIR/quick`` so that a later full run never reuses or collides with them."""
+    return workdir / "quick" if quick else workdir
+
+
 def demo_config(workdir: Path, quick: bool) -> CacheConfig:
-    sets = [f"input.urls={workdir}/data/train-{{000000..000003}}.tar", f"output.url={workdir}/cache.zarr",
-            f"teacher.checkpoint={workdir}/teacher.safetensors"]
+    out = out_dir(workdir, quick)
+    sets = [f"input.urls={workdir}/data/train-{{000000..000003}}.tar", f"output.url={out}/cache.zarr",
+            f"teacher.checkpoint={out}/teacher.safetensors"]
     if quick:
         sets.append("views.num_views=2")
     return load_config(CacheConfig, CONFIG, sets)
 
 
-def train_teacher(cfg: CacheConfig, workdir: Path, epochs: int) -> dict:
+def train_teacher(cfg: CacheConfig, workdir: Path, out: Path, epochs: int) -> dict:
     from student.supervised import evaluate, load_samples, train_classifier
 
     data = workdir / "data"
@@ -59,7 +66,7 @@ def train_teacher(cfg: CacheConfig, workdir: Path, epochs: int) -> dict:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.teacher.checkpoint)
     info = {"model": cfg.teacher.model, "model_kwargs": cfg.teacher.model_kwargs, "top1": top1,
             "epochs": epochs, "train_seconds": time.time() - t0, "checkpoint": cfg.teacher.checkpoint}
-    (workdir / "teacher.json").write_text(json.dumps(info, indent=1))
+    (out / "teacher.json").write_text(json.dumps(info, indent=1))
     return info
 
 
@@ -71,21 +78,23 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(wd, quick)
+    out = out_dir(wd, quick)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if force or not (wd / "data" / "val-000001.tar").exists():
         print(f"[1/4] writing digits shards to {wd / 'data'}")
         write_digits(str(wd / "data"))
     else:
         print(f"[1/4] digits shards already in {wd / 'data'}")
-    teacher_json = wd / "teacher.json"
+    teacher_json = out / "teacher.json"
     if force or not teacher_json.exists() or not Path(cfg.teacher.checkpoint).exists():
         print("[2/4] training the ViT teacher on digits")
-        teacher = train_teacher(cfg, wd, epochs=TEACHER_EPOCHS["quick" if quick else "full"])
+        teacher = train_teacher(cfg, wd, out, epochs=TEACHER_EPOCHS["quick" if quick else "full"])
     else:
         teacher = json.loads(teacher_json.read_text())
         print(f"[2/4] teacher already trained ({teacher['top1']:.2f}% val top-1)")
     if force:
-        for old in (Path(cfg.output.url), wd / "runs"):
+        for old in (Path(cfg.output.url), out / "runs"):
             if old.exists():
                 shutil.rmtree(old)
     print(f"[3/4] caching the teacher with the Ray job → {cfg.output.url}")
@@ -97,7 +106,7 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
     rows = []
     if students:
         rows = train_students(cache_url=cfg.output.url, val_urls=f"{wd}/data/val-{{000000..000001}}.tar",
-                              runs_dir=wd / "runs", quick=quick, seeds=list(seeds),
+                              runs_dir=out / "runs", quick=quick, seeds=list(seeds),
                               teacher_sha256=m.teacher.weights_sha256)
     results = {
         "teacher": {"model": teacher["model"], "model_kwargs": teacher["model_kwargs"], "top1": teacher["top1"]},
@@ -106,10 +115,10 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
         "quick": quick,
         "seconds": time.time() - t0,
     }
-    (wd / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     if rows:
-        plot_results(results["teacher"], rows, wd / "results.png")
+        plot_results(results["teacher"], rows, out / "results.png")
     print(format_table(results["teacher"], cache, rows))
-    print(f"results in {wd / 'results.json'}" + (f" and {wd / 'results.png'}" if rows else "")
+    print(f"results in {out / 'results.json'}" + (f" and {out / 'results.png'}" if rows else "")
           + f" ({results['seconds']:.0f} s)")
     return results
