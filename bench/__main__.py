@@ -5,7 +5,8 @@ benchmark's full results) and ``bench/results.md`` (the tables), plus the PNG pl
 views and codec studies. Every ratio is measured in this run, on this device.
 
     python -m bench                    # everything (~45 min on 2 CPU cores, most of it the studies)
-    python -m bench --skip-studies     # caching and student speed only (~5 min)
+    python -m bench --skip-studies     # caching and student speed only (~12 min)
+    python -m bench --report-only      # rebuild the report from the last JSON of each benchmark
 """
 
 from __future__ import annotations
@@ -55,11 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-studies", action="store_true", help="skip the views/codec accuracy studies")
     p.add_argument("--epochs", type=int, default=12, help="student epochs in the studies")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the studies")
+    p.add_argument("--report-only", action="store_true",
+                   help="rerun nothing: rebuild results.json/.md from each benchmark's last JSON in bench/")
     a = p.parse_args(argv)
-    cache = cache_throughput.main()
-    speed = student_speed.main(["--workdir", str(a.workdir)])
-    studies = None if a.skip_studies else kd_studies.main(
-        ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])
+    if a.report_only:
+        def last(name: str) -> dict | None:
+            f = OUT / f"{name}.json"
+            return json.loads(f.read_text()) if f.exists() else None
+
+        cache, speed, studies = last("cache_throughput"), last("student_speed"), last("kd_studies")
+        if cache is None or speed is None:
+            raise SystemExit("--report-only: run python -m bench.cache_throughput and bench.student_speed first")
+    else:
+        cache = cache_throughput.main()
+        speed = student_speed.main(["--workdir", str(a.workdir)])
+        studies = None if a.skip_studies else kd_studies.main(
+            ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])
     results, md = report(cache, speed, studies)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "results.md").write_text(md)
