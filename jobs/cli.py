@@ -19,7 +19,9 @@ Commands:
   data     write a bundled real data set (scikit-learn's digits) as WebDataset shards
   cache    run the caching job on Ray (local by default; --address for a cluster)
   inspect  summarise a cache (human or --json)
+  ls       list every cache under a root URL: identity, teacher, dataset, views, targets, size, status
   verify   check every byte of a cache against its checksums, and (--teacher) against the live teacher
+  export-wds  write a cache as plain WebDataset tars (original image + label + views + targets per sample)
   train    train a timm student from a cache (KD, ViTKD, ScaleKD); torchrun for DDP
   eval     top-1/top-5 of a trained student on validation tars
   demo     the embedded default end to end: data, teacher, cache, students with and without KD
@@ -52,10 +54,47 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_cache(a: argparse.Namespace) -> int:
     from pipeline.job import run_cache_job
 
-    cfg = load_config(CacheConfig, a.config, a.set)
+    sets = list(a.set) + ([f"output.root={a.root}", "output.url=null"] if a.root else [])
+    cfg = load_config(CacheConfig, a.config, sets)
     m = run_cache_job(cfg, address=a.address, progress=not a.no_progress, resume=a.resume)
-    print(format_summary(m.summary(), cfg.output.url))
+    print(format_summary(m.summary(), cfg.output.url or _url_of(m, cfg.output.root, cfg.output.storage_options)))
     return 0
+
+
+def _url_of(m, root: str, storage_options: dict) -> str:
+    """Where under ``root`` the job put the cache ``m`` (found by its identity)."""
+    from pipeline.catalog import discover
+
+    ident = m.identity or m.content_identity()
+    return next((e.url for e in discover(root, storage_options, missing_ok=True) if e.identity == ident), root)
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    from pipeline.catalog import discover
+
+    entries = discover(a.root, _storage_options(a.storage_option), max_depth=a.max_depth)
+    if a.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=1))
+    else:
+        print(format_ls(entries))
+    return 0
+
+
+def format_ls(entries: list) -> str:
+    from storage_schemas.identity import SHORT
+
+    if not entries:
+        return "no caches"
+    head = f"{'identity':<{SHORT + 2}}{'status':<10}{'teacher':<26}{'dataset':<28}{'views':>5}  {'size':>10}  " \
+           f"{'created':<20}{'targets':<34}url"
+    lines = [head]
+    for e in entries:
+        data = f"{(e.dataset_fingerprint or '-')[:8]} {e.num_samples}×{e.num_shards}tar" if e.identity else "-"
+        lines.append(f"{(e.identity or '-')[:SHORT]:<{SHORT + 2}}{e.status:<10}{(e.teacher or '-')[:25]:<26}"
+                     f"{data:<28}{e.num_views:>5}  {_mb(e.bytes_total) if e.identity else '-':>10}  "
+                     f"{(e.created or '-')[:19]:<20}{','.join(e.targets)[:33]:<34}{e.url}"
+                     + (f"  ({e.problem})" if e.problem else ""))
+    return "\n".join(lines)
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -82,6 +121,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
             print(f"  PROBLEM {p}")
         print("OK: every check passed" if rep.ok else f"FAILED: {len(rep.problems)} problem(s)")
     return 0 if rep.ok else 1
+
+
+def cmd_export_wds(a: argparse.Namespace) -> int:
+    from pipeline.export_wds import export_wds
+
+    export_wds(a.url, a.out, storage_options=_storage_options(a.storage_option),
+               out_storage_options=_storage_options(a.out_storage_option),
+               input_storage_options=_storage_options(a.input_storage_option),
+               allow_partial=a.allow_partial, progress=not a.no_progress)
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -136,6 +185,7 @@ def format_summary(s: dict, url: str) -> str:
     top1 = "-" if t["top1"] is None else f"{t['top1']:.2f}%"
     lines = [
         f"cache      {url}",
+        f"identity   {s.get('identity', '-')}",
         f"status     {s['status']} ({s['units']['complete']}/{s['units']['total']} units), schema {s['schema_version']}",
         f"teacher    {t['model']} @ {t['input_size']}px, {t['num_classes']} classes, "
         f"weights {t['weights_sha256'][:12]}…, top-1 on cached views {top1}",
@@ -181,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="YAML config")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set output.url=s3://bkt/cache.zarr (repeatable)")
+    c.add_argument("--root", default=None, metavar="ROOT_URL",
+                   help="instead of output.url: find a cache with the same identity under ROOT_URL and reuse it "
+                        "(nothing recomputed), resume it or add the missing views; else extend one of the same "
+                        "teacher/recipe/targets whose tars are a prefix of these; else create a new one there. "
+                        "Says which.")
     c.add_argument("--resume", action="store_true",
                    help="take over the lease of a caching job that died while writing this cache (refused while "
                         "its heartbeat is fresher than job.lease_ttl_s)")
@@ -197,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--storage-option", action="append", type=_kv, metavar="KEY=VALUE",
                    help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
     i.set_defaults(fn=cmd_inspect)
+
+    ls = sub.add_parser("ls", help="list the caches under a root URL",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Every cache under ROOT_URL (local or s3://…, searched --max-depth folders deep), "
+                                    "one line each: identity (a content key of teacher, dataset, view recipe and "
+                                    "targets; any unique prefix of 6+ digits names the cache in a student config as "
+                                    "cache.root + cache.id), status (complete, building, growing, starting, "
+                                    "unreadable), teacher, dataset (fingerprint, samples × tars), views, size, "
+                                    "created, targets, URL. Reads manifests only.",
+                        epilog="examples:\n  kdcache ls ./caches\n  kdcache ls s3://team-kd/caches --json "
+                               "--storage-option endpoint_url=http://127.0.0.1:9000")
+    ls.add_argument("root", metavar="ROOT_URL", help="a folder of caches (any fsspec URL)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output (a list of objects)")
+    ls.add_argument("--max-depth", type=int, default=3, help="folders to descend below ROOT_URL (default 3)")
+    ls.add_argument("--storage-option", action="append", type=_kv, metavar="KEY=VALUE",
+                    help="fsspec storage option (repeatable)")
+    ls.set_defaults(fn=cmd_ls)
 
     v = sub.add_parser("verify", help="check a cache's integrity (and, with --teacher, its targets)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,6 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec option for the input tars (with --teacher)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(fn=cmd_verify)
+
+    x = sub.add_parser("export-wds", help="write a cache as plain WebDataset tars",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write the cache at CACHE_URL as WebDataset tars under OUT_URL, one per input tar "
+                                   "(shard-000000.tar, …), readable with the webdataset package alone. Per sample, "
+                                   "under its original key: the original image bytes (KEY.jpg/png/…), KEY.cls, "
+                                   "KEY.views.json (the view records, one per view) and KEY.NAME.npy for each target "
+                                   "array, shaped [num_views, ...], stored bytes (no dequantisation). Skipped samples "
+                                   "are left out. Also cache-manifest.json, a done-record per tar, and export.json "
+                                   "(written last). Reruns keep finished tars; an OUT_URL holding another cache's "
+                                   "export is refused.",
+                       epilog="examples:\n  kdcache export-wds kdcache-demo/cache.zarr ./wds-export\n"
+                              "  kdcache export-wds s3://bkt/caches/in1k.zarr s3://bkt/wds/in1k "
+                              "--storage-option endpoint_url=http://127.0.0.1:9000")
+    x.add_argument("url", metavar="CACHE_URL", help="the cache (any fsspec URL); opened read-only")
+    x.add_argument("out", metavar="OUT_URL", help="folder for the tars (any fsspec URL)")
+    x.add_argument("--storage-option", action="append", type=_kv, metavar="KEY=VALUE", help="fsspec option (cache)")
+    x.add_argument("--out-storage-option", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="fsspec option for OUT_URL (repeatable)")
+    x.add_argument("--input-storage-option", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="fsspec option for the input tars, read for the original image bytes (repeatable)")
+    x.add_argument("--allow-partial", action="store_true",
+                   help="export an unfinished cache: the tars whose every view is cached")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(fn=cmd_export_wds)
 
     t = sub.add_parser("train", help="train a student from a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train any timm student from a cache, without the teacher. Methods compose "

@@ -123,7 +123,7 @@ class CacheStore:
     def checksummed_objects(self) -> list[str]:
         """The objects ``checksums.json`` covers: all but array shards (in the unit records) and
         the manifest, its sidecar and the checksums file itself."""
-        skip = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS, layout.LEASE}
+        skip = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS, layout.LEASE, layout.GROWTH}
         return [p for p in self.objects() if p not in skip and not layout.is_array_shard(p)]
 
     def write_checksums(self) -> str:
@@ -206,6 +206,7 @@ class CacheStore:
 
     def completed_units(self) -> set[tuple[int, int]]:
         d = self.path(layout.UNITS_DIR)
+        self.fs.invalidate_cache(d)  # s3fs caches listings; records appear from other processes (the actors)
         if not self.fs.exists(d):
             return set()
         done = set()

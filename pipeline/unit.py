@@ -83,9 +83,11 @@ def resolve_device(device: str) -> str:
 class UnitRunner:
     """Holds the teacher and the open store; ``runner(shard, view)`` caches one unit."""
 
-    def __init__(self, url: str, secrets: dict[str, dict], *, num_threads: int | None = None) -> None:
+    def __init__(self, url: str, secrets: dict[str, dict], *, num_threads: int | None = None,
+                 manifest: Manifest | None = None) -> None:
         self.store = CacheStore(url, secrets.get("output"))
-        self.m = self.store.read_manifest(allow_partial=True)
+        # the layout being written: the job passes it (during a growth it is not the stored manifest yet)
+        self.m = manifest or self.store.read_manifest(allow_partial=True)
         self.cfg = config_with_secrets(self.m, secrets)
         if num_threads:
             torch.set_num_threads(num_threads)

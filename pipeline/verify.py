@@ -92,6 +92,17 @@ def _manifest(store: CacheStore, rep: VerifyReport) -> Manifest | None:
     if m.status != "complete":
         rep.problems.append(f"{layout.MANIFEST}: status {m.status!r} ({m.units_complete}/{m.units_total} units); "
                             "finish the cache by rerunning its job")
+    if store.exists(layout.GROWTH):
+        try:
+            g = json.loads(store.read_bytes(layout.GROWTH))
+            what = (f"views {g['views'][0]} → {g['views'][1]}, {len(g['shards_added'])} new tar(s), by {g['user']} "
+                    f"at {g['time']}")
+        except (ValueError, KeyError, TypeError):
+            what = "unreadable record"
+        rep.problems.append(f"{layout.GROWTH}: a growth ({what}) is under way or was interrupted; the previous "
+                            "extent stays readable, but the store can only be verified once the growth ends: rerun "
+                            "the kdcache cache job that grows it")
+        return None
     return m
 
 

@@ -27,8 +27,19 @@ class InputConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    url: str = Field(description="where the Zarr cache goes (any fsspec URL: local path, s3://...)")
+    """Where the cache goes: an exact ``url``, or a ``root`` under which the job finds a cache with the
+    same identity (reused, resumed, grown, or extended with new tars) or else creates one."""
+
+    url: str | None = Field(None, description="where the Zarr cache goes (any fsspec URL: local path, s3://...)")
+    root: str | None = Field(None, description="a folder of caches (any fsspec URL): reuse one with the same "
+                                               "identity, else create ROOT/<teacher>-<identity>.zarr")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (never stored)")
+
+    @model_validator(mode="after")
+    def _one(self) -> OutputConfig:
+        if (self.url is None) == (self.root is None):
+            raise ValueError("give exactly one of output.url (this cache) or output.root (find or create one there)")
+        return self
 
 
 class TeacherConfig(_Strict):

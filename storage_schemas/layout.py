@@ -11,6 +11,9 @@ MANIFEST_SHA256 = "manifest.json.sha256"
 CHECKSUMS = "checksums.json"
 # the writing job's lease (holder, heartbeat), present only while a job runs: see pipeline.lease
 LEASE = "lease.json"
+# present while a job grows a complete cache (more views or tars): who, when, what. The old
+# manifest stays in place, so readers keep reading the cache's previous extent meanwhile.
+GROWTH = "growth.json"
 UNITS_DIR = "units"
 INDEX_DIR = "index"
 TPP_DIR = "tpp"

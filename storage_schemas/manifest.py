@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .identity import cache_identity, lineage_key
 from .version import SCHEMA_VERSION, check_compatible
 
 
@@ -141,6 +142,18 @@ class Stats(_Model):
     seconds: float | None = None
 
 
+class HistoryEntry(_Model):
+    """One change to a cache: its creation, or a growth (more views, more tars)."""
+
+    time: str
+    user: str  # who ran the job: login name @ host
+    action: Literal["create", "grow"]
+    views: tuple[int, int]  # number of views before → after (0 → V at creation)
+    shards_added: list[str] = Field(default_factory=list)  # tar URLs added (all of them at creation)
+    identity: str  # the cache's identity after this change
+    kdcache: str = "unknown"  # version of the library that made the change
+
+
 class Manifest(_Model):
     schema_version: str = SCHEMA_VERSION
     status: Literal["building", "complete"]
@@ -161,6 +174,17 @@ class Manifest(_Model):
     units_complete: int = 0
     stats: Stats = Stats()
     checksums_sha256: str | None = None  # sha256 of checksums.json (schema ≥ 1.1, complete caches)
+    identity: str | None = None  # content key (storage_schemas.identity), schema ≥ 1.2; see content_identity()
+    history: list[HistoryEntry] = Field(default_factory=list)  # creation and growths, oldest first (schema ≥ 1.2)
+
+    def content_identity(self) -> str:
+        """The identity recomputed from the manifest's own fields (also for caches older than 1.2)."""
+        return cache_identity(self.teacher.model_dump(mode="json"), self.dataset.fingerprint,
+                              self.config["views"], self.config["targets"])
+
+    def lineage(self) -> str:
+        """The identity without the dataset: caches one can extend with more tars share it."""
+        return lineage_key(self.teacher.model_dump(mode="json"), self.config["views"], self.config["targets"])
 
     def summary(self) -> dict[str, Any]:
         """What ``kdcache inspect --json`` prints: status, sizes, teacher, and each target's
@@ -181,6 +205,7 @@ class Manifest(_Model):
             targets["tpp"] = {"family": self.tpp.family, "num_params": self.tpp.num_params, "bytes": self.tpp.bytes,
                               "dtype": "safetensors"}
         return {
+            "identity": self.identity or self.content_identity(),
             "status": self.status,
             "schema_version": self.schema_version,
             "created": self.created,
@@ -199,6 +224,7 @@ class Manifest(_Model):
             "bytes_total": st.bytes_total + (self.tpp.bytes if self.tpp else 0),
             "bytes_per_view": st.bytes_per_view.get("total"),
             "samples_per_second": st.samples_per_second,
+            "history": [h.model_dump(mode="json") for h in self.history],
         }
 
     @classmethod

@@ -7,7 +7,7 @@ ignores), and refuses every other major with a message that says what to do.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = "1.1"  # 1.1: checksums.json + manifest.json.sha256
+SCHEMA_VERSION = "1.2"  # 1.1: checksums.json + manifest.json.sha256; 1.2: identity + history
 
 
 class IncompatibleSchemaError(RuntimeError):

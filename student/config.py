@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -12,9 +12,21 @@ class _Strict(BaseModel):
 
 
 class CacheRef(_Strict):
-    url: str = Field(description="the cache (any fsspec URL); opened read-only")
+    """The cache to train from: its ``url``, or its identity (``id``, 6+ leading hex digits as
+    ``kdcache ls`` shows) under a ``root`` of caches."""
+
+    url: str | None = Field(None, description="the cache (any fsspec URL); opened read-only")
+    root: str | None = Field(None, description="a folder of caches (any fsspec URL), with id")
+    id: str | None = Field(None, description="identity (or a unique prefix of 6+ hex digits) of a cache under root")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     allow_partial: bool = Field(False, description="train on the completed units of an unfinished cache")
+
+    @model_validator(mode="after")
+    def _one(self) -> CacheRef:
+        if (self.url is None) == (self.root is None and self.id is None) or (self.root is None) != (self.id is None):
+            raise ValueError("name the cache either by cache.url, or by cache.root and cache.id (its identity, "
+                             "see kdcache ls ROOT)")
+        return self
 
 
 class StudentModel(_Strict):

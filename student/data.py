@@ -270,7 +270,7 @@ class CacheDataset(IterableDataset):
         units: dict[int, list[int]] = {}
         valid = {}
         for rec in store.read_unit_records():
-            if rec.view >= V:
+            if rec.view >= V or rec.shard >= T:  # a unit of a growth still under way
                 continue
             units.setdefault(rec.shard, []).append(rec.view)
             if valid.setdefault(rec.shard, rec.valid) != rec.valid:

@@ -25,6 +25,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
+from pipeline.catalog import find_cache
 from pipeline.store import CacheStore
 from pipeline.targets import extract_targets
 from pipeline.teacher import Teacher, resolve_input
@@ -122,7 +123,8 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         torch.manual_seed(cfg.seed)
-        store = CacheStore(cfg.cache.url, cfg.cache.storage_options, read_only=True)
+        self.cache_url = cfg.cache.url or find_cache(cfg.cache.root, cfg.cache.id, cfg.cache.storage_options).url
+        store = CacheStore(self.cache_url, cfg.cache.storage_options, read_only=True)
         self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
         student, self.size, self.mean, self.std = build_student(cfg)
         tail = load_pack(store.fs, store.root) if m.tpp else None
@@ -227,6 +229,8 @@ class Trainer:
         if self.rank == 0:
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
             result["train_seconds"] = time.time() - t_fit
+            result["cache"] = {"url": self.cache_url,
+                               "identity": self.manifest.identity or self.manifest.content_identity()}
             final.write_text(json.dumps(result, indent=1))
         return result
 
@@ -255,7 +259,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "data": None if epoch_done else data,
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
-                "cache": {"url": self.cfg.cache.url, "weights_sha256": self.manifest.teacher.weights_sha256}}
+                "cache": {"url": self.cache_url, "weights_sha256": self.manifest.teacher.weights_sha256,
+                          "identity": self.manifest.identity or self.manifest.content_identity()}}
         tmp = path.with_suffix(".tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a broken last.pt
@@ -268,6 +273,11 @@ class Trainer:
         if ck["cache"]["weights_sha256"] != self.manifest.teacher.weights_sha256:
             raise ValueError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
                              "use a new output folder")
+        was, now = ck["cache"].get("identity"), self.manifest.identity or self.manifest.content_identity()
+        if ck["data"] is not None and was is not None and was != now:
+            raise ValueError(f"{path} stopped mid-epoch on cache {was[:12]}…, which has grown into {now[:12]}… since "
+                             "(more views or tars): the epoch's sample order cannot be replayed. Resume from an epoch "
+                             "boundary checkpoint or use a new output folder.")
         self.model.student.load_state_dict(ck["model"])
         self.model.methods.load_state_dict(ck["methods"])
         self.optimizer.load_state_dict(ck["optimizer"])
