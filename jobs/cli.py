@@ -195,6 +195,10 @@ def format_summary(s: dict, url: str) -> str:
     ]
     if s.get("samples_per_second"):
         lines.append(f"throughput {s['samples_per_second']:.1f} views/s")
+    for h in s.get("history", []):
+        added = f", +{len(h['shards_added'])} tar(s)" if h["shards_added"] else ""
+        lines.append(f"history    {h['time']} {h['action']:<6} by {h['user']}: views {h['views'][0]}→{h['views'][1]}"
+                     f"{added} → identity {h['identity'][:12]}")
     lines.append(f"{'target':<22}{'dtype':<48}{'per view':>12}{'cosine':>10}{'rel err':>10}")
     for name, tg in s["targets"].items():
         fid = tg.get("fidelity") or {}
