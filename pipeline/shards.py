@@ -98,6 +98,9 @@ class _Damaged(Exception):
         self.reason = reason
 
 
+TarDamaged = _Damaged  # public name for readers outside this module (pipeline.export_wds)
+
+
 @dataclass
 class ShardIndex:
     url: str
@@ -230,6 +233,14 @@ def _members(fs: Any, path: str, *, read_data: bool = True) -> Iterator[tuple[st
                            f"(last complete member ends at byte {end})")
         if block.count(0) != tarfile.BLOCKSIZE:
             raise _Damaged(f"tar corrupt: invalid member header at byte {end}")
+
+
+def raw_groups(url: str, fs: Any, path: str, on_bad_sample: OnBad = "error"
+               ) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+    """``(position, key, {ext: encoded bytes})`` of the tar at ``path``, undecoded and grouped exactly as
+    the index pass groups them (so keys and positions agree with a cache); ends by raising
+    :class:`TarDamaged` when the tar is cut short or corrupt. For exporters that copy members byte for byte."""
+    yield from _group(url, _members(fs, path), on_bad_sample)
 
 
 def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample: OnBad

@@ -37,10 +37,22 @@ def url_to_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
     return fs, path.rstrip("/")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a cache is shared between teams, so stored objects get the mode a
+# plain open() would give them (0666 minus the umask), like the files Zarr writes itself.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic_local_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -75,6 +75,10 @@ def test_grown_cache_equals_one_built_in_one_go(reference, digits, tiny_teacher,
     assert m.history[0].identity == m.history[1].identity != m.history[2].identity  # views keep it, tars change it
     rep = verify_cache(CacheStore(str(out), read_only=True), progress=False)
     assert rep.ok, rep.problems
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~umask}  # readable by other teams as a plain open() would make it, not 0600
 
     # fewer views than the cache has: reused as is; other tars in front: refused, naming what differs
     assert cli(["cache", str(tmp_path / "c4.yaml"), "--set", "views.num_views=1", "--no-progress"]) == 0
