@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         if cache is None or speed is None:
             raise SystemExit("--report-only: run python -m bench.cache_throughput and bench.student_speed first")
     else:
-        cache = cache_throughput.main()
+        cache = cache_throughput.main([])
         speed = student_speed.main(["--workdir", str(a.workdir)])
         studies = None if a.skip_studies else kd_studies.main(
             ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])
