@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -64,9 +65,24 @@ def _measure(workdir: str, methods: str, online: bool, steps: int, warmup: int, 
     if t.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if t.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if t.device.type == "cuda" else _peak_rss()
     q.put({"steps_per_s": steps / dt, "peak_memory_bytes": peak})
+
+
+def _peak_rss() -> int:
+    """This process's own peak RSS in bytes.
+
+    ``ru_maxrss`` survives ``execve``, so a child spawned by a big parent (``python -m bench``
+    after the caching benchmark) would report the parent's peak; Linux's ``VmHWM`` belongs to
+    the process's own address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
 
 
 def run(workdir: Path, steps: int, warmup: int) -> dict:

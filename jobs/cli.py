@@ -353,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "jobs/configs/demo_students.yaml from that cache without the teacher, each with "
                                    "KD and as a no-KD baseline on the same budget. Prints a table and writes "
                                    "results.json and results.png into --workdir. Reruns reuse finished steps.",
-                       epilog="examples:\n  kdcache demo                  # ~12 min on 2 CPU cores\n"
-                              "  kdcache demo --quick          # smoke test, ~3 min\n"
-                              "  kdcache demo --seeds 0 1 2    # the README's KD-gain table (mean of 3 seeds)")
+                       epilog="examples:\n  kdcache demo                  # 14 min on 2 idle CPU cores (measured)\n"
+                              "  kdcache demo --quick          # smoke test, 2.5 min\n"
+                              "  kdcache demo --seeds 0 1 2    # the README's KD-gain table (mean of 3 seeds), ~35 min")
     m.add_argument("--workdir", default="./kdcache-demo", help="where everything goes (default ./kdcache-demo)")
     m.add_argument("--quick", action="store_true",
                    help="fewer epochs and views, for smoke tests; teacher, cache and results go to WORKDIR/quick")
