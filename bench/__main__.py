@@ -69,9 +69,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--report-only: run python -m bench.cache_throughput and bench.student_speed first")
     else:
         cache = cache_throughput.main([])
-        import ray
-
-        ray.shutdown()  # its idle workers would otherwise share the CPU with the speed measurement
         speed = student_speed.main(["--workdir", str(a.workdir)])
         studies = None if a.skip_studies else kd_studies.main(
             ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from pipeline.job import init_ray, run_cache_job
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--growth-only", action="store_true",
                    help="rerun only the cost-growth table (keeps the other tables of the last run's JSON)")
     a = p.parse_args(argv)
-    res = growth_only() if a.growth_only else run()
+    try:
+        res = growth_only() if a.growth_only else run()
+    finally:  # the Ray this benchmark started: its idle workers would share the CPU with what runs next
+        ray.shutdown()
     if "throughput" not in res:
         print(markdown_table(res["growth"], ["axis", "value", "bytes_vs_base", "seconds_vs_base"]))
         return res

@@ -1,7 +1,7 @@
 """Student training speed and peak memory: no KD vs cached KD vs online KD (teacher in the loop).
 
 Same student, same cache, same batches; each configuration runs in its own process so its
-peak memory (CUDA: ``max_memory_allocated``; CPU: the process's max RSS) is its own.
+peak memory (CUDA: ``max_memory_allocated``; CPU: its own peak RSS) is its own.
 Steps/s is measured after a warm-up. Ratios: cached KD / no KD (target ≥ 0.95: reading the
 cache must cost next to nothing) and the speed-up of cached over online KD, for vanilla KD and
 for ScaleKD (whose projectors and frozen tail cost the same cached or online). The online
