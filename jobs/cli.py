@@ -10,6 +10,7 @@ from pathlib import Path
 from storage_schemas.config import CacheConfig
 
 from .config_io import ConfigError, load_config
+from .report import format_ls, format_summary
 
 DESCRIPTION = """\
 kdcache: run a big timm teacher once over augmented WebDataset shards, cache its logits,
@@ -80,23 +81,6 @@ def cmd_ls(a: argparse.Namespace) -> int:
     return 0
 
 
-def format_ls(entries: list) -> str:
-    from storage_schemas.identity import SHORT
-
-    if not entries:
-        return "no caches"
-    head = f"{'identity':<{SHORT + 2}}{'status':<10}{'teacher':<26}{'dataset':<28}{'views':>5}  {'size':>10}  " \
-           f"{'created':<20}{'targets':<34}url"
-    lines = [head]
-    for e in entries:
-        data = f"{(e.dataset_fingerprint or '-')[:8]} {e.num_samples}×{e.num_shards}tar" if e.identity else "-"
-        lines.append(f"{(e.identity or '-')[:SHORT]:<{SHORT + 2}}{e.status:<10}{(e.teacher or '-')[:25]:<26}"
-                     f"{data:<28}{e.num_views:>5}  {_mb(e.bytes_total) if e.identity else '-':>10}  "
-                     f"{(e.created or '-')[:19]:<20}{','.join(e.targets)[:33]:<34}{e.url}"
-                     + (f"  ({e.problem})" if e.problem else ""))
-    return "\n".join(lines)
-
-
 def cmd_inspect(a: argparse.Namespace) -> int:
     from pipeline.store import CacheStore
 
@@ -150,7 +134,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from student.config import TrainConfig
-    from student.trainer import build_student, evaluate
+    from student.evaluate import eval_loader, evaluate
+    from student.trainer import build_student
 
     out = Path(a.run)
     cfg = load_config(TrainConfig, out / "config.yaml")
@@ -160,8 +145,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     urls = a.val_urls or cfg.data.val_urls
     if not urls:
         raise ConfigError("no validation tars: pass --val-urls or set data.val_urls in the run's config")
-    r = evaluate(model, urls, size=size, mean=mean, std=std, crop_pct=cfg.data.eval_crop_pct,
-                 batch_size=a.batch_size, device=torch.device("cpu"))
+    r = evaluate(model, eval_loader(urls, size, mean, std, a.batch_size, cfg.data.eval_crop_pct), torch.device("cpu"))
     print(json.dumps(r, indent=1))
     return 0
 
@@ -172,41 +156,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
     run_demo(a.workdir, quick=a.quick, force=a.force, address=a.address, seeds=a.seeds,
              students=not a.no_students)
     return 0
-
-
-def _mb(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
-
-
-def format_summary(s: dict, url: str) -> str:
-    t = s["teacher"]
-    top1 = "-" if t["top1"] is None else f"{t['top1']:.2f}%"
-    lines = [
-        f"cache      {url}",
-        f"identity   {s.get('identity', '-')}",
-        f"status     {s['status']} ({s['units']['complete']}/{s['units']['total']} units), schema {s['schema_version']}",
-        f"teacher    {t['model']} @ {t['input_size']}px, {t['num_classes']} classes, "
-        f"weights {t['weights_sha256'][:12]}…, top-1 on cached views {top1}",
-        f"data       {s['num_samples']} samples in {s['num_shards']} shards × {s['num_views']} views, "
-        f"{s['skipped']} skipped",
-        f"size       {_mb(s['bytes_total'])} in all, {_mb(s['bytes_per_view'])} per view",
-    ]
-    if s.get("samples_per_second"):
-        lines.append(f"throughput {s['samples_per_second']:.1f} views/s")
-    for h in s.get("history", []):
-        added = f", +{len(h['shards_added'])} tar(s)" if h["shards_added"] else ""
-        lines.append(f"history    {h['time']} {h['action']:<6} by {h['user']}: views {h['views'][0]}→{h['views'][1]}"
-                     f"{added} → identity {h['identity'][:12]}")
-    lines.append(f"{'target':<22}{'dtype':<48}{'per view':>12}{'cosine':>10}{'rel err':>10}")
-    for name, tg in s["targets"].items():
-        fid = tg.get("fidelity") or {}
-        cos = f"{fid['cosine_mean']:.5f}" if fid else "-"
-        rel = f"{fid['rel_err_mean']:.2e}" if fid else "-"
-        per_view = _mb(tg.get("bytes_per_view")) if name != "tpp" else _mb(tg["bytes"]) + " once"
-        lines.append(f"{name:<22}{str(tg['dtype']):<48}{per_view:>12}{cos:>10}{rel:>10}")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,17 +329,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_error(e: BaseException) -> str | None:
-    """The message of an error the user can act on (possibly raised inside a Ray task), else None."""
-    from pipeline.lease import CacheLeasedError
-    from pipeline.shards import BadSampleError, BadShardError
-    from pipeline.store import CacheNotReadyError
-    from storage_schemas.version import IncompatibleSchemaError
+    """The message of an error the user can act on — one of the project's own types
+    (:class:`storage_schemas.errors.KDCacheError`), possibly raised inside a Ray task — else None."""
+    from storage_schemas.errors import KDCacheError
 
-    known = (ConfigError, BadSampleError, BadShardError, CacheNotReadyError, IncompatibleSchemaError, CacheLeasedError,
-             FileNotFoundError, PermissionError, ValueError)
     seen = 0
     while e is not None and seen < 10:
-        if isinstance(e, known):
+        if isinstance(e, KDCacheError):
             return str(e)
         e = getattr(e, "cause", None) or e.__cause__
         seen += 1

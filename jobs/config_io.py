@@ -8,11 +8,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from storage_schemas.errors import ConfigError
+
+__all__ = ["ConfigError", "apply_override", "format_errors", "load_config"]
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message names every bad key."""
 
 
 def apply_override(d: dict[str, Any], assignment: str) -> None:

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from storage_schemas.config import CacheConfig
 
-from .cli import format_summary
 from .config_io import load_config
 from .demo_students import format_table, plot_results, train_students
+from .report import format_summary
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # The teacher trains on views of the cache's recipe under another seed, so it is at home
@@ -50,7 +50,7 @@ def demo_config(workdir: Path, quick: bool) -> CacheConfig:
 
 
 def train_teacher(cfg: CacheConfig, workdir: Path, out: Path, epochs: int) -> dict:
-    from student.supervised import evaluate, load_samples, train_classifier
+    from student.supervised import load_samples, top1, train_classifier
 
     data = workdir / "data"
     train = load_samples(f"{data}/train-{{000000..000003}}.tar")
@@ -62,9 +62,9 @@ def train_teacher(cfg: CacheConfig, workdir: Path, out: Path, epochs: int) -> di
     recipe = cfg.views.model_copy(update={"seed": TEACHER_SEED})
     train_classifier(model, train, val, recipe=recipe, epochs=epochs, lr=2e-3, warmup_epochs=2,
                      desc="teacher", **kw)
-    top1 = evaluate(model, val, **kw)
+    acc = top1(model, val, **kw)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.teacher.checkpoint)
-    info = {"model": cfg.teacher.model, "model_kwargs": cfg.teacher.model_kwargs, "top1": top1,
+    info = {"model": cfg.teacher.model, "model_kwargs": cfg.teacher.model_kwargs, "top1": acc,
             "epochs": epochs, "train_seconds": time.time() - t0, "checkpoint": cfg.teacher.checkpoint}
     (out / "teacher.json").write_text(json.dumps(info, indent=1))
     return info

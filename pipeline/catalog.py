@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from storage_schemas import layout
+from storage_schemas.errors import CacheError, ConfigError, NotFoundError
 from storage_schemas.identity import MIN_PREFIX, SHORT
 from storage_schemas.manifest import Manifest
 
@@ -58,13 +59,7 @@ def join(root: str, name: str) -> str:
 
 
 def _target_names(m: Manifest) -> list[str]:
-    out = []
-    if m.logits:
-        out.append(f"logits:{'top' + str(m.logits.k) if m.logits.mode == 'topk' else 'all'}")
-    out += [f"feat:{f.name}:{f.dtype}" for f in m.features]
-    if m.tpp:
-        out.append("tpp")
-    return out
+    return [c.label() for c in m.codecs()] + (["tpp"] if m.tpp else [])
 
 
 def entry_of(store: CacheStore) -> CacheEntry:
@@ -107,7 +102,7 @@ def discover(root: str, storage_options: dict | None = None, *, max_depth: int =
     if not fs.exists(path):
         if missing_ok:
             return []
-        raise FileNotFoundError(f"{root}: no such folder (nothing to list)")
+        raise NotFoundError(f"{root}: no such folder (nothing to list)")
     found: list[CacheEntry] = []
     level = [path]
     for _ in range(max_depth + 1):
@@ -130,19 +125,19 @@ def find_cache(root: str, ident: str, storage_options: dict | None = None, *, ma
     several match (naming what is there)."""
     ident = ident.strip().lower()
     if len(ident) < MIN_PREFIX or not re.fullmatch(r"[0-9a-f]+", ident):
-        raise ValueError(f"cache id {ident!r}: give at least {MIN_PREFIX} hex digits of a cache identity "
+        raise ConfigError(f"cache id {ident!r}: give at least {MIN_PREFIX} hex digits of a cache identity "
                          f"(kdcache ls {root} lists them)")
     entries = discover(root, storage_options, max_depth=max_depth)
     hits = [e for e in entries if e.identity and e.identity.startswith(ident)]
     listing = "; ".join(f"{(e.identity or '-')[:SHORT]} {e.status} {e.url}" for e in entries) or "no caches"
     if not hits:
-        raise FileNotFoundError(f"no cache with identity {ident}… under {root} ({listing})")
+        raise NotFoundError(f"no cache with identity {ident}… under {root} ({listing})")
     if len({e.identity for e in hits}) > 1:
-        raise ValueError(f"cache id {ident} is ambiguous under {root}: " +
+        raise ConfigError(f"cache id {ident} is ambiguous under {root}: " +
                          ", ".join(f"{e.identity[:SHORT]} at {e.url}" for e in hits) + "; give more digits")
     done = [e for e in hits if e.status == "complete"]
     if not done:
-        raise FileNotFoundError(f"cache {ident}… under {root} is not complete ({hits[0].status} at {hits[0].url}); "
+        raise CacheError(f"cache {ident}… under {root} is not complete ({hits[0].status} at {hits[0].url}); "
                                 "finish it by rerunning its kdcache cache job")
     return max(done, key=lambda e: e.num_views)
 

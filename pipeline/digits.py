@@ -19,6 +19,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from webdataset import TarWriter
 
+from storage_schemas.errors import ConfigError
+
 NUM_CLASSES = 10
 _MTIME = 946684800  # 2000-01-01T00:00:00Z: a fixed member mtime (TarWriter uses time.time() otherwise)
 
@@ -45,9 +47,9 @@ def write_digits(out: str, *, train_shards: int = 4, val_shards: int = 2, size: 
     Returns ``{"train": brace URL, "val": brace URL, "num_classes": 10, "counts": {split: n}}``.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), not {val_fraction}")
     if size < 1:
-        raise ValueError(f"size must be positive, not {size}")
+        raise ConfigError(f"size must be positive, not {size}")
     digits = load_digits()
     order = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(order, test_size=val_fraction, stratify=digits.target,
@@ -55,7 +57,7 @@ def write_digits(out: str, *, train_shards: int = 4, val_shards: int = 2, size: 
     splits = (("train", train_idx, train_shards), ("val", val_idx, val_shards))
     for split, indices, num_shards in splits:
         if not 1 <= num_shards <= len(indices):
-            raise ValueError(f"{split}_shards must be in [1, {len(indices)}], not {num_shards}")
+            raise ConfigError(f"{split}_shards must be in [1, {len(indices)}], not {num_shards}")
     fs, root = url_to_fs(out, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     base = out.rstrip("/")

@@ -36,25 +36,25 @@ from tqdm.auto import tqdm
 from webdataset import TarWriter
 
 from storage_schemas import arrays as A
+from storage_schemas.errors import ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.version import IncompatibleSchemaError
 
 # The tar reading and grouping the caching job indexed the tars with, so keys and positions agree.
 from .shards import IMAGE_EXTS, BadShardError, TarDamaged, raw_groups
-from .store import CacheStore, url_to_fs
+from .store import FILE_MODE, CacheStore, atomic_write, url_to_fs
 
 # What ``decode_view`` turns into a ViewRecord: exported in views.json, not as .npy.
-VIEW_RECORD_ARRAYS = (A.VIEW_CROP, A.VIEW_FLIP, A.VIEW_OPS, A.VIEW_OP_MAGS, A.VIEW_ERASE, A.VIEW_NOISE_SEED)
+VIEW_RECORD_ARRAYS = A.VIEW_RECORD_ARRAYS
 CACHE_MANIFEST = "cache-manifest.json"
 EXPORT = "export.json"
-_MODE = 0o644  # mkstemp makes 0600 files; an export is meant to be read by other teams
 FORMAT = ("WebDataset, one tar per input tar, samples in input order under their original keys: "
           "KEY.<jpg|jpeg|png|webp> the original image bytes, KEY.json the original metadata (if any), "
           "KEY.cls the label, KEY.views.json a list over views of the view record, KEY.<array>.npy each "
           "target array [num_views, ...] as stored (see arrays); cached-but-skipped samples left out")
 
 
-class ExportConflictError(ValueError):
+class ExportConflictError(ConfigError):
     """OUT_URL already holds an export of a different cache, or files this export would overwrite."""
 
 
@@ -93,7 +93,7 @@ def export_wds(cache_url: str, out_url: str, *, storage_options: dict | None = N
     _check_out(fs, root, out_url, m, ident, cache_url)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(root, exist_ok=True)
-    _put_bytes(fs, f"{root}/{CACHE_MANIFEST}", m.model_dump_json(indent=1).encode())  # claims OUT before any tar
+    atomic_write(fs, f"{root}/{CACHE_MANIFEST}", m.model_dump_json(indent=1).encode())  # claims OUT before any tar
 
     V, shards = m.num_views, m.dataset.shards
     if m.status == "complete":
@@ -110,7 +110,7 @@ def export_wds(cache_url: str, out_url: str, *, storage_options: dict | None = N
         for i in todo:
             rec = _export_tar(store, m, i, fs, root, input_storage_options, bar)
             records[i] = {**rec, "identity": ident, "num_views": V}
-            _put_bytes(fs, f"{root}/{record_name(i)}", json.dumps(records[i], indent=1).encode())
+            atomic_write(fs, f"{root}/{record_name(i)}", json.dumps(records[i], indent=1).encode())
     finally:
         bar.close()
 
@@ -126,7 +126,7 @@ def export_wds(cache_url: str, out_url: str, *, storage_options: dict | None = N
                    for i in ready],
         "missing": [shards[i].url for i in range(len(shards)) if i not in records],
     }
-    _put_bytes(fs, f"{root}/{EXPORT}", json.dumps(export, indent=1).encode())
+    atomic_write(fs, f"{root}/{EXPORT}", json.dumps(export, indent=1).encode())
     n, skipped = sum(s["samples"] for s in export["shards"]), sum(s["skipped"] for s in export["shards"])
     log(f"{out_url}: {len(ready)} tar(s), {n} samples × {V} views, {skipped} skipped sample(s) left out"
         + (f"; {len(export['missing'])} tar(s) not cached yet, not exported" if export["missing"] else ""))
@@ -150,7 +150,7 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
     views = [n for n in VIEW_RECORD_ARRAYS if n in m.arrays]
     rows = _RowBlocks(store, [A.LABEL, A.VALID, *views, *names], i * m.rows_per_shard, count, m.num_views,
                       m.chunk_rows)
-    on_bad = m.config.get("input", {}).get("on_bad_sample", "error")
+    on_bad = m.config.input.on_bad_sample
     local = isinstance(fs, LocalFileSystem)
     fd, tmp = tempfile.mkstemp(dir=root if local else None, prefix=".tmp-", suffix=".tar")
     samples = skipped = seen = 0
@@ -179,7 +179,7 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
             sha, nbytes = _sha256(f), os.path.getsize(tmp)
         dest = f"{root}/{tar_name(i)}"
         if local:
-            os.chmod(tmp, _MODE)
+            os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600 files; an export is meant to be read by other teams
             os.replace(tmp, dest)
         else:
             fs.put_file(tmp, dest)
@@ -286,22 +286,6 @@ def _done_record(fs: Any, root: str, i: int, ident: str, num_views: int) -> dict
         return None
     with fs.open(tar, "rb") as f:
         return rec if _sha256(f) == rec.get("sha256") else None
-
-
-def _put_bytes(fs: Any, path: str, data: bytes) -> None:
-    """Write a small object whole: local files through a temporary name, object stores in one PUT."""
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
-        return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _sha256(f: Any) -> str:

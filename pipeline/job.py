@@ -9,16 +9,11 @@ after a crash produces the same bytes.
 
 from __future__ import annotations
 
-import datetime as dt
-import getpass
-import importlib.metadata as md
 import logging
 import os
-import socket
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import ray
@@ -26,53 +21,20 @@ import torch
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from storage_schemas import arrays as A
 from storage_schemas import layout
 from storage_schemas.config import CacheConfig
-from storage_schemas.identity import SHORT, cache_identity, lineage_key, recipe_dict
-from storage_schemas.manifest import (
-    ArrayInfo,
-    DatasetInfo,
-    FeatureInfo,
-    FidelityAcc,
-    HistoryEntry,
-    LogitsInfo,
-    Manifest,
-    ShardInfo,
-    Stats,
-    TeacherInfo,
-    TPPInfo,
-    UnitRecord,
-)
+from storage_schemas.errors import InputDataError
+from storage_schemas.identity import SHORT
+from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
 
 from . import catalog
 from . import tpp as tpp_mod
 from .lease import Lease
+from .plan import TeacherProbe, grown_manifest, now, plan_change, plan_manifest, requested_identity, summarize
 from .shards import ShardIndex, dataset_fingerprint, expand_urls, index_shard
 from .store import CacheStore
 from .teacher import Teacher
 from .unit import UnitRunner
-
-LIBRARIES = ("kdcache", "torch", "timm", "zarr", "numcodecs", "ray", "webdataset", "numpy")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
-def secrets_of(cfg: CacheConfig) -> dict[str, dict]:
-    return {"input": cfg.input.storage_options, "output": cfg.output.storage_options,
-            "checkpoint": cfg.teacher.checkpoint_storage_options}
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -107,136 +69,33 @@ def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[Sha
 # --- prepare: teacher probe and TPP pack ------------------------------------------------
 
 
-def prepare_teacher(cfg: CacheConfig) -> dict[str, Any]:
-    """Load the teacher once (on a Ray worker); return its identity, tap shapes and, with
-    ``targets.tpp``, its tail (tensors + spec) for the TPP pack. Keeps the driver free of the
-    teacher's weights; only the tail travels back."""
+def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
+    """Load the teacher once (on a Ray worker): its identity, taps resolved and, with ``targets.tpp``,
+    its tail (tensors + spec) for the TPP pack. Keeps the driver free of the teacher's weights; only
+    the tail travels back."""
     teacher = Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens)
     info = TeacherInfo(
         model=cfg.teacher.model, model_kwargs=cfg.teacher.model_kwargs,
         weights_sha256=teacher.weights_sha256, input_size=teacher.input_size, mean=teacher.mean,
         std=teacher.std, num_classes=teacher.num_classes, num_prefix_tokens=teacher.num_prefix_tokens,
+        num_levels=teacher.num_levels,
     )
-    taps = [FeatureInfo(name=t.name, index=t.index, norm=t.norm, tokens=t.tokens, dim=t.dim, grid=t.grid,
-                        prefix_tokens=t.prefix_tokens, dtype=cfg.targets.feature_dtype)
-            for t in teacher.tap_shapes()]
     tail = None
     if cfg.targets.tpp is not None:
         tensors, spec = tpp_mod.extract_tail(teacher.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                              model_kwargs=cfg.teacher.model_kwargs)
         spec["input_index"] = tpp_mod.tail_input_index(teacher.model, cfg.targets.tpp.tail)
         tail = (tensors, spec)
-    return {"teacher": info, "features": taps, "tail": tail}
+    return TeacherProbe(teacher=info, taps=teacher.tap_infos(cfg.targets.feature_dtype), tail=tail)
 
 
-def write_tpp_pack(store: CacheStore, prepared: dict[str, Any]) -> TPPInfo | None:
-    if prepared["tail"] is None:
+def write_tpp_pack(store: CacheStore, probe: TeacherProbe) -> TPPInfo | None:
+    if probe.tail is None:
         return None
-    tensors, spec = prepared["tail"]
+    tensors, spec = probe.tail
     nbytes = tpp_mod.save_pack(store.fs, store.root, tensors, spec)
     return TPPInfo(family=spec["family"], num_params=int(sum(t.numel() for t in tensors.values())),
                    bytes=nbytes, spec=spec)
-
-
-def requested_identity(cfg: CacheConfig, prepared: dict[str, Any], shards: list[ShardIndex]) -> tuple[str, str]:
-    """(identity, lineage) of the cache ``cfg`` asks for (see storage_schemas.identity)."""
-    d = cfg.public_dict()
-    teacher = prepared["teacher"].model_dump(mode="json")
-    return (cache_identity(teacher, dataset_fingerprint(shards), d["views"], d["targets"]),
-            lineage_key(teacher, d["views"], d["targets"]))
-
-
-def who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name (some containers)
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def plan_manifest(cfg: CacheConfig, shards: list[ShardIndex], prepared: dict[str, Any], tpp: TPPInfo | None
-                  ) -> Manifest:
-    """The ``building`` manifest: layout of every array from the one table in storage_schemas."""
-    teacher: TeacherInfo = prepared["teacher"]
-    features: list[FeatureInfo] = prepared["features"]
-    lg = cfg.targets.logits
-    logits = LogitsInfo(mode=lg.mode, k=min(lg.k, teacher.num_classes), num_classes=teacher.num_classes) if lg else None
-    specs = A.cache_arrays(
-        cfg.views, logits_mode=lg.mode if lg else None, logits_k=lg.k if lg else 0,
-        num_classes=teacher.num_classes, features=[(f.name, f.tokens, f.dim, f.dtype) for f in features],
-        fingerprint_size=cfg.targets.fingerprint_size,
-    )
-    S = A.rows_per_shard(max(s_.count for s_ in shards), cfg.job.chunk_rows)
-    chunk = min(cfg.job.chunk_rows, S)
-    V, R = cfg.views.num_views, len(shards) * S
-    arrays = {s.name: ArrayInfo(shape=list(s.shape(R, V)), dtype=s.dtype, chunks=list(s.chunk_shape(chunk)),
-                                shards=list(s.shard_shape(S)), fill=s.fill, target=s.target) for s in specs}
-    dataset = DatasetInfo(shards=[ShardInfo(url=s.url, size=s.size, count=len(s.keys), truncated=s.truncated)
-                                  for s in shards],
-                          fingerprint=dataset_fingerprint(shards))
-    t = now()
-    m = Manifest(status="building", created=t, updated=t, library_versions=library_versions(),
-                 config=cfg.public_dict(), teacher=teacher, dataset=dataset, num_views=V, rows_per_shard=S,
-                 chunk_rows=chunk, logits=logits, features=features, tpp=tpp, arrays=arrays,
-                 units_total=len(shards) * V)
-    ident = m.content_identity()
-    entry = HistoryEntry(time=t, user=who(), action="create", views=(0, V), shards_added=[s_.url for s_ in shards],
-                         identity=ident, kdcache=m.library_versions.get("kdcache", "unknown"))
-    return m.model_copy(update={"identity": ident, "history": [entry]})
-
-
-def grown_manifest(m: Manifest, cfg: CacheConfig, shards: list[ShardIndex], num_views: int) -> Manifest:
-    """``m`` grown to ``num_views`` views and the tars ``shards`` (its own first, then new ones): same
-    rows per tar, same chunking; arrays longer along the tar and/or view axis. Status ``building``."""
-    S, old = m.rows_per_shard, len(m.dataset.shards)
-    for s_ in shards[old:]:
-        if len(s_.keys) > S:
-            raise ValueError(f"{s_.url}: {len(s_.keys)} samples, but this cache holds at most {S} per tar "
-                             "(rows_per_shard, fixed when it was created). Cache these tars into a new cache, or "
-                             "split the tar.")
-    R, V = len(shards) * S, num_views
-    arrays = {n: a.model_copy(update={"shape": [R, V, *a.shape[2:]]}) for n, a in m.arrays.items()}
-    dataset = DatasetInfo(shards=[ShardInfo(url=s_.url, size=s_.size, count=len(s_.keys), truncated=s_.truncated)
-                                  for s_ in shards], fingerprint=dataset_fingerprint(shards))
-    config = cfg.public_dict()
-    config["views"]["num_views"] = V
-    g = m.model_copy(update={"status": "building", "updated": now(), "config": config, "dataset": dataset,
-                             "num_views": V, "arrays": arrays, "units_total": len(shards) * V})
-    ident = g.content_identity()
-    entry = HistoryEntry(time=now(), user=who(), action="grow", views=(m.num_views, V),
-                         shards_added=[s_.url for s_ in shards[old:]], identity=ident,
-                         kdcache=library_versions().get("kdcache", "unknown"))
-    return g.model_copy(update={"identity": ident, "history": [*m.history, entry],
-                                "library_versions": library_versions()})
-
-
-def plan_change(existing: Manifest, cfg: CacheConfig, urls: list[str], url: str) -> tuple[int, list[str]] | None:
-    """What a job asking for ``cfg`` over ``urls`` must add to the cache ``existing``: ``None`` when nothing,
-    else (views after, new tar URLs). Refuses any change that would mix two caches: another teacher,
-    recipe or targets, or tars that are not ``existing``'s followed by new ones."""
-    new, old = cfg.public_dict(), existing.config
-    changed = [k for k in ("teacher", "targets") if old.get(k) != new.get(k)]
-    if recipe_dict(old["views"]) != recipe_dict(new["views"]):
-        changed.append("views (other than num_views)")
-    if old["input"].get("on_bad_sample") != new["input"].get("on_bad_sample"):
-        changed.append("input.on_bad_sample")
-    had = [s.url for s in existing.dataset.shards]
-    if urls[:len(had)] != had:
-        changed.append(f"input tars (the cache's {len(had)} tars must come first, in order, then any new ones)")
-    if changed:
-        raise ValueError(
-            f"{url} already holds a cache built with a different {'; '.join(changed)}; writing there would "
-            "mix two caches. Use a new output.url (or output.root to find a matching cache), or delete the old one."
-        )
-    views = max(existing.num_views, cfg.views.num_views)
-    added = urls[len(had):]
-    if views == existing.num_views and not added:
-        return None
-    if existing.status != "complete":
-        raise ValueError(f"{url}: this cache is still being built ({existing.units_complete}/{existing.units_total} "
-                         f"units); finish it with its own config (num_views {existing.num_views}, its {len(had)} "
-                         "tars) before adding views or tars.")
-    return views, added
 
 
 # --- Ray Data actor ---------------------------------------------------------------------
@@ -273,7 +132,7 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
         ds = ds.map_batches(
             UnitActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(pending))),
             num_cpus=cfg.job.cpus_per_actor, num_gpus=1 if use_gpu else 0,
-            fn_constructor_kwargs={"url": url, "secrets": secrets_of(cfg), "manifest": m.model_dump_json(),
+            fn_constructor_kwargs={"url": url, "secrets": cfg.secrets(), "manifest": m.model_dump_json(),
                                    "num_threads": max(1, int(cfg.job.cpus_per_actor))},
             max_restarts=-1, max_task_retries=cfg.job.max_retries,
         )
@@ -288,33 +147,9 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
 # --- finalise ---------------------------------------------------------------------------
 
 
-def summarize(m: Manifest, records: list[UnitRecord], seconds: float | None) -> Stats:
-    skipped = {(s.shard, s.key): s for r in records for s in r.skipped}
-    fid: dict[str, FidelityAcc] = {}
-    for r in records:
-        for k, acc in r.fidelity.items():
-            fid[k] = fid[k].merge(acc) if k in fid else acc
-    per_target: dict[str, int] = {}
-    for r in records:
-        for name, nbytes in r.array_bytes.items():
-            t = m.arrays[name].target
-            per_target[t] = per_target.get(t, 0) + nbytes
-    valid = sum(r.valid for r in records)
-    total = sum(per_target.values())
-    return Stats(
-        num_samples=m.dataset.num_samples, num_valid_rows=valid, num_skipped=len(skipped),
-        skipped=sorted(skipped.values(), key=lambda s: (s.shard, s.key)), bytes_total=total,
-        bytes_per_target=per_target,
-        bytes_per_view={t: b / max(valid, 1) for t, b in per_target.items()} | {"total": total / max(valid, 1)},
-        fidelity={k: v.summary() for k, v in fid.items()},
-        teacher_top1=100.0 * sum(r.correct for r in records) / max(valid, 1),
-        samples_per_second=(valid / seconds) if seconds else None, seconds=seconds,
-    )
-
-
-def write_tpp_stats(store: CacheStore, records: list[UnitRecord]) -> None:
+def write_tpp_stats(store: CacheStore, done: list[UnitCompletion]) -> None:
     """Per-channel mean/std of the TPP tail's input over every cached view (ScaleKD TPP)."""
-    recs = [r for r in records if r.tpp_input_sum is not None]
+    recs = [r for r in done if r.tpp_input_sum is not None]
     if not recs:
         return
     n = sum(r.tpp_input_count for r in recs)
@@ -349,21 +184,21 @@ def _run_in_root(cfg: CacheConfig, urls: list[str], address: str | None, progres
     root = cfg.output.root
     assert root is not None
     init_ray(address)
-    probe = ray.remote(num_cpus=1)(prepare_teacher).remote(cfg)  # loads the teacher while the tars are indexed
-    shards = index_dataset(cfg, urls, progress)
-    prepared = ray.get(probe)
-    identity, lineage = requested_identity(cfg, prepared, shards)
+    probing = ray.remote(num_cpus=1)(probe_teacher).remote(cfg)  # loads the teacher while the tars are indexed
+    tars = index_dataset(cfg, urls, progress)
+    probe = ray.get(probing)
+    identity, lineage = requested_identity(cfg, probe, tars)
     entries = catalog.discover(root, cfg.output.storage_options, missing_ok=True)
     choice = catalog.choose(entries, identity=identity, lineage=lineage, urls=urls, num_views=cfg.views.num_views,
                             root=root, name=catalog.cache_name(cfg.teacher.model, identity))
     log(f"identity {identity[:SHORT]}: {choice.describe(cfg.views.num_views, urls)}")
     out = cfg.output.model_copy(update={"url": choice.url, "root": None})
     return _run_at_url(cfg.model_copy(update={"output": out}), urls, address, progress, log, resume,
-                       shards=shards, prepared=prepared)
+                       tars=tars, probe=probe)
 
 
 def _run_at_url(cfg: CacheConfig, urls: list[str], address: str | None, progress: bool, log: Callable[[str], None],
-                resume: bool, shards: list[ShardIndex] | None = None, prepared: dict | None = None) -> Manifest:
+                resume: bool, tars: list[ShardIndex] | None = None, probe: TeacherProbe | None = None) -> Manifest:
     url = cfg.output.url
     assert url is not None
     store = CacheStore(url, cfg.output.storage_options)
@@ -377,74 +212,89 @@ def _run_at_url(cfg: CacheConfig, urls: list[str], address: str | None, progress
         change = plan_change(existing, cfg, urls, url) if existing else None
         if existing and existing.status == "complete" and change is None:
             return existing
-        return _run_leased(cfg, store, existing, change, urls, address, progress, log, shards, prepared)
+        return _run_leased(cfg, store, existing, change, urls, address, progress, log, tars, probe)
 
 
 def _existing(store: CacheStore) -> Manifest | None:
     return store.read_manifest(allow_partial=True) if store.has_manifest() else None
 
 
-def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, shards: list[ShardIndex], num_views: int,
+def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, tars: list[ShardIndex], num_views: int,
           log: Callable[[str], None]) -> Manifest:
     """Extend the arrays (metadata only: Zarr keeps every written shard) and index the new tars. The
     complete manifest stays in place, so readers keep reading the old extent until the growth ends;
     ``growth.json`` says a growth is under way (``ls`` shows it, ``verify`` names it)."""
-    m = grown_manifest(existing, cfg, shards, num_views)
+    m = grown_manifest(existing, cfg, tars, num_views)
     entry = m.history[-1]
     old = len(existing.dataset.shards)
-    log(f"growing {store.url}: views {existing.num_views} → {num_views}, tars {old} → {len(shards)}; only the "
+    log(f"growing {store.url}: views {existing.num_views} → {num_views}, tars {old} → {len(tars)}; only the "
         f"{m.units_total - existing.units_total} new units are computed")
     store.write_json(layout.GROWTH, entry.model_dump(mode="json"))
     g = store.group()
     for name, info in m.arrays.items():
         if list(g[name].shape) != info.shape:
             g[name].resize(tuple(info.shape))
-    for i, s_ in enumerate(shards[old:], start=old):
-        store.write_index(i, s_.url, s_.keys)
+    for i, t in enumerate(tars[old:], start=old):
+        store.write_index(i, t.url, t.keys)
+    return m
+
+
+def start(store: CacheStore, cfg: CacheConfig, existing: Manifest | None, change: tuple[int, list[str]] | None,
+          tars: list[ShardIndex], probe: Callable[[], TeacherProbe], log: Callable[[str], None]) -> Manifest:
+    """The layout the run writes: a new cache planned and created (TPP pack, arrays, index, ``building``
+    manifest), an existing one grown, or resumed as it is. ``probe`` loads the teacher when needed."""
+    for t in tars:
+        if t.truncated:
+            log(f"warning: {t.url} is damaged ({t.truncated}); caching the {len(t.keys)} samples before the "
+                "damage and recording it in the manifest (on_bad_sample: skip)")
+    if existing:
+        old = len(existing.dataset.shards)
+        if existing.dataset.fingerprint != dataset_fingerprint(tars[:old]):
+            raise InputDataError(f"{store.url}: the input tars changed since this cache was started "
+                                 "(sizes or sample counts differ); cache them to a new output.url.")
+        if change:
+            return _grow(store, existing, cfg, tars, change[0], log)
+        log(f"resuming {store.url}: {len(store.completed_units())}/{existing.units_total} units already done")
+        return existing
+    p = probe()
+    m = plan_manifest(cfg, tars, p, write_tpp_pack(store, p))
+    store.create_arrays(m)
+    for i, t in enumerate(tars):
+        store.write_index(i, t.url, t.keys)
+    store.write_manifest(m)
+    return m
+
+
+def pending_units(store: CacheStore, m: Manifest) -> list[tuple[int, int]]:
+    done = store.completed_units()
+    return [(t, v) for t in range(len(m.dataset.shards)) for v in range(m.num_views) if (t, v) not in done]
+
+
+def finalise(store: CacheStore, m: Manifest, seconds: float | None) -> Manifest:
+    """Check every unit of ``m`` is recorded, then write the TPP input statistics, the checksums and, last,
+    the ``complete`` manifest (``seconds``: how long this run computed units, None if it computed none)."""
+    done = [r for r in store.read_unit_records() if r.shard < len(m.dataset.shards) and r.view < m.num_views]
+    if len(done) != m.units_total:
+        raise RuntimeError(f"{store.url}: {len(done)}/{m.units_total} units recorded after the run; "
+                           "rerun the same command to finish (it resumes).")
+    write_tpp_stats(store, done)
+    if store.exists(layout.GROWTH):
+        store.remove(layout.GROWTH)
+    m = m.model_copy(update={"status": "complete", "updated": now(), "units_complete": len(done),
+                             "stats": summarize(m, done, seconds), "checksums_sha256": store.write_checksums()})
+    store.write_manifest(m)  # last (then its sha256 sidecar)
     return m
 
 
 def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, change: tuple[int, list[str]] | None,
                 urls: list[str], address: str | None, progress: bool, log: Callable[[str], None],
-                shards: list[ShardIndex] | None, prepared: dict | None) -> Manifest:
+                tars: list[ShardIndex] | None, probe: TeacherProbe | None) -> Manifest:
     init_ray(address)
     t0 = time.time()
-    url = store.url
-    shards = shards or index_dataset(cfg, urls, progress)
-    for s in shards:
-        if s.truncated:
-            log(f"warning: {s.url} is damaged ({s.truncated}); caching the {len(s.keys)} samples before the "
-                "damage and recording it in the manifest (on_bad_sample: skip)")
-    if existing:
-        old = len(existing.dataset.shards)
-        if existing.dataset.fingerprint != dataset_fingerprint(shards[:old]):
-            raise ValueError(f"{url}: the input shards changed since this cache was started "
-                             "(sizes or sample counts differ); cache them to a new output.url.")
-        if change:
-            m = _grow(store, existing, cfg, shards, change[0], log)
-        else:
-            m = existing
-            log(f"resuming {url}: {len(store.completed_units())}/{m.units_total} units already done")
-    else:
-        prepared = prepared or ray.get(ray.remote(num_cpus=1)(prepare_teacher).remote(cfg))
-        m = plan_manifest(cfg, shards, prepared, write_tpp_pack(store, prepared))
-        store.create_arrays(m)
-        for i, s in enumerate(shards):
-            store.write_index(i, s.url, s.keys)
-        store.write_manifest(m)
-    done = store.completed_units()
-    pending = [(s, v) for s in range(len(shards)) for v in range(m.num_views) if (s, v) not in done]
+    tars = tars or index_dataset(cfg, urls, progress)
+    m = start(store, cfg, existing, change, tars,
+              lambda: probe or ray.get(ray.remote(num_cpus=1)(probe_teacher).remote(cfg)), log)
+    pending = pending_units(store, m)
     if pending:
-        run_units(cfg, m, url, pending, progress)
-    records = [r for r in store.read_unit_records() if r.shard < len(shards) and r.view < m.num_views]
-    if len(records) != m.units_total:
-        raise RuntimeError(f"{url}: {len(records)}/{m.units_total} units recorded after the run; "
-                           "rerun the same command to finish (it resumes).")
-    write_tpp_stats(store, records)
-    if store.exists(layout.GROWTH):
-        store.fs.rm(store.path(layout.GROWTH))
-    m = m.model_copy(update={"status": "complete", "updated": now(), "units_complete": len(records),
-                             "stats": summarize(m, records, time.time() - t0 if pending else None),
-                             "checksums_sha256": store.write_checksums()})
-    store.write_manifest(m)  # last (then its sha256 sidecar)
-    return m
+        run_units(cfg, m, store.url, pending, progress)
+    return finalise(store, m, time.time() - t0 if pending else None)

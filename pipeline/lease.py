@@ -26,11 +26,12 @@ import time
 import uuid
 
 from storage_schemas import layout
+from storage_schemas.errors import CacheError
 
 from .store import CacheStore
 
 
-class CacheLeasedError(RuntimeError):
+class CacheLeasedError(CacheError):
     """Another job holds the cache's lease."""
 
 

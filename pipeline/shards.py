@@ -46,13 +46,19 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from braceexpand import braceexpand
 from fsspec.core import split_protocol, url_to_fs
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
+
+from storage_schemas.errors import ConfigError, InputDataError, NotFoundError
+from storage_schemas.views import ViewRecord
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 _INT = re.compile(rb"[+-]?[0-9]+")
 
 
-class BadSampleError(ValueError):
+class BadSampleError(InputDataError):
     """One sample cannot be used: ``URL: key KEY: REASON``."""
 
     def __init__(self, url: str, key: str, reason: str):
@@ -79,7 +85,7 @@ class BadSampleError(ValueError):
         return type(self), (self.url, self.key, self.reason)
 
 
-class BadShardError(ValueError):
+class BadShardError(InputDataError):
     """A whole shard cannot be read as indexed: ``URL: REASON``."""
 
     def __init__(self, url: str, reason: str):
@@ -115,12 +121,30 @@ class ShardIndex:
 
 @dataclass
 class Sample:
+    """One sample as it moves through the stages, in the caching job and the student's data path alike.
+
+    :func:`iter_samples` creates it (key, position, decoded image, label, metadata; ``image`` None and
+    ``skip_reason`` set for a bad sample in skip mode); later stages fill in what they add with
+    ``dataclasses.replace``: the view index and its record, the view replayed as a tensor at the
+    consumer's input (``x``; ``x_teacher`` at the teacher's, for an online teacher), and on the
+    student side the sample's cache rows (``rows``: array name → this sample's row) and which of the
+    epoch's streams yielded it (``consumer``, see :mod:`student.plan`).
+    """
+
     key: str
-    position: int  # index of the sample in its shard
+    position: int  # index of the sample in its tar
     image: Image.Image | None  # RGB; None when skipped
     label: int | None
     meta: dict[str, Any] | None  # KEY.json, when present
     skip_reason: str | None = None
+    tar: int = 0  # index of its tar in the dataset (the cache's ``dataset.shards``)
+    view: int | None = None
+    record: ViewRecord | None = None
+    x: torch.Tensor | None = None
+    x_teacher: torch.Tensor | None = None
+    rows: dict[str, np.ndarray] | None = None
+    consumer: int | None = None  # the student stream that yielded it, of ``num_consumers`` (resume accounting)
+    num_consumers: int | None = None
 
 
 # ---------------------------------------------------------------------------------------- URLs
@@ -137,7 +161,7 @@ def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> l
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     if not patterns:
-        raise ValueError("no input URLs given")
+        raise ConfigError("no input URLs given (input.urls)")
     out: list[str] = []
     for pattern in patterns:
         for url in braceexpand(pattern):
@@ -145,7 +169,7 @@ def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> l
     seen: set[str] = set()
     for url in out:
         if url in seen:
-            raise ValueError(f"input shard listed twice: {url}")
+            raise ConfigError(f"input tar listed twice: {url}")
         seen.add(url)
     return out
 
@@ -156,13 +180,13 @@ def _expand_one(url: str, storage_options: dict) -> list[str]:
     # http(s) URLs carry '?' in query strings and cannot be listed: never globs.
     if _GLOB.search(path) and protocol not in ("http", "https"):
         if "::" in url:
-            raise ValueError(f"{url}: globs in chained fsspec URLs are not supported; list the files or use braces")
+            raise ConfigError(f"{url}: globs in chained fsspec URLs are not supported; list the files or use braces")
         found = sorted(p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file")
         if not found:
-            raise FileNotFoundError(f"no input shard matches {url}")
+            raise NotFoundError(f"no input tar matches {url}")
         return [fs.unstrip_protocol(p) if protocol else p for p in found]
     if not fs.isfile(path):
-        raise FileNotFoundError(f"input shard not found: {url}")
+        raise NotFoundError(f"input tar not found: {url}")
     return [url if protocol else os.path.abspath(url)]
 
 
@@ -288,7 +312,7 @@ def _bad(url: str, key: str, reason: str, on_bad_sample: OnBad) -> None:
 
 def _check_policy(on_bad_sample: str) -> None:
     if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
+        raise ConfigError(f"on_bad_sample must be 'error' or 'skip', not {on_bad_sample!r}")
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -322,8 +346,8 @@ def dataset_fingerprint(shards: list[ShardIndex]) -> str:
 
 
 def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample: OnBad = "error",
-                 num_classes: int | None = None, keys: list[str] | None = None) -> Iterator[Sample]:
-    """Stream one tar as decoded samples, in order.
+                 num_classes: int | None = None, keys: list[str] | None = None, tar: int = 0) -> Iterator[Sample]:
+    """Stream one tar (index ``tar`` of its dataset) as decoded samples, in order.
 
     ``keys`` (from ``index_shard``) are checked against the stream: a different key at any
     position, or a different count, raises BadShardError ("shard changed since it was indexed").
@@ -344,9 +368,10 @@ def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample
             except BadSampleError as exn:
                 if on_bad_sample == "error":
                     raise
-                yield Sample(key=key, position=position, image=None, label=None, meta=None, skip_reason=exn.reason)
+                yield Sample(key=key, position=position, image=None, label=None, meta=None, skip_reason=exn.reason,
+                             tar=tar)
                 continue
-            yield Sample(key=key, position=position, image=image, label=label, meta=meta)
+            yield Sample(key=key, position=position, image=image, label=label, meta=meta, tar=tar)
     except _Damaged as exn:
         if on_bad_sample == "error":
             raise BadShardError(url, exn.reason) from exn

@@ -25,10 +25,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage_schemas import arrays as A
 from storage_schemas import layout
-from storage_schemas.manifest import Manifest, UnitRecord
+from storage_schemas.errors import CacheError
+from storage_schemas.manifest import Manifest, UnitCompletion
 
 
-class CacheNotReadyError(RuntimeError):
+class CacheNotReadyError(CacheError):
     """The cache has no manifest, or its manifest is not complete."""
 
 
@@ -45,14 +46,20 @@ def _umask() -> int:
 
 # mkstemp creates 0600 files; a cache is shared between teams, so stored objects get the mode a
 # plain open() would give them (0666 minus the umask), like the files Zarr writes itself.
-_FILE_MODE = 0o666 & ~_umask()
+FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a local file through a temporary name and a rename
+    (mode as a plain ``open`` would give), an object store in one PUT (atomic by itself). Every object
+    kdcache writes outside Zarr (cache objects, exports, checkpoints) goes through here."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -84,10 +91,12 @@ class CacheStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:
             raise PermissionError(f"{self.url} is open read-only; refusing to write {rel}")
-        if isinstance(self.fs, LocalFileSystem):
-            _atomic_local_write(self.path(rel), data)
-        else:
-            self.fs.pipe_file(self.path(rel), data)
+        atomic_write(self.fs, self.path(rel), data)
+
+    def remove(self, rel: str) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.url} is open read-only; refusing to remove {rel}")
+        self.fs.rm(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -176,44 +185,44 @@ class CacheStore:
                 raise KeyError(f"{self.url}: array {name!r} is not in this cache") from e
         return self._arrays[name]
 
-    def shard_key(self, name: str, shard: int, view: int) -> str:
-        """Storage key of the Zarr shard that holds unit (shard, view) of array ``name``."""
-        inner = len(self.array(name).shape) - 2
-        return "/".join([name, "c", str(shard), str(view)] + ["0"] * inner)
+    def read_shard_object(self, m: Manifest, name: str, tar: int, view: int) -> bytes:
+        """The stored bytes of unit (``tar``, ``view``)'s Zarr shard of array ``name`` (b"" when all fill:
+        Zarr stores no such shard); the manifest gives the array's rank, no Zarr metadata is read."""
+        key = self.path(layout.array_shard_key(name, tar, view, len(m.arrays[name].shape) - 2))
+        return self.fs.cat_file(key) if self.fs.exists(key) else b""
 
     def write_unit(
-        self, m: Manifest, shard: int, view: int, data: dict[str, np.ndarray]
+        self, m: Manifest, tar: int, view: int, data: dict[str, np.ndarray]
     ) -> tuple[dict[str, str], dict[str, int]]:
-        """Write unit (shard, view): each array's rows ``[count, ...]`` padded to one whole
+        """Write unit (tar, view): each array's rows ``[count, ...]`` padded to one whole
         Zarr shard. Returns sha256 and byte size of each stored shard object."""
         if set(data) != set(m.arrays):
             raise ValueError(
-                f"unit s{shard} v{view}: arrays {sorted(set(data) ^ set(m.arrays))} missing or unexpected"
+                f"unit s{tar} v{view}: arrays {sorted(set(data) ^ set(m.arrays))} missing or unexpected"
             )
         S = m.rows_per_shard
         shas, sizes = {}, {}
         for name, rows in data.items():
             arr = self.array(name)
             if rows.shape[0] > S or rows.shape[1:] != arr.shape[2:]:
-                raise ValueError(f"unit s{shard} v{view}: {name} rows {rows.shape} do not fit {arr.shape}")
+                raise ValueError(f"unit s{tar} v{view}: {name} rows {rows.shape} do not fit {arr.shape}")
             block = np.full((S, 1, *arr.shape[2:]), arr.fill_value, dtype=arr.dtype)
             block[: rows.shape[0], 0] = rows
-            arr[shard * S:(shard + 1) * S, view:view + 1] = block
-            key = self.path(self.shard_key(name, shard, view))
-            stored = self.fs.cat_file(key) if self.fs.exists(key) else b""  # all-fill shards are not stored
+            arr[tar * S:(tar + 1) * S, view:view + 1] = block
+            stored = self.read_shard_object(m, name, tar, view)
             shas[name], sizes[name] = hashlib.sha256(stored).hexdigest(), len(stored)
         return shas, sizes
 
     def read_unit(
-        self, m: Manifest, shard: int, view: int, names: list[str] | None = None
+        self, m: Manifest, tar: int, view: int, names: list[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """Rows ``[count, ...]`` of unit (shard, view) for ``names`` (default: all arrays)."""
-        S, count = m.rows_per_shard, m.dataset.shards[shard].count
-        return {n: self.array(n)[shard * S: shard * S + count, view] for n in (names or list(m.arrays))}
+        """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays)."""
+        S, count = m.rows_per_shard, m.dataset.shards[tar].count
+        return {n: self.array(n)[tar * S: tar * S + count, view] for n in (names or list(m.arrays))}
 
     # --- completion records and index --------------------------------------------
 
-    def write_unit_record(self, rec: UnitRecord) -> None:
+    def write_unit_record(self, rec: UnitCompletion) -> None:
         self.write_bytes(layout.unit_record_path(rec.shard, rec.view), rec.model_dump_json().encode())
 
     def completed_units(self) -> set[tuple[int, int]]:
@@ -221,23 +230,18 @@ class CacheStore:
         self.fs.invalidate_cache(d)  # s3fs caches listings; records appear from other processes (the actors)
         if not self.fs.exists(d):
             return set()
-        done = set()
-        for p in self.fs.ls(d, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith("s") and name.endswith(".json") and "-v" in name:
-                s, v = name[1:-5].split("-v")
-                done.add((int(s), int(v)))
-        return done
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(d, detail=False))
+        return {unit for unit in map(layout.parse_unit_record_name, names) if unit is not None}
 
-    def read_unit_records(self) -> list[UnitRecord]:
+    def read_unit_records(self) -> list[UnitCompletion]:
         return [
-            UnitRecord.model_validate_json(self.read_bytes(layout.unit_record_path(s, v)))
+            UnitCompletion.model_validate_json(self.read_bytes(layout.unit_record_path(s, v)))
             for s, v in sorted(self.completed_units())
         ]
 
-    def write_index(self, shard: int, url: str, keys: list[str]) -> None:
-        self.write_json(layout.index_path(shard), {"url": url, "keys": keys})
+    def write_index(self, tar: int, url: str, keys: list[str]) -> None:
+        self.write_json(layout.index_path(tar), {"url": url, "keys": keys})
 
-    def read_index(self, shard: int) -> list[str]:
-        return self.read_json(layout.index_path(shard))["keys"]
+    def read_index(self, tar: int) -> list[str]:
+        return self.read_json(layout.index_path(tar))["keys"]
 

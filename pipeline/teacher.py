@@ -20,7 +20,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from timm.data import resolve_model_data_config
 
-from storage_schemas.config import TapConfig, TeacherConfig
+from storage_schemas.config import TeacherConfig
+from storage_schemas.errors import CacheMismatchError, ConfigError
+from storage_schemas.manifest import Manifest
+from storage_schemas.taps import TapInfo, TapSpec
 
 RANDOM_INIT_SEED = 0  # a teacher with neither checkpoint nor pretrained weights is seeded, so reruns agree
 
@@ -39,17 +42,6 @@ class TeacherOutput:
     tail_input: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class TapShape:
-    name: str
-    index: int  # resolved, non-negative
-    norm: bool
-    tokens: int
-    dim: int
-    grid: tuple[int, int] | None
-    prefix_tokens: int
-
-
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         return f.read()
@@ -63,7 +55,7 @@ def load_state_dict(url: str, storage_options: dict | None = None) -> dict[str, 
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-weights content
-        raise ValueError(
+        raise ConfigError(
             f"{url}: not a safetensors file (name it *.safetensors) and not loadable as torch weights "
             f"with weights_only=True: {e}"
         ) from e
@@ -95,7 +87,7 @@ def num_feature_levels(model: torch.nn.Module) -> int:
     """How many indices ``forward_intermediates`` accepts (blocks for ViT, stages for Swin/CNN)."""
     info = getattr(model, "feature_info", None)
     if not info:
-        raise ValueError(f"{type(model).__name__} has no feature_info: timm cannot take intermediates from it")
+        raise ConfigError(f"{type(model).__name__} has no feature_info: timm cannot take intermediates from it")
     return len(info)
 
 
@@ -111,10 +103,30 @@ class Teacher:
         tail_input_index: block/stage whose output feeds the TPP tail (``pipeline.tpp``).
     """
 
+    @classmethod
+    def from_manifest(cls, m: Manifest, checkpoint: str | None = None, storage_options: dict | None = None, *,
+                      device: str | torch.device = "cpu", where: str = "the cache") -> Teacher:
+        """The teacher a cache was built from, with the cache's taps (and TPP tail input), loaded from
+        ``checkpoint`` (default: the checkpoint the cache's config names). Refused unless its weights are
+        the ones the cache was built from (sha256 of the weights, whatever file holds them)."""
+        tc = m.config.teacher
+        if checkpoint is not None:
+            tc = tc.model_copy(update={"checkpoint": checkpoint, "pretrained": False})
+        tc = tc.model_copy(update={"checkpoint_storage_options": dict(storage_options or {})})
+        taps = [TapSpec(name=t.name, index=t.index, norm=t.norm) for t in m.features]
+        teacher = cls(tc, taps, keep_prefix_tokens=m.config.targets.keep_prefix_tokens,
+                      tail_input_index=m.tpp.spec["input_index"] if m.tpp else None, device=device)
+        if teacher.weights_sha256 != m.teacher.weights_sha256:
+            raise CacheMismatchError(
+                f"teacher {tc.checkpoint or '(timm pretrained weights)'}: weights sha256 {teacher.weights_sha256[:12]}…, "
+                f"{where} was built from {m.teacher.weights_sha256[:12]}…; pass the checkpoint the cache was made "
+                "with (for a caching job: restore it, or cache to a new output URL)")
+        return teacher
+
     def __init__(
         self,
         cfg: TeacherConfig,
-        taps: list[TapConfig] = (),
+        taps: list[TapSpec] = (),
         *,
         keep_prefix_tokens: bool = False,
         tail_input_index: int | None = None,
@@ -132,8 +144,8 @@ class Teacher:
         self.input_size, self.mean, self.std = resolve_input(self.model, cfg.model_kwargs, cfg.input_size,
                                                              cfg.mean, cfg.std)
         self.num_classes = int(self.model.num_classes)
-        levels = num_feature_levels(self.model)
-        self.taps = [self._resolve(t, levels) for t in taps]
+        self.num_levels = num_feature_levels(self.model)
+        self.taps = [self._resolve(t) for t in taps]
         self.tail_input_index = tail_input_index
         self.autocast_dtype = self._autocast_dtype(cfg.precision)
 
@@ -144,27 +156,23 @@ class Teacher:
         try:
             model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
         except RuntimeError as e:
-            raise ValueError(f"teacher.model {cfg.model!r}: timm could not create it: {e}") from e
+            raise ConfigError(f"teacher.model {cfg.model!r}: timm could not create it: {e}") from e
         if cfg.checkpoint:
             sd = load_state_dict(cfg.checkpoint, cfg.checkpoint_storage_options)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if missing or unexpected:
-                raise ValueError(
+                raise ConfigError(
                     f"teacher.checkpoint {cfg.checkpoint} does not fit {cfg.model} "
                     f"{cfg.model_kwargs}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
                 )
         return model
 
-    def _resolve(self, tap: TapConfig, levels: int) -> TapConfig:
-        index = tap.index + levels if tap.index < 0 else tap.index
-        if not 0 <= index < levels:
-            raise ValueError(f"tap {tap.name!r}: index {tap.index} out of range for {levels} levels of {self.cfg.model}")
-        if tap.norm and index != levels - 1:
-            raise ValueError(
-                f"tap {tap.name!r}: norm=true means the final normed features, so index must be the last "
-                f"({levels - 1} or -1), got {tap.index}"
-            )
-        return TapConfig(name=tap.name, index=index, norm=tap.norm)
+    def _resolve(self, tap: TapSpec) -> TapSpec:
+        try:
+            index = tap.resolve(self.num_levels)
+        except ValueError as e:
+            raise ConfigError(f"targets.features: {e} of {self.cfg.model}") from e
+        return tap.model_copy(update={"index": index})
 
     def _autocast_dtype(self, precision: str) -> torch.dtype | None:
         if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
@@ -179,7 +187,7 @@ class Teacher:
         x = x.to(self.device, non_blocking=True)
         wanted = sorted({t.index for t in self.taps if not t.norm} | (
             {self.tail_input_index} if self.tail_input_index is not None else set()))
-        kwargs = {"indices": wanted or [num_feature_levels(self.model) - 1], "norm": False, "output_fmt": "NCHW"}
+        kwargs = {"indices": wanted or [self.num_levels - 1], "norm": False, "output_fmt": "NCHW"}
         if self.num_prefix_tokens:
             kwargs["return_prefix_tokens"] = True
         amp = (
@@ -215,22 +223,19 @@ class Teacher:
             return final.flatten(1, 2)
         return final.flatten(2).transpose(1, 2)
 
-    def tap_shapes(self) -> list[TapShape]:
-        """Shapes of every tap, from one forward of a zero image at the input size."""
+    def tap_infos(self, dtype: str) -> list[TapInfo]:
+        """Every tap resolved, stored as ``dtype`` (a token codec), shapes from one forward of a zero image."""
         x = torch.zeros(1, 3, self.input_size, self.input_size)
         out = self(x)
         grids = self._grids(x)
-        shapes = []
-        for tap in self.taps:
-            f = out.features[tap.name]
-            prefix = self.num_prefix_tokens if self.keep_prefix_tokens else 0
-            shapes.append(TapShape(tap.name, tap.index, tap.norm, f.shape[1], f.shape[2], grids.get(tap.index), prefix))
-        return shapes
+        prefix = self.num_prefix_tokens if self.keep_prefix_tokens else 0
+        return [TapInfo(name=t.name, index=t.index, norm=t.norm, tokens=out.features[t.name].shape[1],
+                        dim=out.features[t.name].shape[2], grid=grids.get(t.index), prefix_tokens=prefix, dtype=dtype)
+                for t in self.taps]
 
     @torch.inference_mode()
     def _grids(self, x: torch.Tensor) -> dict[int, tuple[int, int]]:
-        levels = num_feature_levels(self.model)
         inters = self.model.forward_intermediates(
-            x.to(self.device), indices=list(range(levels)), output_fmt="NCHW", intermediates_only=True
+            x.to(self.device), indices=list(range(self.num_levels)), output_fmt="NCHW", intermediates_only=True
         )
         return {i: tuple(t.shape[-2:]) for i, t in enumerate(inters)}

@@ -1,75 +1,39 @@
-"""One work unit (input tar, view): read, replay views, run the teacher, write one Zarr shard.
+"""One work unit (input tar, view): stream the tar, sample and apply each view, run the teacher,
+encode the targets, write one Zarr shard per array, then the unit's completion record.
 
-:class:`UnitRunner` is what a Ray actor holds: ``__init__`` loads the teacher once,
-``__call__`` runs a unit. It works without Ray too (tests, debugging).
+:class:`UnitRunner` is what a Ray actor holds: ``__init__`` loads the teacher once, ``__call__``
+runs a unit as a chain of stages over :class:`~pipeline.shards.Sample`:
+
+    samples   the tar streamed and decoded, checked against the cache's index of it
+    with_view the view record sampled (seeded by recipe seed, tar, position, view) and applied at the
+              teacher's input, on a thread pool ahead of the teacher
+    batched   batches of ``job.batch_size``; skipped samples are recorded, the others go through the
+              teacher and every codec into :class:`UnitRows`
+    write     the unit's rows as one whole Zarr shard per array, then its completion record
+
+It works without Ray too (tests, debugging, ``pipeline.job.build_cache_in_process``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
 
 from storage_schemas import arrays as A
-from storage_schemas.config import CacheConfig
-from storage_schemas.manifest import FidelityAcc, Manifest, SkippedSample, UnitRecord
+from storage_schemas.codecs import FidelityAcc
+from storage_schemas.manifest import Manifest, SkippedSample, UnitCompletion
 
 from .shards import Sample, iter_samples
+from .stages import batched, prefetch_map
 from .store import CacheStore
-from .targets import extract_targets, input_fingerprint
-from .teacher import Teacher
+from .targets import encode_targets, input_fingerprint, to_numpy
+from .teacher import Teacher, TeacherOutput
 from .views import apply_view, sample_view
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def prefetch_map(fn: Callable[[T], R], items: Iterable[T], workers: int, lookahead: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, computed ``lookahead`` items ahead on a thread pool.
-
-    Decoding and augmenting (PIL/torchvision, which release the GIL in their C parts)
-    overlaps the teacher's forward pass this way; unlike ``Executor.map`` it does not
-    consume the whole input up front, so memory stays bounded on large shards.
-    """
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= lookahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def batched(it: Iterable[T], n: int) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def config_with_secrets(m: Manifest, secrets: dict[str, dict]) -> CacheConfig:
-    """The manifest's stored config with the storage options (never stored) put back."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in m.config.items()}
-    d["input"]["storage_options"] = secrets.get("input", {})
-    d["output"]["storage_options"] = secrets.get("output", {})
-    d["teacher"]["checkpoint_storage_options"] = secrets.get("checkpoint", {})
-    return CacheConfig.model_validate(d)
-
-
-def make_teacher(cfg: CacheConfig, m: Manifest, device: str) -> Teacher:
-    tail_idx = m.tpp.spec["input_index"] if m.tpp else None
-    return Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens,
-                   tail_input_index=tail_idx, device=device)
 
 
 def resolve_device(device: str) -> str:
@@ -80,93 +44,113 @@ def resolve_device(device: str) -> str:
     return device
 
 
+class UnitRows:
+    """Everything one unit writes, gathered batch by batch: full-unit row buffers in tar order
+    (rows of skipped samples keep each array's fill value), the view records, the skipped samples,
+    each target's fidelity and the per-channel sums of the TPP tail's input."""
+
+    def __init__(self, m: Manifest, tar: int, teacher: Teacher) -> None:
+        self.m, self.tar, self.teacher = m, tar, teacher
+        self.codecs = m.codecs()
+        count = m.dataset.shards[tar].count
+        self.out = {n: np.full((count, *a.shape[2:]), a.fill, dtype=a.dtype) for n, a in m.arrays.items()}
+        self.records: list = [None] * count
+        self.skipped: list[SkippedSample] = []
+        self.fidelity: dict[str, FidelityAcc] = {}
+        self.tail_sum = self.tail_sumsq = None
+        self.tail_count = 0
+
+    def skip(self, s: Sample) -> None:
+        url = self.m.dataset.shards[self.tar].url
+        self.skipped.append(SkippedSample(shard=self.tar, url=url, key=s.key, reason=s.skip_reason))
+
+    def add(self, good: list[Sample], x: torch.Tensor, out: TeacherOutput) -> None:
+        """The teacher's output ``out`` on the views ``x`` [B, 3, H, W] of samples ``good``."""
+        rows, fid = encode_targets(out, self.codecs)
+        rows[A.VIEW_FINGERPRINT] = input_fingerprint(x, self.m.config.targets.fingerprint_size)
+        pos = np.array([s.position for s in good])
+        for name, r in to_numpy(rows).items():
+            self.out[name][pos] = r
+        self.out[A.LABEL][pos] = [s.label for s in good]
+        self.out[A.VALID][pos] = 1
+        for s in good:
+            self.records[s.position] = s.record
+        for k, acc in fid.items():
+            self.fidelity[k] = self.fidelity[k].merge(acc) if k in self.fidelity else acc
+        if out.tail_input is not None:
+            tokens = out.tail_input[:, self.teacher.num_prefix_tokens:].double()
+            s1, s2 = tokens.sum((0, 1)), (tokens * tokens).sum((0, 1))
+            if self.tail_sum is None:
+                self.tail_sum, self.tail_sumsq = s1, s2
+            else:
+                self.tail_sum, self.tail_sumsq = self.tail_sum + s1, self.tail_sumsq + s2
+            self.tail_count += tokens.shape[0] * tokens.shape[1]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        for name, rows in A.encode_views(self.records, self.m.config.views).items():
+            self.out[name][:] = rows
+        return self.out
+
+    def completion(self, view: int, shas: dict[str, str], sizes: dict[str, int], seconds: float) -> UnitCompletion:
+        info = self.m.dataset.shards[self.tar]
+        valid = self.out[A.VALID].astype(bool)
+        return UnitCompletion(
+            shard=self.tar, view=view, url=info.url, count=info.count, valid=int(valid.sum()),
+            correct=int((self.out[A.PRED_TOP1][valid] == self.out[A.LABEL][valid]).sum()),
+            skipped=self.skipped, array_sha256=shas, array_bytes=sizes, fidelity=self.fidelity,
+            tpp_input_sum=None if self.tail_sum is None else self.tail_sum.tolist(),
+            tpp_input_sumsq=None if self.tail_sumsq is None else self.tail_sumsq.tolist(),
+            tpp_input_count=self.tail_count, seconds=seconds,
+        )
+
+
 class UnitRunner:
-    """Holds the teacher and the open store; ``runner(shard, view)`` caches one unit."""
+    """Holds the teacher and the open store; ``runner(tar, view)`` caches one unit."""
 
     def __init__(self, url: str, secrets: dict[str, dict], *, num_threads: int | None = None,
                  manifest: Manifest | None = None) -> None:
         self.store = CacheStore(url, secrets.get("output"))
         # the layout being written: the job passes it (during a growth it is not the stored manifest yet)
         self.m = manifest or self.store.read_manifest(allow_partial=True)
-        self.cfg = config_with_secrets(self.m, secrets)
+        self.cfg = self.m.config.with_secrets(secrets)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.threads = num_threads or 1
-        self.teacher = make_teacher(self.cfg, self.m, resolve_device(self.cfg.job.device))
-        if self.teacher.weights_sha256 != self.m.teacher.weights_sha256:
-            raise RuntimeError(
-                f"{url}: the teacher's weights (sha256 {self.teacher.weights_sha256[:12]}…) differ from the "
-                f"ones this cache was started with ({self.m.teacher.weights_sha256[:12]}…); the checkpoint "
-                "changed. Restore it, or cache to a new output URL."
-            )
+        self.teacher = Teacher.from_manifest(self.m, storage_options=secrets.get("checkpoint"),
+                                             device=resolve_device(self.cfg.job.device), where=url)
 
-    def _prepare(self, shard: int, view: int, s: Sample) -> dict[str, Any]:
+    def samples(self, tar: int) -> Iterator[Sample]:
+        """The tar's samples, decoded, checked against the index the cache was laid out by."""
+        return iter_samples(self.m.dataset.shards[tar].url, self.cfg.input.storage_options,
+                            on_bad_sample=self.cfg.input.on_bad_sample, num_classes=self.m.teacher.num_classes,
+                            keys=self.store.read_index(tar), tar=tar)
+
+    def with_view(self, s: Sample, view: int) -> Sample:
+        """``s`` with view ``view``'s record sampled and applied at the teacher's input (skipped samples as they are)."""
         if s.image is None:
-            return {"position": s.position, "key": s.key, "skip": s.skip_reason}
+            return s
         recipe = self.cfg.views
         # sample_view's fields are float32-exact, so this record is exactly what gets stored
         # and what a student replays (tests/pipeline/test_views.py checks the round trip).
-        rec = sample_view(recipe, shard=shard, position=s.position, view=view,
-                          width=s.image.width, height=s.image.height)
-        x = apply_view(s.image, rec, recipe, size=self.teacher.input_size,
-                       mean=self.teacher.mean, std=self.teacher.std)
-        return {"position": s.position, "key": s.key, "label": s.label, "record": rec, "x": x}
+        rec = sample_view(recipe, shard=s.tar, position=s.position, view=view, width=s.image.width,
+                          height=s.image.height)
+        x = apply_view(s.image, rec, recipe, size=self.teacher.input_size, mean=self.teacher.mean, std=self.teacher.std)
+        return dataclasses.replace(s, view=view, record=rec, x=x)
 
-    def __call__(self, shard: int, view: int) -> UnitRecord:
+    def __call__(self, tar: int, view: int) -> UnitCompletion:
         t0 = time.time()
-        m, cfg = self.m, self.cfg
-        info = m.dataset.shards[shard]
-        keys = self.store.read_index(shard)
-        samples = iter_samples(info.url, cfg.input.storage_options, on_bad_sample=cfg.input.on_bad_sample,
-                               num_classes=m.teacher.num_classes, keys=keys)
-        count = info.count
-        # Full-unit buffers, rows in tar order; rows of skipped samples keep the fill value.
-        out = {n: np.full((count, *a.shape[2:]), a.fill, dtype=a.dtype) for n, a in m.arrays.items()}
-        records: list = [None] * count
-        skipped: list[SkippedSample] = []
-        fid: dict[str, FidelityAcc] = {}
-        tsum = tsq = None
-        tcount = 0
-        prepared = prefetch_map(lambda s: self._prepare(shard, view, s), samples,
-                                workers=self.threads, lookahead=2 * cfg.job.batch_size)
-        for batch in batched(prepared, cfg.job.batch_size):
-            for p in batch:
-                if "skip" in p:
-                    skipped.append(SkippedSample(shard=shard, url=info.url, key=p["key"], reason=p["skip"]))
-            good = [p for p in batch if "x" in p]
-            if not good:
-                continue
-            pos = np.array([p["position"] for p in good])
-            x = torch.stack([p["x"] for p in good])
-            teacher_out = self.teacher(x)
-            arrays, f = extract_targets(teacher_out, logits_mode=m.logits.mode if m.logits else None,
-                                        logits_k=m.logits.k if m.logits else 0,
-                                        feature_dtype=cfg.targets.feature_dtype)
-            arrays[A.VIEW_FINGERPRINT] = input_fingerprint(x, cfg.targets.fingerprint_size)
-            arrays[A.LABEL] = np.array([p["label"] for p in good], np.int32)
-            arrays[A.VALID] = np.ones(len(good), np.uint8)
-            for name, rows in arrays.items():
-                out[name][pos] = rows
-            for p in good:
-                records[p["position"]] = p["record"]
-            for k, acc in f.items():
-                fid[k] = fid[k].merge(acc) if k in fid else acc
-            if teacher_out.tail_input is not None:
-                tokens = teacher_out.tail_input[:, self.teacher.num_prefix_tokens:].double()
-                s1, s2 = tokens.sum((0, 1)), (tokens * tokens).sum((0, 1))
-                tsum, tsq = (s1, s2) if tsum is None else (tsum + s1, tsq + s2)
-                tcount += tokens.shape[0] * tokens.shape[1]
-        for name, rows in A.encode_views(records, cfg.views).items():
-            out[name][:] = rows
-        shas, sizes = self.store.write_unit(m, shard, view, out)
-        valid = out[A.VALID].astype(bool)
-        rec = UnitRecord(
-            shard=shard, view=view, url=info.url, count=count, valid=int(valid.sum()),
-            correct=int((out[A.PRED_TOP1][valid] == out[A.LABEL][valid]).sum()),
-            skipped=skipped, array_sha256=shas, array_bytes=sizes, fidelity=fid,
-            tpp_input_sum=None if tsum is None else tsum.tolist(),
-            tpp_input_sumsq=None if tsq is None else tsq.tolist(),
-            tpp_input_count=tcount, seconds=time.time() - t0,
-        )
-        self.store.write_unit_record(rec)  # last: its presence means the unit is complete
-        return rec
+        acc = UnitRows(self.m, tar, self.teacher)
+        viewed = prefetch_map(partial(self.with_view, view=view), self.samples(tar), workers=self.threads,
+                              lookahead=2 * self.cfg.job.batch_size)
+        for batch in batched(viewed, self.cfg.job.batch_size):
+            for s in batch:
+                if s.image is None:
+                    acc.skip(s)
+            good = [s for s in batch if s.image is not None]
+            if good:
+                x = torch.stack([s.x for s in good])
+                acc.add(good, x, self.teacher(x))
+        shas, sizes = self.store.write_unit(self.m, tar, view, acc.arrays())
+        done = acc.completion(view, shas, sizes, time.time() - t0)
+        self.store.write_unit_record(done)  # last: its presence means the unit is complete
+        return done

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from storage_schemas import arrays as A
 from storage_schemas import layout
 from storage_schemas.arrays import decode_view
-from storage_schemas.config import TapConfig
-from storage_schemas.manifest import Manifest, UnitRecord
+from storage_schemas.errors import CacheMismatchError
+from storage_schemas.manifest import Manifest, UnitCompletion
 
 from .store import CacheStore
 
@@ -131,12 +131,12 @@ def _checksums(store: CacheStore, m: Manifest, rep: VerifyReport) -> None:
         rep.count("objects hashed")
 
 
-def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[int, int], UnitRecord]:
-    records: dict[tuple[int, int], UnitRecord] = {}
+def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[int, int], UnitCompletion]:
+    records: dict[tuple[int, int], UnitCompletion] = {}
     for s, v in sorted(store.completed_units()):
         rel = layout.unit_record_path(s, v)
         try:
-            rec = UnitRecord.model_validate_json(store.read_bytes(rel))
+            rec = UnitCompletion.model_validate_json(store.read_bytes(rel))
         except Exception as e:  # noqa: BLE001 - reported per record
             rep.problems.append(f"{rel}: does not parse: {str(e).splitlines()[0]}")
             continue
@@ -161,7 +161,7 @@ def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[in
         for s, v in missing:
             rep.problems.append(f"{layout.unit_record_path(s, v)}: missing or unreadable in a complete cache")
         if not missing and records:
-            from .job import summarize  # the job's own totals, recomputed from the records
+            from .plan import summarize  # the job's own totals, recomputed from the records
 
             st = summarize(m, list(records.values()), None)
             for key in ("num_valid_rows", "num_skipped", "bytes_total", "bytes_per_target"):
@@ -180,14 +180,14 @@ def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[in
     return records
 
 
-def _arrays(store: CacheStore, m: Manifest, records: dict[tuple[int, int], UnitRecord], rep: VerifyReport,
+def _arrays(store: CacheStore, m: Manifest, records: dict[tuple[int, int], UnitCompletion], rep: VerifyReport,
             progress: bool) -> None:
     C = m.teacher.num_classes
     for (s, v), rec in tqdm(sorted(records.items()), desc="verify units", unit="unit", disable=not progress):
         for name in m.arrays:
-            key = "/".join([name, "c", str(s), str(v)] + ["0"] * (len(m.arrays[name].shape) - 2))  # no zarr.json read
-            stored = store.fs.cat_file(store.path(key)) if store.fs.exists(store.path(key)) else b""
+            stored = store.read_shard_object(m, name, s, v)
             if _sha(stored) != rec.array_sha256.get(name) or len(stored) != rec.array_bytes.get(name):
+                key = layout.array_shard_key(name, s, v, len(m.arrays[name].shape) - 2)
                 rep.problems.append(f"{key}: sha256/size do not match {layout.unit_record_path(s, v)}")
             rep.count("array shards hashed")
         try:
@@ -215,24 +215,19 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
     stored records with the job's own code (``pipeline.views``) and encoded with its codec."""
     import torch
 
-    from storage_schemas.config import TeacherConfig
-    from storage_schemas.views import ViewRecipe
-
     from .shards import iter_samples
-    from .targets import extract_targets
+    from .targets import encode_targets, to_numpy
     from .teacher import Teacher
     from .views import apply_view
 
-    cfg = TeacherConfig.model_validate({**m.config["teacher"], "checkpoint": checkpoint, "pretrained": False})
-    tg = m.config["targets"]
-    teacher = Teacher(cfg, [TapConfig.model_validate(t) for t in tg["features"]],
-                      keep_prefix_tokens=tg.get("keep_prefix_tokens", False))
-    if teacher.weights_sha256 != m.teacher.weights_sha256:
-        rep.problems.append(f"--teacher {checkpoint}: weights sha256 {teacher.weights_sha256[:12]}…, the cache was "
-                            f"built from {m.teacher.weights_sha256[:12]}…")
+    try:
+        teacher = Teacher.from_manifest(m, checkpoint)
+    except CacheMismatchError as e:
+        rep.problems.append(f"--teacher {e}")
         return
-    recipe = ViewRecipe.model_validate(m.config["views"])
-    names = [n for n, a in m.arrays.items() if a.target not in ("view", "meta")] + [A.PRED_TOP1]
+    recipe = m.config.views
+    codecs = m.codecs()
+    names = [n for c in codecs for n in c.names] + [A.PRED_TOP1]
     rng = np.random.default_rng(12345)
     units = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views)]
     per_unit = max(1, -(-samples // len(units)))
@@ -255,9 +250,7 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
         rep.problems.append("teacher comparison: no valid cached view to replay")
         return
     with torch.no_grad():
-        live, _ = extract_targets(teacher(torch.stack(xs)), logits_mode=m.logits.mode if m.logits else None,
-                                  logits_k=m.logits.k if m.logits else 0,
-                                  feature_dtype=m.config["targets"]["feature_dtype"])
+        live = to_numpy(encode_targets(teacher(torch.stack(xs)), codecs)[0])
     for n in names:
         got, ref = live[n].reshape(len(xs), -1), np.stack(want[n]).reshape(len(xs), -1)
         if got.dtype.kind in "iu":

@@ -1,25 +1,36 @@
-"""The kdcache storage contract: config, manifest, view records and array layout."""
+"""The kdcache storage contract: config, target specs and codecs, manifest, view records, array layout, keys."""
 
-from .config import CacheConfig, InputConfig, JobConfig, OutputConfig, TapConfig, TargetsConfig, TeacherConfig
-from .manifest import FeatureInfo, Manifest, TeacherInfo, UnitRecord
+from .codecs import Codec, FidelityAcc, LogitsInfo
+from .config import CacheConfig, InputConfig, JobConfig, OutputConfig, TargetsConfig, TeacherConfig
+from .errors import CacheError, CacheMismatchError, ConfigError, InputDataError, KDCacheError
+from .manifest import Manifest, TeacherInfo, UnitCompletion
+from .taps import TapInfo, TapSpec
 from .version import SCHEMA_VERSION, IncompatibleSchemaError, check_compatible
 from .views import OpRecord, ViewRecipe, ViewRecord
 
 __all__ = [
     "SCHEMA_VERSION",
     "CacheConfig",
-    "FeatureInfo",
+    "CacheError",
+    "CacheMismatchError",
+    "Codec",
+    "ConfigError",
+    "FidelityAcc",
     "IncompatibleSchemaError",
     "InputConfig",
+    "InputDataError",
     "JobConfig",
+    "KDCacheError",
+    "LogitsInfo",
     "Manifest",
     "OpRecord",
     "OutputConfig",
-    "TapConfig",
+    "TapInfo",
+    "TapSpec",
     "TargetsConfig",
     "TeacherConfig",
     "TeacherInfo",
-    "UnitRecord",
+    "UnitCompletion",
     "ViewRecipe",
     "ViewRecord",
     "check_compatible",

@@ -6,12 +6,17 @@ work starts, naming the key.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .codecs import TOKEN_CODECS
+from .taps import TapSpec
 from .views import ViewRecipe
+
+# Credentials and endpoints: usable by the job, never stored (the model excludes them from every dump,
+# so neither the manifest nor a cache's identity can hold them).
+_SECRET = {"exclude": True, "description": "fsspec options (credentials, endpoint); never stored"}
 
 
 class _Strict(BaseModel):
@@ -22,7 +27,7 @@ class InputConfig(_Strict):
     """ImageNet-style WebDataset tars: ``KEY.{jpg,jpeg,png,webp}`` + ``KEY.cls`` (+ ``KEY.json``)."""
 
     urls: str | list[str] = Field(description="fsspec URL(s); brace patterns and globs allowed")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (never stored)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, **_SECRET)
     on_bad_sample: Literal["error", "skip"] = "error"
 
 
@@ -33,7 +38,7 @@ class OutputConfig(_Strict):
     url: str | None = Field(None, description="where the Zarr cache goes (any fsspec URL: local path, s3://...)")
     root: str | None = Field(None, description="a folder of caches (any fsspec URL): reuse one with the same "
                                                "identity, else create ROOT/<teacher>-<identity>.zarr")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (never stored)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, **_SECRET)
 
     @model_validator(mode="after")
     def _one(self) -> OutputConfig:
@@ -46,7 +51,7 @@ class TeacherConfig(_Strict):
     model: str = Field(description="timm model name, e.g. swin_large_patch4_window7_224")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model")
     checkpoint: str | None = Field(None, description="fsspec URL of .safetensors or torch weights")
-    checkpoint_storage_options: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_storage_options: dict[str, Any] = Field(default_factory=dict, **_SECRET)
     pretrained: bool = Field(False, description="use timm's pretrained weights (needs hub access)")
     input_size: int | None = Field(None, gt=0, description="square input side; default: model's pretrained_cfg")
     mean: tuple[float, float, float] | None = None
@@ -62,29 +67,6 @@ class TeacherConfig(_Strict):
         return self
 
 
-TAP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-
-
-class TapConfig(_Strict):
-    """One teacher feature tap, taken through timm's ``forward_intermediates``.
-
-    ``index`` is a block (ViT/EVA) or stage (Swin, CNN) index, negative from the end.
-    ``norm: true`` takes the model's final features after its final norm
-    (``forward_intermediates``' first return value): only valid for the last index.
-    """
-
-    name: str
-    index: int
-    norm: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not TAP_NAME.match(v):
-            raise ValueError(f"tap name {v!r} must match {TAP_NAME.pattern}")
-        return v
-
-
 class LogitsConfig(_Strict):
     mode: Literal["topk", "full"] = "topk"
     k: int = Field(10, ge=1, description="classes kept per view in topk mode")
@@ -97,20 +79,34 @@ class TPPConfig(_Strict):
 
 
 class TargetsConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
     logits: LogitsConfig | None = LogitsConfig()
-    features: list[TapConfig] = Field(default_factory=list)
-    feature_dtype: Literal["fp16", "int8"] = "fp16"
+    features: list[TapSpec] = Field(default_factory=list)
+    feature_dtype: str = Field("fp16", description="how taps are stored: a token codec of storage_schemas.codecs")
     keep_prefix_tokens: bool = False
     tpp: TPPConfig | None = None
     fingerprint_size: int = Field(4, ge=1, le=16, description="teacher input avg-pooled to size×size per view")
+    for_methods: list[str] = Field(
+        default_factory=list, alias="for", exclude=True,
+        description="KD methods to cache for (e.g. [vitkd, scalekd]): their taps, logits and TPP tail are added "
+                    "to the lists above by `kdcache cache` before the job starts; not stored (the stored targets "
+                    "are what was cached)")
 
     @field_validator("features")
     @classmethod
-    def _unique(cls, v: list[TapConfig]) -> list[TapConfig]:
+    def _unique(cls, v: list[TapSpec]) -> list[TapSpec]:
         names = [t.name for t in v]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate tap names: {sorted(dup)}")
+        return v
+
+    @field_validator("feature_dtype")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        if v not in TOKEN_CODECS:
+            raise ValueError(f"feature_dtype {v!r}: expected one of {', '.join(TOKEN_CODECS)}")
         return v
 
 
@@ -134,9 +130,19 @@ class CacheConfig(_Strict):
     job: JobConfig = JobConfig()
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as stored in the manifest: every ``storage_options`` (credentials) removed."""
-        d = self.model_dump(mode="json")
-        d["input"].pop("storage_options", None)
-        d["output"].pop("storage_options", None)
-        d["teacher"].pop("checkpoint_storage_options", None)
-        return d
+        """The config as stored in the manifest; credentials are excluded by the model itself."""
+        return self.model_dump(mode="json")
+
+    def secrets(self) -> dict[str, dict[str, Any]]:
+        """Every storage option (what :meth:`public_dict` leaves out), for :meth:`with_secrets` on a worker."""
+        return {"input": self.input.storage_options, "output": self.output.storage_options,
+                "checkpoint": self.teacher.checkpoint_storage_options}
+
+    def with_secrets(self, secrets: dict[str, dict[str, Any]]) -> CacheConfig:
+        """This config (e.g. a manifest's, stored without credentials) with :meth:`secrets` put back."""
+        return self.model_copy(update={
+            "input": self.input.model_copy(update={"storage_options": dict(secrets.get("input", {}))}),
+            "output": self.output.model_copy(update={"storage_options": dict(secrets.get("output", {}))}),
+            "teacher": self.teacher.model_copy(
+                update={"checkpoint_storage_options": dict(secrets.get("checkpoint", {}))}),
+        })

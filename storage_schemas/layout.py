@@ -1,6 +1,9 @@
-"""Where things live inside a cache store (paths relative to the cache root)."""
+"""Where things live inside a cache store (paths relative to the cache root): every key is formatted,
+and where it must be read back, parsed, here and nowhere else."""
 
 from __future__ import annotations
+
+import re
 
 MANIFEST = "manifest.json"
 # sha256 (hex) of the manifest's bytes, written right after it: the root of the integrity chain
@@ -22,17 +25,32 @@ TPP_SPEC = f"{TPP_DIR}/spec.json"
 TPP_STATS = f"{TPP_DIR}/input_stats.safetensors"
 
 
+_UNIT_RECORD = re.compile(r"s(\d+)-v(\d+)\.json")
+
+
+def array_shard_key(name: str, tar: int, view: int, inner_dims: int) -> str:
+    """Zarr v3 key of the shard object holding unit (``tar``, ``view``) of array ``name`` with ``inner_dims``
+    dimensions after ``[rows, views]`` (the default chunk key encoding: ``NAME/c/i/j/0/…``)."""
+    return "/".join([name, "c", str(tar), str(view)] + ["0"] * inner_dims)
+
+
 def is_array_shard(rel: str) -> bool:
-    """Whether ``rel`` is a Zarr v3 shard object of an array (``NAME/c/…``), covered by a unit record."""
+    """Whether ``rel`` is a Zarr v3 shard object of an array (``NAME/c/…``), covered by a completion record."""
     parts = rel.split("/")
     return len(parts) > 2 and parts[1] == "c"
 
 
-def unit_record_path(shard: int, view: int) -> str:
-    """Completion record of work unit (input tar ``shard``, ``view``), written after its data."""
-    return f"{UNITS_DIR}/s{shard:06d}-v{view:04d}.json"
+def unit_record_path(tar: int, view: int) -> str:
+    """Completion record of work unit (input tar ``tar``, ``view``), written after its data."""
+    return f"{UNITS_DIR}/s{tar:06d}-v{view:04d}.json"
 
 
-def index_path(shard: int) -> str:
-    """Keys of input tar ``shard`` in order, written by the index pass."""
-    return f"{INDEX_DIR}/s{shard:06d}.json"
+def parse_unit_record_name(name: str) -> tuple[int, int] | None:
+    """``(tar, view)`` of a completion record's file name (:func:`unit_record_path`'s last part), else None."""
+    m = _UNIT_RECORD.fullmatch(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def index_path(tar: int) -> str:
+    """Keys of input tar ``tar`` in order, written by the index pass."""
+    return f"{INDEX_DIR}/s{tar:06d}.json"

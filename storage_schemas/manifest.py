@@ -6,7 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .codecs import Codec, FidelityAcc, LogitsInfo, codecs_of, tap_codec
+from .config import CacheConfig
+from .errors import CacheError
 from .identity import cache_identity, lineage_key
+from .taps import TapInfo, TapSpec, find_serving
 from .version import SCHEMA_VERSION, check_compatible
 
 
@@ -23,6 +27,7 @@ class TeacherInfo(_Model):
     std: tuple[float, float, float]
     num_classes: int
     num_prefix_tokens: int = 0
+    num_levels: int | None = None  # forward_intermediates levels (blocks/stages); schema ≥ 1.3
 
 
 class ShardInfo(_Model):
@@ -41,23 +46,6 @@ class DatasetInfo(_Model):
         return sum(s.count for s in self.shards)
 
 
-class FeatureInfo(_Model):
-    name: str
-    index: int  # resolved, non-negative
-    norm: bool
-    tokens: int
-    dim: int
-    grid: tuple[int, int] | None  # (H, W) of the patch tokens when they form a grid
-    prefix_tokens: int  # prefix tokens kept at the front of ``tokens`` (0 by default)
-    dtype: Literal["fp16", "int8"]
-
-
-class LogitsInfo(_Model):
-    mode: Literal["topk", "full"]
-    k: int
-    num_classes: int
-
-
 class TPPInfo(_Model):
     family: str
     num_params: int
@@ -74,34 +62,6 @@ class ArrayInfo(_Model):
     target: str
 
 
-class FidelityAcc(_Model):
-    """Fidelity of a stored target against the fp32 teacher output, accumulated over rows."""
-
-    count: int = 0
-    cosine_sum: float = 0.0
-    cosine_min: float = 1.0
-    rel_err_sum: float = 0.0
-    rel_err_max: float = 0.0
-
-    def merge(self, other: FidelityAcc) -> FidelityAcc:
-        return FidelityAcc(
-            count=self.count + other.count,
-            cosine_sum=self.cosine_sum + other.cosine_sum,
-            cosine_min=min(self.cosine_min, other.cosine_min),
-            rel_err_sum=self.rel_err_sum + other.rel_err_sum,
-            rel_err_max=max(self.rel_err_max, other.rel_err_max),
-        )
-
-    def summary(self) -> dict[str, float]:
-        n = max(self.count, 1)
-        return {
-            "cosine_mean": self.cosine_sum / n,
-            "cosine_min": self.cosine_min,
-            "rel_err_mean": self.rel_err_sum / n,
-            "rel_err_max": self.rel_err_max,
-        }
-
-
 class SkippedSample(_Model):
     shard: int
     url: str
@@ -109,7 +69,7 @@ class SkippedSample(_Model):
     reason: str
 
 
-class UnitRecord(_Model):
+class UnitCompletion(_Model):
     """Completion record of one work unit (input tar, view), written after all its data."""
 
     shard: int
@@ -160,14 +120,14 @@ class Manifest(_Model):
     created: str
     updated: str
     library_versions: dict[str, str]
-    config: dict[str, Any]  # the resolved CacheConfig without credentials
+    config: CacheConfig  # the resolved config; credentials are never stored (the model excludes them)
     teacher: TeacherInfo
     dataset: DatasetInfo
     num_views: int
     rows_per_shard: int
     chunk_rows: int
     logits: LogitsInfo | None
-    features: list[FeatureInfo]
+    features: list[TapInfo]
     tpp: TPPInfo | None
     arrays: dict[str, ArrayInfo]
     units_total: int
@@ -179,12 +139,41 @@ class Manifest(_Model):
 
     def content_identity(self) -> str:
         """The identity recomputed from the manifest's own fields (also for caches older than 1.2)."""
-        return cache_identity(self.teacher.model_dump(mode="json"), self.dataset.fingerprint,
-                              self.config["views"], self.config["targets"])
+        d = self.config.public_dict()
+        return cache_identity(self.teacher.model_dump(mode="json"), self.dataset.fingerprint, d["views"], d["targets"])
 
     def lineage(self) -> str:
         """The identity without the dataset: caches one can extend with more tars share it."""
-        return lineage_key(self.teacher.model_dump(mode="json"), self.config["views"], self.config["targets"])
+        d = self.config.public_dict()
+        return lineage_key(self.teacher.model_dump(mode="json"), d["views"], d["targets"])
+
+    # --- targets ----------------------------------------------------------------------
+
+    def codecs(self) -> list[Codec]:
+        """Every stored target's codec: logits (if cached) first, then each tap, in manifest order."""
+        return codecs_of(self.logits, self.features)
+
+    def tap(self, name: str) -> TapInfo:
+        for t in self.features:
+            if t.name == name:
+                return t
+        raise KeyError(f"tap {name!r} is not in this cache; it holds {[t.name for t in self.features] or 'no taps'}")
+
+    @property
+    def num_levels(self) -> int | None:
+        """The teacher's feature levels: stored since schema 1.3; for older caches derived from a tap asked for
+        with a negative index (resolved = asked + levels), else from a ``norm`` tap (the last level); else None."""
+        if self.teacher.num_levels is not None:
+            return self.teacher.num_levels
+        resolved = {t.name: t.index for t in self.features}
+        for asked in self.config.targets.features:
+            if asked.index < 0 and asked.name in resolved:
+                return resolved[asked.name] - asked.index
+        return next((t.index + 1 for t in self.features if t.norm), None)
+
+    def tap_serving(self, spec: TapSpec) -> TapInfo | None:
+        """The cached tap at the point ``spec`` names: the one of the same name if it serves, else any."""
+        return find_serving(self.features, spec, self.num_levels)
 
     def summary(self) -> dict[str, Any]:
         """What ``kdcache inspect --json`` prints: status, sizes, teacher, and each target's
@@ -192,11 +181,11 @@ class Manifest(_Model):
         st = self.stats
         targets: dict[str, dict[str, Any]] = {}
         if self.logits:
-            dtype = "fp16 logits" + (f" top-{self.logits.k} + indices + fp32 logsumexp" if self.logits.mode == "topk" else "")
-            targets["logits"] = {"mode": self.logits.mode, "k": self.logits.k, "dtype": dtype}
+            codec = self.logits.codec()
+            targets[codec.target] = {"mode": self.logits.mode, "k": self.logits.k, "dtype": codec.describe()}
         for f in self.features:
-            targets[f"feature:{f.name}"] = {"index": f.index, "norm": f.norm, "shape": [f.tokens, f.dim],
-                                            "grid": f.grid, "dtype": f.dtype}
+            targets[f.target] = {"index": f.index, "norm": f.norm, "shape": [f.tokens, f.dim],
+                                 "grid": f.grid, "dtype": tap_codec(f).describe()}
         for name, t in targets.items():
             t["bytes"] = st.bytes_per_target.get(name, 0)
             t["bytes_per_view"] = st.bytes_per_view.get(name)
@@ -234,7 +223,7 @@ class Manifest(_Model):
 
         raw = json.loads(text)
         if not isinstance(raw, dict) or "schema_version" not in raw:
-            raise ValueError(f"{where}: not a kdcache manifest (no schema_version)")
+            raise CacheError(f"{where}: not a kdcache manifest (no schema_version)")
         check_compatible(str(raw["schema_version"]), where)
         return cls.model_validate(raw)
 

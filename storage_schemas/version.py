@@ -7,10 +7,12 @@ ignores), and refuses every other major with a message that says what to do.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = "1.2"  # 1.1: checksums.json + manifest.json.sha256; 1.2: identity + history
+from .errors import CacheError
+
+SCHEMA_VERSION = "1.3"  # 1.1: checksums.json + manifest.json.sha256; 1.2: identity + history; 1.3: teacher.num_levels
 
 
-class IncompatibleSchemaError(RuntimeError):
+class IncompatibleSchemaError(CacheError):
     """The cache was written with a schema major version this reader does not know."""
 
 

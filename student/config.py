@@ -47,8 +47,31 @@ class DataOptions(_Strict):
     input_storage_options: dict[str, Any] = Field(default_factory=dict)
     val_urls: str | list[str] | None = Field(None, description="validation tars (centre-crop eval)")
     eval_crop_pct: float = Field(0.875, gt=0, le=1)
-    mixup: float = Field(0.0, ge=0, description="refused with a cache (not replayable); see --help")
+    mixup: float = Field(0.0, ge=0, description="refused with a cache (not replayable); see refuse_mixup")
     cutmix: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _no_mixing(self) -> DataOptions:
+        refuse_mixup(self.mixup, self.cutmix)
+        return self
+
+
+def refuse_mixup(mixup: float, cutmix: float) -> None:
+    """Raise ValueError when Mixup or CutMix is asked for: a cache cannot replay them.
+
+    They blend two samples' pixels (and labels), so the teacher's output on the mixed image is not a
+    function of its cached outputs on the two unmixed views: the logits are not linear in the input,
+    and a feature map of a pasted box is not the pasted box of the feature maps. Interpolating cached
+    targets would distil from targets the teacher never produced. As in TinyViT and ScaleKD, cached KD
+    trains without them (the cached views keep RandAugment and random erasing)."""
+    if mixup > 0 or cutmix > 0:
+        raise ValueError(
+            f"mixup={mixup}, cutmix={cutmix}: Mixup/CutMix cannot be used with cached teacher targets. They blend "
+            "two images, and the teacher's logits and features on a blended image are not a blend of its cached "
+            "outputs on the two unmixed views, so the cache holds no target for the mixed input. Set mixup=0 and "
+            "cutmix=0 (the cached views already carry RandAugment and random erasing, as in TinyViT/ScaleKD), "
+            "or train with --online-teacher to run the teacher on the mixed batch."
+        )
 
 
 class OptimOptions(_Strict):

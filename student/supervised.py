@@ -17,32 +17,22 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
-from pipeline.shards import expand_urls, iter_samples
-from pipeline.views import apply_view, eval_view, sample_view
+from pipeline.shards import Sample, expand_urls, iter_samples
+from pipeline.views import apply_view, sample_view
 from storage_schemas.views import ViewRecipe
 
-
-def load_samples(urls: str | list[str], storage_options: dict | None = None) -> list[tuple[int, int, object, int]]:
-    """Every sample of ``urls`` as ``(shard, position, PIL image, label)``, in order."""
-    out = []
-    for shard, url in enumerate(expand_urls(urls, storage_options)):
-        for s in iter_samples(url, storage_options):
-            out.append((shard, s.position, s.image, s.label))
-    return out
+from .evaluate import evaluate, sample_batches
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, samples: list, *, size: int, mean, std, batch_size: int = 256,
-             crop_pct: float = 1.0) -> float:
-    """Top-1 accuracy in percent with the centre-crop eval transform."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        x = torch.stack([eval_view(img, size=size, mean=mean, std=std, crop_pct=crop_pct) for _, _, img, _ in chunk])
-        y = torch.tensor([label for *_, label in chunk])
-        correct += int((model(x).argmax(-1) == y).sum())
-    return 100.0 * correct / max(len(samples), 1)
+def load_samples(urls: str | list[str], storage_options: dict | None = None) -> list[Sample]:
+    """Every sample of ``urls``, decoded, in order (``Sample.tar`` is the tar's index in ``urls``)."""
+    return [s for t, url in enumerate(expand_urls(urls, storage_options))
+            for s in iter_samples(url, storage_options, tar=t)]
+
+
+def top1(model: torch.nn.Module, samples: list[Sample], *, size: int, mean, std, crop_pct: float = 1.0) -> float:
+    """Top-1 accuracy (percent) on in-memory samples with the centre-crop eval transform."""
+    return evaluate(model, sample_batches(samples, size=size, mean=mean, std=std, crop_pct=crop_pct))["top1"]
 
 
 def train_classifier(
@@ -83,10 +73,11 @@ def train_classifier(
             idx = order[i:i + batch_size]
             xs = []
             for j in idx:
-                shard, pos, img, _ = train[j]
-                rec = sample_view(recipe, shard=shard, position=pos, view=epoch, width=img.width, height=img.height)
-                xs.append(apply_view(img, rec, recipe, size=size, mean=mean, std=std))
-            x, y = torch.stack(xs), torch.tensor([train[j][3] for j in idx])
+                s = train[j]
+                rec = sample_view(recipe, shard=s.tar, position=s.position, view=epoch, width=s.image.width,
+                                  height=s.image.height)
+                xs.append(apply_view(s.image, rec, recipe, size=size, mean=mean, std=std))
+            x, y = torch.stack(xs), torch.tensor([train[j].label for j in idx])
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -96,8 +87,8 @@ def train_classifier(
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}")
-        top1 = evaluate(model, val, size=size, mean=mean, std=std)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_top1": top1})
-        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}", val_top1=f"{top1:.1f}")
+        acc = top1(model, val, size=size, mean=mean, std=std)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_top1": acc})
+        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.3f}", val_top1=f"{acc:.1f}")
     bar.close()
     return {"history": history, "val_top1": history[-1]["val_top1"] if history else None}

@@ -10,6 +10,7 @@ Checkpoints hold tensors and plain values only and load with ``weights_only=True
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -20,27 +21,29 @@ import timm
 import torch
 import torch.distributed as dist
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from pipeline.catalog import find_cache
-from pipeline.store import CacheStore
-from pipeline.targets import extract_targets
+from pipeline.store import CacheStore, atomic_write
+from pipeline.targets import encode_targets
 from pipeline.teacher import Teacher, resolve_input
 from pipeline.tpp import load_pack
-from storage_schemas.config import TapConfig, TeacherConfig
+from storage_schemas.errors import CacheMismatchError
 
 from .config import TrainConfig
-from .data import CacheDataset, eval_loader, merge_states, refuse_mixup
+from .data import CacheDataset, merge_states
+from .evaluate import eval_loader, evaluate
 from .methods import (
     TeacherContext,
     build_methods,
-    check_against_manifest,
+    check_cache,
+    needs_of,
     student_forward,
     student_info,
-    union_needs,
 )
 from .targets import TeacherTargets
 
@@ -51,10 +54,10 @@ class Distiller(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, methods: torch.nn.ModuleList) -> None:
         super().__init__()
         self.student, self.methods = student, methods
-        self.needs = union_needs(methods)
+        self.student_indices = tuple(dict.fromkeys(i for m in methods for i in m.student_indices()))
 
     def forward(self, x: torch.Tensor, targets: TeacherTargets, labels: torch.Tensor, step: int) -> dict:
-        out = student_forward(self.student, x, self.needs.student_indices)
+        out = student_forward(self.student, x, self.student_indices)
         losses: dict[str, torch.Tensor] = {}
         for m in self.methods:
             m.set_step(step)
@@ -70,40 +73,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, urls, *, size: int, mean, std, crop_pct: float, batch_size: int,
-             device: torch.device, num_classes: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 (percent) on validation tars, summed over DDP ranks."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, total
-    for x, y in eval_loader(urls, size, mean, std, batch_size, crop_pct, num_classes=num_classes):
-        logits = model(x.to(device))
-        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.cpu()
-        counts += torch.tensor([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum(), len(y)],
-                               dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    model.train(was_training)
-    n = max(float(counts[2]), 1.0)
-    return {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": int(counts[2])}
-
-
-def online_teacher(cfg: TrainConfig, m, device: torch.device) -> Teacher:
-    """The cache's teacher, loaded live from ``cfg.online_teacher.checkpoint``; refused unless its
-    weights are the ones the cache was built from."""
-    tc = TeacherConfig.model_validate({**m.config["teacher"], "checkpoint": cfg.online_teacher.checkpoint,
-                                       "pretrained": False,
-                                       "checkpoint_storage_options": cfg.online_teacher.storage_options})
-    taps = [TapConfig(name=f.name, index=f.index, norm=f.norm) for f in m.features]
-    teacher = Teacher(tc, taps, keep_prefix_tokens=m.config["targets"]["keep_prefix_tokens"], device=device)
-    if teacher.weights_sha256 != m.teacher.weights_sha256:
-        raise ValueError(f"online_teacher.checkpoint {cfg.online_teacher.checkpoint} has weights sha256 "
-                         f"{teacher.weights_sha256[:12]}…, the cache was built from {m.teacher.weights_sha256[:12]}…; "
-                         "pass the checkpoint the cache was made with")
-    return teacher
-
-
 def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """The timm student and its input size, mean and std (config, else the model's pretrained config)."""
     st = cfg.student
@@ -116,7 +85,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
-        refuse_mixup(cfg.data.mixup, cfg.data.cutmix)
         self.rank, self.world = _distributed()
         if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -126,17 +94,20 @@ class Trainer:
         self.cache_url = cfg.cache.url or find_cache(cfg.cache.root, cfg.cache.id, cfg.cache.storage_options).url
         store = CacheStore(self.cache_url, cfg.cache.storage_options, read_only=True)
         self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
+        needs = needs_of(cfg.methods, cfg.method_options)
+        check_cache(needs, m)  # once, before anything is built: every missing target named
         student, self.size, self.mean, self.std = build_student(cfg)
         tail = load_pack(store.fs, store.root) if m.tpp else None
         info = student_info(student, self.size)
         methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
         self.model = Distiller(student, methods).to(self.device)
-        check_against_manifest(self.model.needs, m)
-        self.teacher = online_teacher(cfg, m, self.device) if cfg.online_teacher else None
+        self.taps = [m.tap_serving(spec).name for spec in needs.taps]
+        self.teacher = (Teacher.from_manifest(m, cfg.online_teacher.checkpoint, cfg.online_teacher.storage_options,
+                                              device=self.device) if cfg.online_teacher else None)
         online = self.teacher is not None
         self.dataset = CacheDataset(
             store, size=self.size, mean=self.mean, std=self.std,
-            logits=self.model.needs.logits and not online, taps=() if online else self.model.needs.taps,
+            logits=needs.logits and not online, taps=() if online else self.taps,
             view_policy=cfg.data.view_policy, seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
             allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
@@ -165,11 +136,8 @@ class Trainer:
         the very extraction and decoding the cache went through (same code, same rounding)."""
         if self.teacher is None:
             return batch.targets
-        m = self.manifest
-        arrays, _ = extract_targets(self.teacher(batch.x_teacher), logits_mode=m.logits.mode if m.logits else None,
-                                    logits_k=m.logits.k if m.logits else 0,
-                                    feature_dtype=m.config["targets"]["feature_dtype"])
-        return TeacherTargets.from_arrays(arrays, m, device=self.device, taps=list(self.model.needs.taps))
+        rows, _ = encode_targets(self.teacher(batch.x_teacher), self.manifest.codecs())
+        return TeacherTargets.decode(rows, self.manifest, device=self.device, taps=self.taps)
 
     def train_step(self, batch) -> dict[str, float]:
         targets = self.targets(batch)
@@ -236,9 +204,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         model = self.ema.module if self.ema is not None else self.model.student
-        return evaluate(model, self.cfg.data.val_urls, size=self.size, mean=self.mean, std=self.std,
-                        crop_pct=self.cfg.data.eval_crop_pct, batch_size=2 * self.cfg.data.batch_size,
-                        device=self.device, num_classes=self.manifest.teacher.num_classes)
+        d = self.cfg.data
+        batches = eval_loader(d.val_urls, self.size, self.mean, self.std, 2 * d.batch_size, d.eval_crop_pct,
+                              num_classes=self.manifest.teacher.num_classes)
+        return evaluate(model, batches, self.device)
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -261,9 +230,9 @@ class Trainer:
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "cache": {"url": self.cache_url, "weights_sha256": self.manifest.teacher.weights_sha256,
                           "identity": self.manifest.identity or self.manifest.content_identity()}}
-        tmp = path.with_suffix(".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a broken last.pt
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        atomic_write(LocalFileSystem(), str(path), buf.getvalue())  # a crash mid-write never leaves a broken last.pt
 
     def load(self, path: Path) -> bool:
         """Resume from ``path`` if it exists; True when it resumes mid-epoch (data position restored)."""
@@ -271,11 +240,11 @@ class Trainer:
             return False
         ck = torch.load(path, map_location=self.device, weights_only=True)
         if ck["cache"]["weights_sha256"] != self.manifest.teacher.weights_sha256:
-            raise ValueError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
+            raise CacheMismatchError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
                              "use a new output folder")
         was, now = ck["cache"].get("identity"), self.manifest.identity or self.manifest.content_identity()
         if ck["data"] is not None and was is not None and was != now:
-            raise ValueError(f"{path} stopped mid-epoch on cache {was[:12]}…, which has grown into {now[:12]}… since "
+            raise CacheMismatchError(f"{path} stopped mid-epoch on cache {was[:12]}…, which has grown into {now[:12]}… since "
                              "(more views or tars): the epoch's sample order cannot be replayed. Resume from an epoch "
                              "boundary checkpoint or use a new output folder.")
         self.model.student.load_state_dict(ck["model"])

@@ -1,10 +1,13 @@
 """The KD method contract: what a method needs (data), what it receives, what it returns.
 
 A method is one small file holding one :class:`KDMethod` subclass registered with
-:func:`register`. It declares its requests as :class:`Needs` (teacher logits? which cached
-taps? the TPP tail? which student intermediates?), receives the student's outputs as a
-:class:`StudentOutput` and the teacher's as :class:`student.targets.TeacherTargets`, and
-returns a dict of named losses that are **already weighted** (timm ``task`` style: the
+:func:`register`. From its options alone, before anything is built, it states what it needs
+from the teacher as :class:`Needs` (logits? which taps, as :class:`~storage_schemas.taps.TapSpec`?
+the TPP tail?), so the trainer checks a cache once, before step 0 (:func:`check_cache`), and
+``kdcache cache --for METHODS`` derives a cache's targets (:func:`needs_of`). Built, it names the
+student intermediates it reads (:meth:`KDMethod.student_indices`), receives the student's
+outputs as a :class:`StudentOutput` and the teacher's as :class:`student.targets.TeacherTargets`,
+and returns a dict of named losses that are **already weighted** (timm ``task`` style: the
 trainer sums the values and logs the keys). Projectors live inside the method, so the
 method's ``.parameters()`` are all the extra trainable parameters.
 
@@ -25,7 +28,9 @@ from torch import nn
 
 from pipeline.teacher import num_feature_levels
 from pipeline.tpp import TeacherTail
-from storage_schemas.manifest import FeatureInfo, Manifest
+from storage_schemas.errors import CacheMismatchError, ConfigError
+from storage_schemas.manifest import Manifest
+from storage_schemas.taps import TapInfo, TapSpec, find_serving
 from student.targets import TeacherTargets
 
 __all__ = [
@@ -36,20 +41,14 @@ __all__ = [
     "StudentOutput",
     "TeacherContext",
     "build_methods",
-    "check_against_manifest",
+    "check_cache",
     "method_names",
+    "needs_of",
     "register",
     "student_forward",
     "student_info",
     "union_needs",
 ]
-
-# How the conventional tap names are cached, for error messages (cache config ``targets.features``).
-TAP_HINTS = {
-    "block0": "{name: block0, index: 0}",
-    "block1": "{name: block1, index: 1}",
-    "final": "{name: final, index: -1, norm: true}",
-}
 
 
 class MethodOptions(BaseModel):
@@ -58,50 +57,56 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def tap_spec_value(v: Any) -> Any:
+    r"""``mode="before"`` validator for options holding :class:`TapSpec`\ s: a bare name says which tap to
+    take by convention only, so it is refused with the form to write instead."""
+    if isinstance(v, str):
+        raise ValueError(f"a teacher tap is the point it is taken at, not a name: write "
+                         f"{{name: {v}, index: <block or stage index>}} (add norm: true for the final features "
+                         "after the final norm)")
+    if isinstance(v, (list, tuple)):
+        return [tap_spec_value(x) for x in v]
+    return v
+
+
 @dataclass(frozen=True)
 class Needs:
-    """What a method needs, as data. The trainer takes the union over its methods
-    (:func:`union_needs`), checks it against the cache (:func:`check_against_manifest`) and
-    asks the student for ``student_indices`` (``forward_intermediates`` indices, negative
-    from the end)."""
+    """What methods need from the teacher, as data, known from their options before they are built."""
 
     logits: bool = False
-    taps: tuple[str, ...] = ()
+    taps: tuple[TapSpec, ...] = ()
     tpp: bool = False
-    student_indices: tuple[int, ...] = ()
 
     def __or__(self, other: Needs) -> Needs:
-        return Needs(
-            logits=self.logits or other.logits,
-            taps=tuple(dict.fromkeys(self.taps + other.taps)),
-            tpp=self.tpp or other.tpp,
-            student_indices=tuple(dict.fromkeys(self.student_indices + other.student_indices)),
-        )
+        taps = list(self.taps)
+        for t in other.taps:  # a point asked twice (under any name) is one tap
+            if not any((u.index, u.norm) == (t.index, t.norm) for u in taps):
+                taps.append(t)
+        return Needs(logits=self.logits or other.logits, taps=tuple(taps), tpp=self.tpp or other.tpp)
 
 
-def union_needs(items: Iterable[Needs | KDMethod]) -> Needs:
-    """Union of the needs of methods (or of :class:`Needs`); order of first request kept."""
+def union_needs(items: Iterable[Needs]) -> Needs:
+    """Union of several :class:`Needs`; order of first request kept."""
     out = Needs()
     for it in items:
-        out = out | (it.needs() if isinstance(it, KDMethod) else it)
+        out = out | it
     return out
 
 
-def check_against_manifest(needs: Needs, manifest: Manifest) -> None:
-    """Raise ``ValueError`` before step 0 if the cache lacks something the methods need,
-    naming each missing target and the cache config that would provide it."""
+def check_cache(needs: Needs, manifest: Manifest) -> None:
+    """Raise :class:`~storage_schemas.errors.CacheMismatchError` before anything is built if the cache lacks
+    something the methods need, naming each missing target and the cache config that would provide it."""
     problems = []
     if needs.logits and manifest.logits is None:
         problems.append("teacher logits (cache with targets.logits: {mode: topk, k: 10} or {mode: full})")
-    have = [f.name for f in manifest.features]
-    for tap in needs.taps:
-        if tap not in have:
-            hint = TAP_HINTS.get(tap, f"{{name: {tap}, index: <block or stage>}}")
-            problems.append(f"feature tap {tap!r} (cache with targets.features: [..., {hint}])")
+    for spec in needs.taps:
+        if manifest.tap_serving(spec) is None:
+            problems.append(f"feature tap {spec.name!r} (cache with targets.features: [..., {spec.yaml()}])")
     if needs.tpp and manifest.tpp is None:
         problems.append("the ScaleKD TPP pack (cache with targets.tpp: {tail: 1})")
     if problems:
-        raise ValueError(
+        have = [f"{t.name}@{t.index}{'+norm' if t.norm else ''}" for t in manifest.features]
+        raise CacheMismatchError(
             f"the cache of teacher {manifest.teacher.model} (taps {have}, logits "
             f"{manifest.logits.mode if manifest.logits else None}, tpp {manifest.tpp is not None}) lacks: "
             + "; ".join(problems)
@@ -136,7 +141,7 @@ class StudentInfo:
     def resolve(self, index: int) -> int:
         i = index + self.num_levels if index < 0 else index
         if not 0 <= i < self.num_levels:
-            raise ValueError(f"student index {index} out of range for {self.num_levels} levels")
+            raise ConfigError(f"student index {index} out of range for {self.num_levels} levels")
         return i
 
     def shape(self, index: int) -> tuple[int, int, int]:
@@ -169,7 +174,7 @@ def student_forward(model: nn.Module, x: torch.Tensor, indices: Sequence[int] = 
     levels = num_feature_levels(model)
     wanted = sorted({i + levels if i < 0 else i for i in indices})
     if any(not 0 <= i < levels for i in wanted):
-        raise ValueError(f"student indices {list(indices)} out of range for {levels} levels")
+        raise ConfigError(f"student indices {list(indices)} out of range for {levels} levels")
     final, inters = model.forward_intermediates(
         x, indices=wanted or [levels - 1], norm=False, output_fmt="NCHW"
     )
@@ -214,29 +219,31 @@ def feature_tokens(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TeacherContext:
-    """What a method may know about the teacher at construction: the number of classes,
-    the cached taps (``manifest.features``) and the frozen TPP tail (``pipeline.tpp.load_pack``)."""
+    """What a method may know about the teacher at construction: the number of classes, the cached
+    taps (``manifest.features``; ``num_levels`` resolves negative indices) and the frozen TPP tail
+    (``pipeline.tpp.load_pack``)."""
 
     num_classes: int
-    features: Sequence[FeatureInfo] = ()
+    taps: Sequence[TapInfo] = ()
+    num_levels: int | None = None
     tail: TeacherTail | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None) -> TeacherContext:
-        return cls(num_classes=manifest.teacher.num_classes, features=list(manifest.features), tail=tail)
+        return cls(num_classes=manifest.teacher.num_classes, taps=list(manifest.features),
+                   num_levels=manifest.num_levels, tail=tail)
 
-    def feature(self, name: str, who: str) -> FeatureInfo:
-        for f in self.features:
-            if f.name == name:
-                return f
-        hint = TAP_HINTS.get(name, f"{{name: {name}, index: <block or stage>}}")
-        raise ValueError(
-            f"{who} needs teacher tap {name!r}; the cache has {[f.name for f in self.features]} "
-            f"(cache with targets.features: [..., {hint}])"
-        )
+    def tap(self, spec: TapSpec, who: str) -> TapInfo:
+        """The cached tap at the point ``spec`` names (see :meth:`~storage_schemas.taps.TapInfo.serves`)."""
+        found = find_serving(list(self.taps), spec, self.num_levels)
+        if found is None:
+            raise CacheMismatchError(
+                f"{who} needs teacher tap {spec.name!r} (index {spec.index}{', after the final norm' if spec.norm else ''}); "
+                f"the cache has {[t.name for t in self.taps]} (cache with targets.features: [..., {spec.yaml()}])")
+        return found
 
 
-def tap_tokens(targets: TeacherTargets, info: FeatureInfo) -> torch.Tensor:
+def tap_tokens(targets: TeacherTargets, info: TapInfo) -> torch.Tensor:
     """Cached tap ``info.name`` as [B, H*W, D] patch tokens (prefix tokens dropped if cached)."""
     if info.name not in targets.features:
         raise KeyError(f"teacher targets lack tap {info.name!r}; have {sorted(targets.features)}")
@@ -247,7 +254,8 @@ def tap_tokens(targets: TeacherTargets, info: FeatureInfo) -> torch.Tensor:
 
 
 class KDMethod(nn.Module):
-    """Base of every KD method: ``Options`` (pydantic, published defaults), ``needs()`` and
+    """Base of every KD method: ``Options`` (pydantic, published defaults), :meth:`requires` (from the
+    options), :meth:`student_indices` (once built) and
     ``forward(out, targets, labels) -> {"loss_<name>...": weighted scalar}``.
 
     ``labels`` is [B] int64 class indices (or [B, K] class probabilities where a method
@@ -266,8 +274,14 @@ class KDMethod(nn.Module):
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def needs(self) -> Needs:
-        raise NotImplementedError
+    @classmethod
+    def requires(cls, opts: MethodOptions) -> Needs:
+        """What this method, with options ``opts``, needs from the teacher (nothing by default)."""
+        return Needs()
+
+    def student_indices(self) -> tuple[int, ...]:
+        """The student's ``forward_intermediates`` indices this method reads (resolved, non-negative)."""
+        return ()
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -300,11 +314,35 @@ def _parse(spec: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in spec.split("+")] if isinstance(spec, str) else [n.strip() for n in spec]
     unknown = [n for n in names if n not in _REGISTRY]
     if unknown or not names:
-        raise ValueError(f"unknown KD method(s) {unknown or [spec]} in {spec!r}; valid: {', '.join(method_names())}")
+        raise ConfigError(f"unknown KD method(s) {unknown or [spec]} in {spec!r}; valid: {', '.join(method_names())}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"KD method(s) {dup} given twice in {spec!r}")
+        raise ConfigError(f"KD method(s) {dup} given twice in {spec!r}")
     return names
+
+
+def method_options(spec: str | Sequence[str], options: Mapping[str, Mapping[str, Any]] | None
+                   ) -> list[tuple[type[KDMethod], MethodOptions]]:
+    """``"ce+kd+vitkd"`` → each method's class and options, in that order, each from ``options[name]``
+    (validated against its ``Options``; missing keys take the published defaults)."""
+    names = _parse(spec)
+    options = dict(options or {})
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ConfigError(f"method_options given for {stray}, which are not in the methods {spec!r}")
+    out = []
+    for n in names:
+        cls = _REGISTRY[n]
+        try:
+            out.append((cls, cls.Options.model_validate(dict(options.get(n) or {}))))
+        except ValidationError as e:
+            raise ConfigError(f"method_options.{n}: {e}") from e
+    return out
+
+
+def needs_of(spec: str | Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> Needs:
+    """What the methods ``spec`` with ``options`` need from the teacher, without building them."""
+    return union_needs(cls.requires(opts) for cls, opts in method_options(spec, options))
 
 
 def build_methods(
@@ -313,19 +351,5 @@ def build_methods(
     student: StudentInfo,
     teacher: TeacherContext,
 ) -> nn.ModuleList:
-    """``"ce+kd+vitkd"`` → the methods in that order, each built from ``options[name]``
-    (validated against its ``Options``; missing keys take the published defaults)."""
-    names = _parse(spec)
-    options = dict(options or {})
-    stray = sorted(set(options) - set(names))
-    if stray:
-        raise ValueError(f"options given for {stray}, which are not in the methods {spec!r}")
-    methods = []
-    for n in names:
-        cls = _REGISTRY[n]
-        try:
-            opts = cls.Options.model_validate(dict(options.get(n) or {}))
-        except ValidationError as e:
-            raise ValueError(f"options of KD method {n!r}: {e}") from e
-        methods.append(cls(opts, student, teacher))
-    return nn.ModuleList(methods)
+    """``"ce+kd+vitkd"`` → the methods in that order, built for ``student`` from ``teacher``'s cache."""
+    return nn.ModuleList(cls(opts, student, teacher) for cls, opts in method_options(spec, options))

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from student.targets import TeacherTargets
 
-from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
+from .base import KDMethod, MethodOptions, StudentOutput, register
 
 
 class CEOptions(MethodOptions):
@@ -36,9 +36,6 @@ class CE(KDMethod):
     """Label-smoothed cross-entropy (or timm-style BCE) against the ground-truth labels."""
 
     Options = CEOptions
-
-    def needs(self) -> Needs:
-        return Needs()
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         z = out.logits.float()

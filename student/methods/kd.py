@@ -4,7 +4,7 @@
 (reference/methods.md, "Vanilla KD"). ``soft_ce`` swaps the KL for the soft cross-entropy
 ``-T² · mean_b Σ_c p_t log p_s`` (same gradients; ScaleKD uses it with weight 0.5).
 
-Top-k cached logits (``TeacherTargets.topk_*``) keep, per view, the k largest raw teacher
+Top-k cached logits (``TeacherTargets.topk``) keep, per view, the k largest raw teacher
 logits and the logsumexp over all C classes, so ``p_t(c) = exp(z_c - lse)`` is exact for the
 kept classes at T = 1 and the classes not kept carry the known mass ``r = 1 - Σ_kept p_t``
 but unknown individual values. Both distributions are compared over the same K + 1
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
+from storage_schemas.errors import ConfigError
 from student.targets import TeacherTargets
 
 from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
@@ -55,18 +56,18 @@ def logit_buckets(s_logits: torch.Tensor, targets: TeacherTargets) -> LogitBucke
     s = s_logits.float()
     B, C = s.shape
     if targets.num_classes != C:
-        raise ValueError(f"student has {C} classes, the teacher's logits {targets.num_classes}")
+        raise ConfigError(f"student has {C} classes, the teacher's logits {targets.num_classes}")
     if targets.logits is not None:
         index = torch.arange(C, device=s.device).expand(B, C)
         t_logp = targets.logits.float().log_softmax(-1)
         return LogitBuckets(index, t_logp, t_logp.new_full((B,), -math.inf), 0, s)
-    if targets.topk_values is None:
+    if targets.topk is None:
         raise ValueError("teacher targets hold no logits (cache with targets.logits)")
-    t_logp = targets.topk_values.float() - targets.logsumexp.float().unsqueeze(-1)
+    t_logp = targets.topk.log_probs
     k = t_logp.shape[1]
     # fp16-rounded values can make the kept mass exceed 1 by a hair: the rest is then empty
     rest = (1.0 - t_logp.double().exp().sum(-1)).clamp_min(0.0).float() if k < C else t_logp.new_zeros(B)
-    return LogitBuckets(targets.topk_indices, t_logp, rest.log(), C - k, s)
+    return LogitBuckets(targets.topk.indices, t_logp, rest.log(), C - k, s)
 
 
 def bucket_logits(
@@ -120,7 +121,8 @@ class KD(KDMethod):
 
     Options = KDOptions
 
-    def needs(self) -> Needs:
+    @classmethod
+    def requires(cls, opts: KDOptions) -> Needs:
         return Needs(logits=True)
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -44,7 +44,8 @@ class NKD(KDMethod):
 
     Options = NKDOptions
 
-    def needs(self) -> Needs:
+    @classmethod
+    def requires(cls, opts: NKDOptions) -> Needs:
         return Needs(logits=True)
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ its 3rd and 4th quarter, as a 4-stage pyramid would split it).
 - DFM: ``L = α0 Σ‖n(S) − n(T)‖²/B + α1 Σ‖n(S − mean_hw S) − n(T − mean_hw T)‖²/B``, n = L2
   normalisation over channels per position; α = (0.08, 0.06). The official frequency view
   (DCT, zero the DC term, inverse DCT) is exactly the spatial-mean removal used here.
-  Target: the teacher's final tokens after the final norm (cache tap ``final``).
+  Target: the teacher's final tokens after the final norm (teacher tap ``{index: -1, norm: true}``).
 - TPP: the s3 CAP output (the tail's input width and grid, grid tokens without prefix) goes
   through the teacher's frozen tail (``pipeline.tpp.TeacherTail``), gets both DFM losses
   against the target and is the query of the s4 CAP (not detached).
@@ -40,10 +40,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from pipeline.tpp import TeacherTail
+from storage_schemas.errors import CacheMismatchError, ConfigError
+from storage_schemas.taps import TapSpec
 from student.targets import TeacherTargets
 
 from .base import (
@@ -54,6 +56,7 @@ from .base import (
     StudentOutput,
     TeacherContext,
     register,
+    tap_spec_value,
     tap_tokens,
 )
 
@@ -89,7 +92,7 @@ class CrossAttentionProjector(nn.Module):
         super().__init__()
         cs, h, w = student_shape
         if dim % num_heads:
-            raise ValueError(f"ScaleKD CAP: num_heads {num_heads} does not divide the teacher width {dim}")
+            raise ConfigError(f"ScaleKD CAP: num_heads {num_heads} does not divide the teacher width {dim}")
         self.num_queries, self.num_heads = num_queries, num_heads
         self.scale = (dim // num_heads) ** -0.5 * softmax_scale
         self.proj_student = nn.Sequential(nn.Conv2d(cs, cs, 3, padding=1), nn.BatchNorm2d(cs), nn.ReLU())
@@ -122,18 +125,20 @@ class CrossAttentionProjector(nn.Module):
 
 class ScaleKDOptions(MethodOptions):
     alpha: tuple[float, float] = Field((0.08, 0.06), description="(spatial, frequency) DFM weights")
-    target_tap: str = "final"
+    target_tap: TapSpec = TapSpec(name="final", index=-1, norm=True)
     student_indices: tuple[int, int] | None = Field(None, description="s3, s4; None: see module docstring")
     tpp: bool = Field(True, description="teacher parameter perception through the cached frozen tail")
     softmax_scale: float = Field(5.0, gt=0, description="5.0 in every official CNN/MLP/ViT student config")
     num_heads: int | None = Field(None, ge=1, description="None: width // 64 (rounded down to a divisor)")
     query_proj: bool = Field(True, description="Linear + ReLU on the queries (official proj_pos)")
 
+    _taps = field_validator("target_tap", mode="before")(tap_spec_value)
+
 
 def default_student_indices(student: StudentInfo) -> tuple[int, int]:
     L = student.num_levels
     if L < 2:
-        raise ValueError(f"ScaleKD: the student has {L} feature level(s); it needs two")
+        raise ConfigError(f"ScaleKD: the student has {L} feature level(s); it needs two")
     if student.isotropic:
         return min(math.ceil(3 * L / 4) - 1, L - 2), L - 1
     return L - 2, L - 1
@@ -147,9 +152,9 @@ class ScaleKD(KDMethod):
 
     def __init__(self, opts: ScaleKDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
         super().__init__(opts, student, teacher)
-        target = teacher.feature(opts.target_tap, "ScaleKD")
+        target = teacher.tap(opts.target_tap, "ScaleKD")
         if target.grid is None:
-            raise ValueError(f"ScaleKD: teacher tap {target.name!r} has no token grid")
+            raise CacheMismatchError(f"ScaleKD: teacher tap {target.name!r} has no token grid")
         self.target = target
         nt, ct = target.grid[0] * target.grid[1], target.dim
         idx = opts.student_indices or default_student_indices(student)
@@ -158,12 +163,12 @@ class ScaleKD(KDMethod):
         if opts.tpp:
             tail = teacher.tail
             if tail is None:
-                raise ValueError("ScaleKD tpp=true needs the teacher's frozen tail (cache with targets.tpp: "
-                                 "{tail: 1}; load it with pipeline.tpp.load_pack) or set scalekd.tpp=false")
+                raise CacheMismatchError("ScaleKD tpp=true needs the teacher's frozen tail (cache with targets.tpp: "
+                                         "{tail: 1}; load it with pipeline.tpp.load_pack) or set scalekd.tpp=false")
             spec_in, spec_out = tail.spec["input"], tail.spec["output"]
             if tuple(spec_out["grid"]) != tuple(target.grid) or spec_out["dim"] != ct:
-                raise ValueError(f"ScaleKD: the TPP tail outputs grid {spec_out['grid']} x {spec_out['dim']}, "
-                                 f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
+                raise CacheMismatchError(f"ScaleKD: the TPP tail outputs grid {spec_out['grid']} x {spec_out['dim']}, "
+                                         f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
             n3, c3 = spec_in["grid"][0] * spec_in["grid"][1], spec_in["dim"]
         self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
 
@@ -179,8 +184,12 @@ class ScaleKD(KDMethod):
     def tail(self) -> TeacherTail | None:
         return self.__dict__["_tail"]
 
-    def needs(self) -> Needs:
-        return Needs(taps=(self.opts.target_tap,), tpp=self.opts.tpp, student_indices=(self.s3_index, self.s4_index))
+    @classmethod
+    def requires(cls, opts: ScaleKDOptions) -> Needs:
+        return Needs(taps=(opts.target_tap,), tpp=opts.tpp)
+
+    def student_indices(self) -> tuple[int, ...]:
+        return self.s3_index, self.s4_index
 
     def run_tail(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N3, C3] s3 CAP output → [B, Nt, Ct] through the frozen tail, differentiable in ``x``."""

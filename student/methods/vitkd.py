@@ -2,9 +2,9 @@
 2022), reference/methods.md "ViTKD"; official code yzd-v/cls_KD ``ViTKDLoss``.
 
 Taps, teacher and student alike, patch tokens only: the outputs of blocks 0 and 1 (after
-the FFN residual, no norm; cache taps ``block0``/``block1``, student ``forward_intermediates``
-indices 0 and 1) and the last block after the final norm (cache tap ``final`` with
-``norm: true``; student ``StudentOutput.final_tokens``).
+the FFN residual, no norm; teacher taps ``{index: 0}``/``{index: 1}``, student ``forward_intermediates``
+indices 0 and 1) and the last block after the final norm (teacher tap ``{index: -1, norm: true}``;
+student ``StudentOutput.final_tokens``). The cache serves them under any names.
 
 - Shallow mimicking: ``L_lr = α Σ_{l∈{0,1}} ‖W_l F^S_l − F^T_l‖² / B``, ``W_l`` a
   Linear(Ds→Dt) per layer (identity when the widths match), sum-reduced, α = 3e-5.
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from storage_schemas.errors import ConfigError
+from storage_schemas.taps import TapSpec
 from student.targets import TeacherTargets
 
 from .base import (
@@ -38,6 +40,7 @@ from .base import (
     TeacherContext,
     feature_tokens,
     register,
+    tap_spec_value,
     tap_tokens,
 )
 
@@ -47,10 +50,12 @@ class ViTKDOptions(MethodOptions):
     beta: float = Field(3e-6, ge=0, description="deep generation weight")
     mask_ratio: float = Field(0.5, gt=0, lt=1, description="λ, fraction of masked tokens per sample")
     divide_by_lambda: bool = Field(True, description="L_gen / λ, as the official code")
-    shallow_taps: tuple[str, ...] = ("block0", "block1")
+    shallow_taps: tuple[TapSpec, ...] = (TapSpec(name="block0", index=0), TapSpec(name="block1", index=1))
     student_shallow: tuple[int, ...] = Field((0, 1), description="student forward_intermediates indices")
-    deep_tap: str = "final"
+    deep_tap: TapSpec = TapSpec(name="final", index=-1, norm=True)
     seed: int = 0
+
+    _taps = field_validator("shallow_taps", "deep_tap", mode="before")(tap_spec_value)
 
     @model_validator(mode="after")
     def _pairs(self) -> ViTKDOptions:
@@ -73,17 +78,17 @@ class ViTKD(KDMethod):
     def __init__(self, opts: ViTKDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
         super().__init__(opts, student, teacher)
         who = "ViTKD"
-        self.shallow = [teacher.feature(t, who) for t in opts.shallow_taps]
-        self.deep = teacher.feature(opts.deep_tap, who)
+        self.shallow = [teacher.tap(t, who) for t in opts.shallow_taps]
+        self.deep = teacher.tap(opts.deep_tap, who)
         self.student_idx = tuple(student.resolve(i) for i in opts.student_shallow)
         for f, i in zip(self.shallow, self.student_idx, strict=True):
             c, h, w = student.shapes[i]
             if h * w != f.tokens - f.prefix_tokens:
-                raise ValueError(f"ViTKD: student level {i} has {h}x{w} tokens, teacher tap {f.name!r} "
+                raise ConfigError(f"ViTKD: student level {i} has {h}x{w} tokens, teacher tap {f.name!r} "
                                  f"{f.tokens - f.prefix_tokens} patch tokens; the grids must match")
         n, ds = student.final_tokens
         if self.deep.grid is None or n != self.deep.grid[0] * self.deep.grid[1]:
-            raise ValueError(f"ViTKD: student has {n} final tokens, teacher tap {self.deep.name!r} grid "
+            raise ConfigError(f"ViTKD: student has {n} final tokens, teacher tap {self.deep.name!r} grid "
                              f"{self.deep.grid}; the token grids must match")
         dt = self.deep.dim
         self.align_shallow = nn.ModuleList(
@@ -95,9 +100,12 @@ class ViTKD(KDMethod):
             nn.Conv2d(dt, dt, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(dt, dt, 3, padding=1)
         )
 
-    def needs(self) -> Needs:
-        taps = (*self.opts.shallow_taps, self.opts.deep_tap)
-        return Needs(taps=taps, student_indices=self.student_idx)
+    @classmethod
+    def requires(cls, opts: ViTKDOptions) -> Needs:
+        return Needs(taps=(*opts.shallow_taps, opts.deep_tap))
+
+    def student_indices(self) -> tuple[int, ...]:
+        return self.student_idx
 
     def random_mask(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
         """[B, N] bool, True on the ``N − int(N (1 − λ))`` masked tokens of each sample."""

@@ -89,5 +89,5 @@ def test_empty_shard_is_cached_as_empty_and_trains(bad_shards, tiny_teacher, ray
     assert m.status == "complete" and [s.count for s in m.dataset.shards] == [6, 4, 0]
     assert verify_cache(CacheStore(str(tmp_path / "c.zarr"), read_only=True), progress=False).ok
     ds = CacheDataset(str(tmp_path / "c.zarr"), size=16, mean=(0.5,) * 3, std=(0.5,) * 3, logits=False)
-    seen = sorted((s["shard"], s["position"]) for s in ds)
+    seen = sorted((s.tar, s.position) for s in ds)
     assert seen == [(0, p) for p in range(6)] + [(1, 0), (1, 3)]

@@ -75,14 +75,14 @@ def test_cache_matches_live_teacher(reference, tiny_teacher):
                     logits = model.forward_head(final)[0]
                 block0 = inters[0][0]  # patch tokens, cls dropped
                 final_tokens = final[0, model.num_prefix_tokens:]
-                np.testing.assert_allclose(rows[A.feature_array("block0")][pos], block0.numpy(), atol=2e-2, rtol=1e-2)
-                np.testing.assert_allclose(rows[A.feature_array("final")][pos], final_tokens.numpy(), atol=2e-2,
+                np.testing.assert_allclose(rows["feat_block0"][pos], block0.numpy(), atol=2e-2, rtol=1e-2)
+                np.testing.assert_allclose(rows["feat_final"][pos], final_tokens.numpy(), atol=2e-2,
                                            rtol=1e-2)
                 # top-k: same classes, and exp(value - lse) is the live softmax on them
                 probs = logits.softmax(-1).numpy()
-                idx = rows[A.LOGITS_TOPK_INDICES][pos]
+                idx = rows["logits_topk_indices"][pos]
                 assert set(idx) == set(np.argsort(-probs)[:5])
-                rebuilt = np.exp(rows[A.LOGITS_TOPK_VALUES][pos].astype(np.float64) - rows[A.LOGITS_LOGSUMEXP][pos])
+                rebuilt = np.exp(rows["logits_topk_values"][pos].astype(np.float64) - rows["logits_logsumexp"][pos])
                 np.testing.assert_allclose(rebuilt, probs[idx], atol=2e-3)
                 assert rows[A.PRED_TOP1][pos] == probs.argmax()
                 checked += 1

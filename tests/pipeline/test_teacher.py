@@ -5,7 +5,8 @@ import timm
 import torch
 
 from pipeline.teacher import Teacher, load_state_dict
-from storage_schemas.config import TapConfig, TeacherConfig
+from storage_schemas.config import TeacherConfig
+from storage_schemas.taps import TapSpec
 
 SWIN = {"img_size": 32, "patch_size": 2, "window_size": 2, "embed_dim": 24, "depths": (1, 1, 2, 1),
         "num_heads": (1, 2, 3, 4), "num_classes": 10}
@@ -14,7 +15,7 @@ VIT = {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads"
 
 def test_vit_taps_logits_and_prefix_tokens():
     cfg = TeacherConfig(model="vit_tiny_patch16_224", model_kwargs=VIT)
-    taps = [TapConfig(name="b0", index=0), TapConfig(name="final", index=-1, norm=True)]
+    taps = [TapSpec(name="b0", index=0), TapSpec(name="final", index=-1, norm=True)]
     t = Teacher(cfg, taps, keep_prefix_tokens=True, tail_input_index=1)
     x = torch.randn(2, 3, 32, 32)
     out = t(x)
@@ -30,7 +31,7 @@ def test_vit_taps_logits_and_prefix_tokens():
 
 def test_swin_final_tap_is_nhwc_flattened():
     t = Teacher(TeacherConfig(model="swin_tiny_patch4_window7_224", model_kwargs=SWIN),
-                [TapConfig(name="final", index=-1, norm=True), TapConfig(name="s2", index=2)])
+                [TapSpec(name="final", index=-1, norm=True), TapSpec(name="s2", index=2)])
     x = torch.randn(2, 3, 32, 32)
     out = t(x)
     with torch.no_grad():
@@ -38,15 +39,15 @@ def test_swin_final_tap_is_nhwc_flattened():
         s2 = t.model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
     torch.testing.assert_close(out.features["final"], feats.flatten(1, 2))
     torch.testing.assert_close(out.features["s2"], s2.flatten(2).transpose(1, 2))
-    assert [s.grid for s in t.tap_shapes()] == [(2, 2), (4, 4)]
+    assert [s.grid for s in t.tap_infos("fp16")] == [(2, 2), (4, 4)]
 
 
 def test_bad_taps_and_checkpoints_are_named(tmp_path):
     cfg = TeacherConfig(model="vit_tiny_patch16_224", model_kwargs=VIT)
     with pytest.raises(ValueError, match="tap 'x': index 7 out of range for 3 levels"):
-        Teacher(cfg, [TapConfig(name="x", index=7)])
+        Teacher(cfg, [TapSpec(name="x", index=7)])
     with pytest.raises(ValueError, match="norm=true means the final normed features"):
-        Teacher(cfg, [TapConfig(name="x", index=0, norm=True)])
+        Teacher(cfg, [TapSpec(name="x", index=0, norm=True)])
     p = tmp_path / "w.pt"
     p.write_bytes(b"not weights")
     with pytest.raises(ValueError, match="weights_only=True"):
@@ -60,7 +61,7 @@ def test_bad_taps_and_checkpoints_are_named(tmp_path):
 @pytest.mark.gpu
 def test_cuda_bf16_autocast_close_to_fp32():
     cfg = TeacherConfig(model="vit_tiny_patch16_224", model_kwargs=VIT)
-    taps = [TapConfig(name="final", index=-1, norm=True)]
+    taps = [TapSpec(name="final", index=-1, norm=True)]
     gpu, cpu = Teacher(cfg, taps, device="cuda"), Teacher(cfg, taps)
     assert gpu.autocast_dtype == torch.bfloat16 and gpu.weights_sha256 == cpu.weights_sha256
     x = torch.randn(4, 3, 32, 32)

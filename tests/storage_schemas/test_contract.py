@@ -5,8 +5,10 @@ import pytest
 
 from jobs.config_io import ConfigError, load_config
 from storage_schemas import arrays as A
+from storage_schemas.codecs import LogitsInfo, codecs_of
 from storage_schemas.config import CacheConfig
 from storage_schemas.manifest import Manifest
+from storage_schemas.taps import TapInfo
 from storage_schemas.version import IncompatibleSchemaError, check_compatible
 from storage_schemas.views import RandAugmentRecipe, ViewRecipe, ViewRecord
 
@@ -31,9 +33,25 @@ def test_set_overrides_nested_values():
     assert cfg.views.num_views == 8 and cfg.targets.logits.k == 3 and cfg.views.randaugment is None
 
 
-def test_public_dict_drops_credentials():
-    cfg = CacheConfig.model_validate({**BASE, "output": {"url": "s3://b/c", "storage_options": {"secret": "S3CR3T"}}})
-    assert "S3CR3T" not in str(cfg.public_dict())
+def test_credentials_are_never_dumped_and_come_back_with_secrets():
+    opts = {"secret": "S3CR3T"}
+    cfg = CacheConfig.model_validate({**BASE, "output": {"url": "s3://b/c", "storage_options": opts},
+                                      "teacher": {"model": "resnet18", "checkpoint_storage_options": opts}})
+    assert "S3CR3T" not in str(cfg.public_dict()) and "S3CR3T" not in cfg.model_dump_json()
+    stored = CacheConfig.model_validate_json(cfg.model_dump_json())  # as a manifest holds it
+    assert stored.output.storage_options == {} and stored.teacher.checkpoint_storage_options == {}
+    back = stored.with_secrets(cfg.secrets())
+    assert back.output.storage_options == opts and back.teacher.checkpoint_storage_options == opts
+
+
+def test_targets_for_is_not_stored():
+    cfg = load_config(CacheConfig, None, ["targets.for=[vitkd, scalekd]"], base=BASE)
+    assert cfg.targets.for_methods == ["vitkd", "scalekd"] and "for" not in str(cfg.public_dict()["targets"])
+
+
+def test_feature_dtype_names_the_known_codecs():
+    with pytest.raises(ConfigError, match=r"feature_dtype 'fp8': expected one of fp16, int8"):
+        load_config(CacheConfig, None, ["targets.feature_dtype=fp8"], base=BASE)
 
 
 def test_timm_randaugment_string():
@@ -62,14 +80,16 @@ def test_manifest_refuses_unknown_major_before_fields():
 def test_array_table_shapes_and_rows_per_shard():
     assert A.rows_per_shard(300, 128) == 384 and A.rows_per_shard(0, 64) == 64
     recipe = ViewRecipe(randaugment="rand-m9-n3", erase={"max_count": 2})
-    specs = {s.name: s for s in A.cache_arrays(recipe, logits_mode="topk", logits_k=5, num_classes=10,
-                                               features=[("final", 49, 96, "int8")], fingerprint_size=4)}
+    final = TapInfo(name="final", index=11, norm=True, tokens=49, dim=96, grid=(7, 7), prefix_tokens=0, dtype="int8")
+    codecs = codecs_of(LogitsInfo(mode="topk", k=5, num_classes=10), [final])
+    specs = {s.name: s for s in A.cache_arrays(recipe, codecs, fingerprint_size=4)}
     assert specs[A.VIEW_OPS].inner == (3,) and specs[A.VIEW_ERASE].inner == (2, 4)
-    assert specs[A.feature_array("final")].dtype == "int8"
-    assert specs[A.feature_scale_array("final")].inner == (49,)
-    assert specs[A.LOGITS_TOPK_INDICES].dtype == "int16"
-    s = specs[A.feature_array("final")]
+    assert specs["feat_final"].dtype == "int8" and specs["feat_final"].target == "feature:final"
+    assert specs["feat_final_scale"].inner == (49,)
+    assert specs["logits_topk_indices"].dtype == "int16" and specs["logits_topk_values"].inner == (5,)
+    s = specs["feat_final"]
     assert s.shape(768, 4) == (768, 4, 49, 96) and s.shard_shape(384) == (384, 1, 49, 96)
+    assert list(specs)[:3] == [A.LABEL, A.VALID, A.PRED_TOP1] and list(specs)[-2:] == ["feat_final", "feat_final_scale"]
 
 
 def test_view_records_round_trip_through_arrays():

@@ -12,22 +12,17 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader
 
-from pipeline.shards import iter_samples
+from pipeline.shards import Sample, iter_samples
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.targets import input_fingerprint
 from pipeline.views import eval_view
 from storage_schemas import arrays as A
 from storage_schemas import layout
-from student.data import (
-    CacheDataset,
-    collate_rows,
-    eval_loader,
-    merge_states,
-    random_views,
-    refuse_mixup,
-    shuffle_order,
-    target_arrays,
-)
+from student.batch import collate_rows
+from student.config import refuse_mixup
+from student.data import CacheDataset, merge_states, target_arrays
+from student.evaluate import eval_loader
+from student.plan import random_views, shuffle_order
 
 TAPS = ["block0", "final"]
 
@@ -39,7 +34,7 @@ def make(reference, path=None, **kw) -> CacheDataset:
 
 
 def ids(samples) -> list[tuple[int, int]]:
-    return [(s["shard"], s["position"]) for s in samples]
+    return [(s.tar, s.position) for s in samples]
 
 
 def all_ids(m) -> set[tuple[int, int]]:
@@ -47,7 +42,7 @@ def all_ids(m) -> set[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def random_epoch(reference) -> list[dict]:
+def random_epoch(reference) -> list[Sample]:
     """Epoch 0 of the random policy at the teacher's size, with fingerprints and all targets."""
     m = reference["manifest"]
     names = [*target_arrays(m, logits=True, taps=TAPS), A.VIEW_FINGERPRINT, A.PRED_TOP1]
@@ -60,11 +55,11 @@ def random_epoch(reference) -> list[dict]:
 def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, reference):
     m = reference["manifest"]
     assert len(random_epoch) == m.dataset.num_samples == 1437
-    x = torch.stack([s["x"] for s in random_epoch])
-    fp = input_fingerprint(x, m.config["targets"]["fingerprint_size"]).astype(np.float32)
-    stored = np.stack([s["targets"][A.VIEW_FINGERPRINT] for s in random_epoch]).astype(np.float32)
+    x = torch.stack([s.x for s in random_epoch])
+    fp = input_fingerprint(x, m.config.targets.fingerprint_size).float().numpy()
+    stored = np.stack([s.rows[A.VIEW_FINGERPRINT] for s in random_epoch]).astype(np.float32)
     np.testing.assert_allclose(fp, stored, rtol=1e-3, atol=1e-3)
-    assert {s["view"] for s in random_epoch} == {0, 1}  # both stored views were replayed
+    assert {s.view for s in random_epoch} == {0, 1}  # both stored views were replayed
 
 
 def test_rows_match_cache_and_keys_match_tar(random_epoch, reference):
@@ -74,22 +69,22 @@ def test_rows_match_cache_and_keys_match_tar(random_epoch, reference):
     tar_keys = {t: [(s.key, s.label) for s in iter_samples(sh.url)] for t, sh in enumerate(m.dataset.shards)}
     names = set(target_arrays(m, logits=True, taps=TAPS)) | {A.VIEW_FINGERPRINT, A.PRED_TOP1}
     for s in random_epoch:
-        rows, p = units[(s["shard"], s["view"])], s["position"]
-        assert (s["__key__"], s["label"]) == tar_keys[s["shard"]][p] == (store.read_index(s["shard"])[p], rows[A.LABEL][p])
-        assert set(s["targets"]) == names
-        for name, row in s["targets"].items():
-            np.testing.assert_array_equal(row, rows[name][p], err_msg=f"{name} {s['__key__']}")
+        rows, p = units[(s.tar, s.view)], s.position
+        assert (s.key, s.label) == tar_keys[s.tar][p] == (store.read_index(s.tar)[p], rows[A.LABEL][p])
+        assert names <= set(s.rows)
+        for name, row in s.rows.items():
+            np.testing.assert_array_equal(row, rows[name][p], err_msg=f"{name} {s.key}")
     batch = make(reference, taps=TAPS).collate(random_epoch[:16])
-    assert batch.x.shape == (16, 3, 32, 32) and batch.labels.tolist() == [s["label"] for s in random_epoch[:16]]
-    assert batch.targets.topk_values.shape == (16, m.logits.k) and set(batch.targets.features) == set(TAPS)
-    assert batch.keys == [s["__key__"] for s in random_epoch[:16]]
+    assert batch.x.shape == (16, 3, 32, 32) and batch.labels.tolist() == [s.label for s in random_epoch[:16]]
+    assert batch.targets.topk.values.shape == (16, m.logits.k) and set(batch.targets.features) == set(TAPS)
+    assert batch.keys == [s.key for s in random_epoch[:16]]
 
 
 def test_only_requested_arrays_are_read(reference):
     m = reference["manifest"]
     ds = make(reference, logits=False, taps=["final"])
-    assert A.LOGITS_TOPK_VALUES not in ds.read_names and A.feature_array("block0") not in ds.read_names
-    assert {A.VIEW_CROP, A.LABEL, A.VALID, A.feature_array("final")} <= set(ds.read_names)
+    assert "logits_topk_values" not in ds.read_names and "feat_block0" not in ds.read_names
+    assert {A.VIEW_CROP, A.LABEL, A.VALID, "feat_final"} <= set(ds.read_names)
     with pytest.raises(ValueError, match=r"tap 'nope' is not in this cache; it holds \['block0', 'final'\]"):
         make(reference, taps=["nope"])
     with pytest.raises(ValueError, match="not in this cache"):
@@ -109,24 +104,23 @@ def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(reference):
         ds.set_epoch(epoch)
         got = list(ds)
         assert sorted(ids(got)) == sorted(all_ids(m))
-        assert {s["view"] for s in got} == {epoch % m.num_views} and got[0]["x"].shape == (3, 16, 16)
+        assert {s.view for s in got} == {epoch % m.num_views} and got[0].x.shape == (3, 16, 16)
 
 
 def test_max_views_serves_only_the_first_views_with_their_stored_rows(random_epoch, reference):
     m = reference["manifest"]
     assert m.num_views == 2
-    view0 = {(s["shard"], s["position"]): s for s in random_epoch if s["view"] == 0}
+    view0 = {(s.tar, s.position): s for s in random_epoch if s.view == 0}
     for policy in ("cycle", "random"):
-        ds = make(reference, view_policy=policy, max_views=1, arrays=[A.LOGITS_TOPK_VALUES])
+        ds = make(reference, view_policy=policy, max_views=1, arrays=["logits_topk_values"])
         for epoch in (0, 1):
             ds.set_epoch(epoch)
             got = list(ds)
-            assert sorted(ids(got)) == sorted(all_ids(m)) and {s["view"] for s in got} == {0}
+            assert sorted(ids(got)) == sorted(all_ids(m)) and {s.view for s in got} == {0}
             for s in got:  # the row served is view 0's row, the image is view 0's replay
-                if (ref := view0.get((s["shard"], s["position"]))) is not None:
-                    torch.testing.assert_close(s["x"], ref["x"])
-                    np.testing.assert_array_equal(s["targets"][A.LOGITS_TOPK_VALUES],
-                                                  ref["targets"][A.LOGITS_TOPK_VALUES])
+                if (ref := view0.get((s.tar, s.position))) is not None:
+                    torch.testing.assert_close(s.x, ref.x)
+                    np.testing.assert_array_equal(s.rows["logits_topk_values"], ref.rows["logits_topk_values"])
     for bad in (0, 3):
         with pytest.raises(ValueError, match=f"max_views={bad}: .* holds 2 views per sample; choose 1..2"):
             make(reference, max_views=bad)
@@ -137,13 +131,13 @@ def test_random_policy_views_and_epochs_differ(random_epoch, reference):
     assert sorted(ids(random_epoch)) == sorted(all_ids(m))
     for t in range(len(m.dataset.shards)):
         want = random_views(0, 0, t, m.dataset.shards[t].count, range(m.num_views))
-        assert all(s["view"] == want[s["position"]] for s in random_epoch if s["shard"] == t)
+        assert all(s.view == want[s.position] for s in random_epoch if s.tar == t)
     ds = make(reference, size=16, view_policy="random", logits=False)
     ds.set_epoch(1)
     again = list(ds)
     assert sorted(ids(again)) == sorted(all_ids(m))
-    v0 = {(s["shard"], s["position"]): s["view"] for s in random_epoch}
-    v1 = {(s["shard"], s["position"]): s["view"] for s in again}
+    v0 = {(s.tar, s.position): s.view for s in random_epoch}
+    v1 = {(s.tar, s.position): s.view for s in again}
     assert 0.3 < np.mean([v0[k] != v1[k] for k in v0]) < 0.7  # fresh draws per epoch
     assert ids(again) != ids(random_epoch)
 
@@ -153,12 +147,12 @@ def test_shuffle_order_depends_on_seed_and_epoch_only(random_epoch, reference):
     assert ids(ds) == ids(random_epoch)  # same seed and epoch: same order, whatever the size
 
     def plan(seed, epoch):  # tars in order and the buffer's order, planned before any read
-        tasks, order = make(reference, seed=seed, logits=False).consumer_order(epoch, 0, 1)
-        return [t.shard for t in tasks], order.tolist()
+        tasks, order = make(reference, seed=seed, logits=False).plan.consumer_order(epoch, 0, 1)
+        return [t.tar for t in tasks], order.tolist()
 
     assert plan(0, 0) == plan(0, 0)
     assert plan(1, 0) != plan(0, 0) != plan(0, 1)
-    shards = [s["shard"] for s in random_epoch]
+    shards = [s.tar for s in random_epoch]
     second = next(i for i, t in enumerate(shards) if t != shards[0])
     assert shards[0] in shards[second:second + 64]  # the buffer mixes units read in turn
     order = shuffle_order(1000, 64, np.random.default_rng(0))
@@ -174,7 +168,7 @@ def test_two_ranks_two_workers_see_every_sample_once(reference):
         ds = make(reference, size=8, logits=False, rank=rank, world_size=2)
         ds.set_epoch(3)
         for b in DataLoader(ds, batch_size=50, num_workers=2, collate_fn=collate_rows):
-            seen += list(zip(b["shard"].tolist(), b["position"].tolist(), strict=True))
+            seen += list(zip(b["tar"].tolist(), b["position"].tolist(), strict=True))
             consumers.update(b["consumer"])
             assert b["num_consumers"] == 4 and set(b["view"].tolist()) == {1}
     assert len(seen) == len(set(seen)) and set(seen) == all_ids(m)
@@ -200,7 +194,7 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(reference):
     def run(ds, stop=None):
         out = []
         for i, b in enumerate(ds.loader(batch_size=40, num_workers=2), start=1):
-            out += list(zip(b.shards.tolist(), b.positions.tolist(), b.views.tolist(), strict=True))
+            out += list(zip(b.tars.tolist(), b.positions.tolist(), b.views.tolist(), strict=True))
             if i == stop:  # a batch handed out counts as consumed: stop after using it
                 break
         return out
@@ -318,8 +312,8 @@ def test_partial_cache_refused_unless_asked_then_only_completed_units(reference,
     assert sorted(ids(cycle)) == sorted(i for i in all_ids(m) if i[0] in (1, 3))
     rand = list(make(reference, path, size=8, logits=False, allow_partial=True, view_policy="random"))
     assert sorted(ids(rand)) == sorted(i for i in all_ids(m) if i[0] != 2)
-    assert all((s["shard"], s["view"]) not in dropped for s in rand)
-    assert {s["view"] for s in rand if s["shard"] == 3} == {0, 1}
+    assert all((s.tar, s.view) not in dropped for s in rand)
+    assert {s.view for s in rand if s.tar == 3} == {0, 1}
 
 
 # --- eval and mixup --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from scipy.fft import dctn, idctn
 from timm.models.mlp_mixer import MlpMixer
 
 from pipeline.tpp import build_tail, extract_tail
-from storage_schemas.manifest import FeatureInfo
+from storage_schemas.taps import TapInfo
 from student.methods import (
     StudentInfo,
     StudentOutput,
@@ -31,8 +31,8 @@ SWIN_T = ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window
                                                depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), num_classes=C))
 
 
-def feat(name, index, tokens, dim, grid, norm=False) -> FeatureInfo:
-    return FeatureInfo(name=name, index=index, norm=norm, tokens=tokens, dim=dim, grid=grid, prefix_tokens=0,
+def feat(name, index, tokens, dim, grid, norm=False) -> TapInfo:
+    return TapInfo(name=name, index=index, norm=norm, tokens=tokens, dim=dim, grid=grid, prefix_tokens=0,
                        dtype="fp16")
 
 
@@ -48,7 +48,7 @@ def teacher_setup(case=VIT_T, dtype=torch.float32):
     out = tail.spec["output"]
     gh, gw = out["grid"]
     final = feat("final", tail.spec["depth"] - 1, gh * gw, out["dim"], (gh, gw), norm=True)
-    return teacher, tail, TeacherContext(num_classes=C, features=[final], tail=tail)
+    return teacher, tail, TeacherContext(num_classes=C, taps=[final], tail=tail)
 
 
 def teacher_final(teacher: torch.nn.Module, x: torch.Tensor) -> TeacherTargets:
@@ -77,7 +77,7 @@ VITKD_TAPS = [feat("block0", 0, 16, 48, (4, 4)), feat("block1", 1, 16, 48, (4, 4
 def vitkd_case(student_dim: int = 32, **opts):
     info = StudentInfo(shapes=((student_dim, 4, 4),) * 4, final_tokens=(16, student_dim), prefix_tokens=1,
                        vit_like=True)
-    m = build_methods("vitkd", {"vitkd": opts}, info, TeacherContext(num_classes=C, features=VITKD_TAPS))[0]
+    m = build_methods("vitkd", {"vitkd": opts}, info, TeacherContext(num_classes=C, taps=VITKD_TAPS))[0]
     g = torch.Generator().manual_seed(0)
     B = 3
     out = StudentOutput(logits=torch.zeros(B, C),
@@ -139,10 +139,10 @@ def test_vitkd_identity_when_widths_match_and_trains_a_vit_student():
     student = make("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2,
                                                 num_classes=C))
     info = student_info(student, 32)
-    vitkd = build_methods("vitkd", {}, info, TeacherContext(num_classes=C, features=VITKD_TAPS))[0].train()
+    vitkd = build_methods("vitkd", {}, info, TeacherContext(num_classes=C, taps=VITKD_TAPS))[0].train()
     student.train()
     x = torch.randn(2, 3, 32, 32)
-    out = student_forward(student, x, vitkd.needs().student_indices)
+    out = student_forward(student, x, vitkd.student_indices())
     tgt = TeacherTargets(num_classes=C, features={f.name: torch.randn(2, 16, 48) for f in VITKD_TAPS})
     losses = vitkd(out, tgt, torch.zeros(2))
     sum(losses.values()).backward()
@@ -196,8 +196,8 @@ def test_cap_outputs_the_teacher_grid_and_width(kind, teacher_case):
     m = build_methods("scalekd", {}, info, ctx)[0]
     assert (m.s3_index, m.s4_index) == default_student_indices(info)
     x = torch.randn(2, 3, size, size)
-    out = student_forward(student, x, m.needs().student_indices)
-    tin, tout, final = tail.spec["input"], tail.spec["output"], ctx.features[0]
+    out = student_forward(student, x, m.student_indices())
+    tin, tout, final = tail.spec["input"], tail.spec["output"], ctx.taps[0]
     y3 = m.s3["spat"](out.features[m.s3_index])
     assert tuple(y3.shape) == (2, tin["grid"][0] * tin["grid"][1], tin["dim"])  # tail input, no prefix
     z = m.run_tail(y3)
@@ -225,7 +225,7 @@ def test_tpp_sends_gradients_through_the_frozen_tail():
     x = torch.randn(2, 3, 64, 64)
     tgt = teacher_final(teacher, torch.nn.functional.interpolate(x, size=32))
     tail_before = {k: v.clone() for k, v in tail.state_dict().items()}
-    out = student_forward(student, x, m.needs().student_indices)
+    out = student_forward(student, x, m.student_indices())
     losses = m(out, tgt, torch.zeros(2))
     # the s3 losses reach the student only through the tail
     (losses["loss_scalekd_s3_spat"] + losses["loss_scalekd_s3_freq"]).backward(retain_graph=True)
@@ -255,14 +255,14 @@ def test_tpp_tail_in_lower_precision_and_without_tpp():
     info = student_info(student, size)
     m = build_methods("scalekd", {}, info, ctx)[0]
     x = torch.randn(2, 3, 32, 32)
-    losses = m(student_forward(student, x, m.needs().student_indices), teacher_final(teacher, x), torch.zeros(2))
+    losses = m(student_forward(student, x, m.student_indices()), teacher_final(teacher, x), torch.zeros(2))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-    no_tail = TeacherContext(num_classes=C, features=ctx.features)
+    no_tail = TeacherContext(num_classes=C, taps=ctx.taps)
     with pytest.raises(ValueError, match="needs the teacher's frozen tail.*targets.tpp.*scalekd.tpp=false"):
         build_methods("scalekd", {}, info, no_tail)
     plain = build_methods("scalekd", {"scalekd": {"tpp": False, "alpha": (1.0, 0.0)}}, info, no_tail)[0]
-    assert not plain.needs().tpp and plain.tail is None and plain.s4["spat"].query is not None
-    losses = plain(student_forward(student, x, plain.needs().student_indices), teacher_final(teacher, x),
+    assert not plain.opts.tpp and plain.tail is None and plain.s4["spat"].query is not None
+    losses = plain(student_forward(student, x, plain.student_indices()), teacher_final(teacher, x),
                    torch.zeros(2))
     assert losses["loss_scalekd_s3_freq"] == 0 and losses["loss_scalekd_s3_spat"] > 0
 
@@ -284,15 +284,15 @@ def test_methods_on_cuda_with_the_tail_loaded_on_cpu():
     teacher, tail, ctx = teacher_setup(VIT_T)  # the tail starts on the CPU: moved on first use
     student = STUDENTS["mixer"][0]().cuda()
     info = student_info(student, 32)
-    feats = [*VITKD_TAPS[:2], ctx.features[0]]
-    methods = build_methods("kd+vitkd+scalekd", {}, info, TeacherContext(num_classes=C, features=feats, tail=tail))
+    feats = [*VITKD_TAPS[:2], ctx.taps[0]]
+    methods = build_methods("kd+vitkd+scalekd", {}, info, TeacherContext(num_classes=C, taps=feats, tail=tail))
     methods.cuda().train()
     x = torch.randn(2, 3, 32, 32)
     tgt = teacher_final(teacher, x)
     tgt.features.update({f.name: torch.randn(2, 16, 48) for f in VITKD_TAPS[:2]})
     tgt.logits = torch.randn(2, C)
     tgt = TeacherTargets(num_classes=C, logits=tgt.logits.cuda(), features={k: v.cuda() for k, v in tgt.features.items()})
-    out = student_forward(student, x.cuda(), sorted(set(sum((m.needs().student_indices for m in methods), ()))))
+    out = student_forward(student, x.cuda(), sorted(set(sum((m.student_indices() for m in methods), ()))))
     losses = {k: v for m in methods for k, v in m(out, tgt, torch.zeros(2, dtype=torch.long).cuda()).items()}
     sum(losses.values()).backward()
     assert all(v.is_cuda and torch.isfinite(v) for v in losses.values())

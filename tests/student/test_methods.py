@@ -9,20 +9,21 @@ import timm
 import torch
 from timm.models.mlp_mixer import MlpMixer
 
-from pipeline.targets import compress_logits
-from storage_schemas import arrays as A
-from storage_schemas.manifest import FeatureInfo, LogitsInfo, Manifest, TeacherInfo, TPPInfo
+from storage_schemas.codecs import LogitsInfo, TopK
+from storage_schemas.config import CacheConfig
+from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo
+from storage_schemas.taps import TapInfo, TapSpec
 from student.methods import (
     Needs,
     StudentInfo,
     StudentOutput,
     TeacherContext,
     build_methods,
-    check_against_manifest,
+    check_cache,
     method_names,
+    needs_of,
     student_forward,
     student_info,
-    union_needs,
 )
 from student.targets import TeacherTargets
 
@@ -30,8 +31,8 @@ C = 10
 VIT_STUDENT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=C))
 
 
-def feat(name: str, index: int, *, norm: bool = False, tokens: int = 16, dim: int = 48, grid=(4, 4)) -> FeatureInfo:
-    return FeatureInfo(name=name, index=index, norm=norm, tokens=tokens, dim=dim, grid=grid, prefix_tokens=0,
+def feat(name: str, index: int, *, norm: bool = False, tokens: int = 16, dim: int = 48, grid=(4, 4)) -> TapInfo:
+    return TapInfo(name=name, index=index, norm=norm, tokens=tokens, dim=dim, grid=grid, prefix_tokens=0,
                        dtype="fp16")
 
 
@@ -41,9 +42,10 @@ VIT_INFO = StudentInfo(shapes=((32, 4, 4),) * 4, final_tokens=(16, 32), prefix_t
 
 def manifest(features=TEACHER_FEATURES, logits=True, tpp=False) -> Manifest:
     teacher = TeacherInfo(model="vit_tiny_patch16_224", weights_sha256="0" * 64, input_size=32, mean=(0.5,) * 3,
-                          std=(0.5,) * 3, num_classes=C)
+                          std=(0.5,) * 3, num_classes=C, num_levels=3)
     return Manifest.model_construct(
         teacher=teacher, features=list(features),
+        config=CacheConfig.model_validate({"input": {"urls": "x"}, "output": {"url": "y"}, "teacher": {"model": "m"}}),
         logits=LogitsInfo(mode="topk", k=5, num_classes=C) if logits else None,
         tpp=TPPInfo(family="vit", num_params=1, bytes=1, spec={}) if tpp else None,
     )
@@ -53,20 +55,20 @@ def manifest(features=TEACHER_FEATURES, logits=True, tpp=False) -> Manifest:
 
 
 def test_unknown_method_lists_valid_names():
-    ctx = TeacherContext(num_classes=C, features=TEACHER_FEATURES)
+    ctx = TeacherContext(num_classes=C, num_levels=3, taps=TEACHER_FEATURES)
     with pytest.raises(ValueError, match=r"unknown KD method\(s\) \['kdd'\].*valid: ce, kd, nkd, scalekd, vitkd"):
         build_methods("ce+kdd", {}, VIT_INFO, ctx)
     assert method_names() == ["ce", "kd", "nkd", "scalekd", "vitkd"]
     with pytest.raises(ValueError, match="given twice"):
         build_methods("kd+kd", {}, VIT_INFO, ctx)
-    with pytest.raises(ValueError, match=r"options given for \['nkd'\]"):
+    with pytest.raises(ValueError, match=r"method_options given for \['nkd'\]"):
         build_methods("ce+kd", {"nkd": {}}, VIT_INFO, ctx)
-    with pytest.raises(ValueError, match="(?s)options of KD method .kd.*temprature"):
+    with pytest.raises(ValueError, match="(?s)method_options.kd: .*temprature"):
         build_methods("kd", {"kd": {"temprature": 2}}, VIT_INFO, ctx)
 
 
 def test_options_take_published_defaults():
-    ctx = TeacherContext(num_classes=C, features=TEACHER_FEATURES)
+    ctx = TeacherContext(num_classes=C, num_levels=3, taps=TEACHER_FEATURES)
     ce, kd, nkd, vitkd = build_methods(["ce", "kd", "nkd", "vitkd"], {"kd": {"weight": 0.5, "soft_ce": True}},
                                        VIT_INFO, ctx)
     assert (ce.opts.label_smoothing, ce.opts.loss, ce.opts.weight) == (0.1, "ce", 1.0)
@@ -76,30 +78,57 @@ def test_options_take_published_defaults():
         3e-5, 3e-6, 0.5, True)
 
 
-def test_needs_of_composed_methods_union():
-    ctx = TeacherContext(num_classes=C, features=[*TEACHER_FEATURES, feat("s4", 2)])
-    methods = build_methods("ce+kd+nkd+vitkd+scalekd", {"scalekd": {"tpp": False, "target_tap": "s4"}}, VIT_INFO, ctx)
-    assert [m.needs() for m in methods[:3]] == [Needs(), Needs(logits=True), Needs(logits=True)]
-    assert methods[3].needs() == Needs(taps=("block0", "block1", "final"), student_indices=(0, 1))
-    assert methods[4].needs() == Needs(taps=("s4",), student_indices=(2, 3))  # isotropic, 4 blocks
-    u = union_needs(methods)
-    assert u == Needs(logits=True, taps=("block0", "block1", "final", "s4"), tpp=False, student_indices=(0, 1, 2, 3))
-    assert Needs(tpp=True) | Needs(taps=("a",)) == Needs(taps=("a",), tpp=True)
+B0, B1, FINAL = TapSpec(name="block0", index=0), TapSpec(name="block1", index=1), TapSpec(name="final", index=-1, norm=True)
 
 
-def test_check_against_manifest_names_missing_targets():
-    needs = Needs(logits=True, taps=("block0", "block1", "final", "mid"), tpp=True)
+def test_needs_are_known_from_options_before_building():
+    s4 = {"name": "s4", "index": 2}
+    opts = {"scalekd": {"tpp": False, "target_tap": s4}}
+    assert needs_of("ce") == Needs()
+    assert needs_of("kd") == needs_of("nkd") == Needs(logits=True)
+    assert needs_of("vitkd") == Needs(taps=(B0, B1, FINAL))
+    assert needs_of("scalekd") == Needs(taps=(FINAL,), tpp=True)
+    u = needs_of("ce+kd+nkd+vitkd+scalekd", opts)
+    assert u == Needs(logits=True, taps=(B0, B1, FINAL, TapSpec(**s4)), tpp=False)
+    assert Needs(tpp=True) | Needs(taps=(B0,)) == Needs(taps=(B0,), tpp=True)
+    assert Needs(taps=(B0,)) | Needs(taps=(TapSpec(name="other", index=0),)) == Needs(taps=(B0,))  # one point, one tap
+    ctx = TeacherContext(num_classes=C, num_levels=3, taps=[*TEACHER_FEATURES, feat("s4", 2)])
+    methods = build_methods("ce+kd+nkd+vitkd+scalekd", opts, VIT_INFO, ctx)
+    assert [m.student_indices() for m in methods] == [(), (), (), (0, 1), (2, 3)]  # scalekd: isotropic, 4 blocks
+
+
+def test_options_refuse_a_tap_given_by_name_only():
+    with pytest.raises(ValueError, match=r"(?s)not a name: write \{name: final, index: <block or stage index>\}"):
+        needs_of("scalekd", {"scalekd": {"target_tap": "final"}})
+
+
+def test_taps_are_served_by_the_point_they_name_not_their_name():
+    renamed = [feat("b0", 0), feat("b1", 1), feat("last", 2, norm=True)]
+    vitkd = build_methods("vitkd", {}, VIT_INFO, TeacherContext(num_classes=C, num_levels=3, taps=renamed))[0]
+    assert [f.name for f in vitkd.shallow] == ["b0", "b1"] and vitkd.deep.name == "last"
+    check_cache(needs_of("vitkd"), manifest(features=renamed))
+    # a name with another point does not serve
+    with pytest.raises(ValueError, match="feature tap 'block1'"):
+        check_cache(needs_of("vitkd"), manifest(features=[feat("block0", 0), feat("block1", 2), feat("final", 2, norm=True)]))
+    # a negative index is resolved with the teacher's levels
+    assert manifest().tap_serving(TapSpec(name="x", index=-2)).name == "block1"
+
+
+def test_check_cache_names_every_missing_target():
+    needs = Needs(logits=True, taps=(B0, B1, FINAL, TapSpec(name="mid", index=5)), tpp=True)
     with pytest.raises(ValueError) as e:
-        check_against_manifest(needs, manifest(features=[feat("block0", 0)], logits=False))
+        check_cache(needs, manifest(features=[feat("block0", 0)], logits=False))
     msg = str(e.value)
     assert "feature tap 'block1'" in msg and "{name: block1, index: 1}" in msg
     assert "feature tap 'final'" in msg and "{name: final, index: -1, norm: true}" in msg
-    assert "feature tap 'mid'" in msg and "{name: mid, index: <block or stage>}" in msg
+    assert "feature tap 'mid'" in msg and "{name: mid, index: 5}" in msg
     assert "'block0'" not in msg.split("lacks:")[1]
     assert "teacher logits (cache with targets.logits" in msg and "targets.tpp: {tail: 1}" in msg
-    check_against_manifest(Needs(logits=True, taps=("block0", "final"), tpp=True), manifest(tpp=True))
+    check_cache(Needs(logits=True, taps=(B0, FINAL), tpp=True), manifest(tpp=True))
     with pytest.raises(ValueError, match="ViTKD needs teacher tap 'final'.*norm: true"):
-        build_methods("vitkd", {}, VIT_INFO, TeacherContext(num_classes=C, features=TEACHER_FEATURES[:2]))
+        build_methods("vitkd", {}, VIT_INFO, TeacherContext(num_classes=C, num_levels=3, taps=TEACHER_FEATURES[:2]))
+    with pytest.raises(ValueError, match="ViTKD needs teacher tap 'final'.*norm: true"):
+        build_methods("vitkd", {}, VIT_INFO, TeacherContext(num_classes=C, num_levels=3, taps=TEACHER_FEATURES[:2]))
 
 
 # --------------------------------------------------------------------------- student I/O
@@ -156,13 +185,11 @@ def out_of(z: torch.Tensor) -> StudentOutput:
 
 
 def topk_targets(zt: torch.Tensor, k: int, half: bool = False) -> TeacherTargets:
-    if half:
-        a = compress_logits(zt, "topk", k)[0]
-        return TeacherTargets(num_classes=C, topk_values=torch.from_numpy(a[A.LOGITS_TOPK_VALUES]).float(),
-                              topk_indices=torch.from_numpy(a[A.LOGITS_TOPK_INDICES]).long(),
-                              logsumexp=torch.from_numpy(a[A.LOGITS_LOGSUMEXP]))
+    if half:  # as cached: the top-k codec's fp16 values
+        codec = LogitsInfo(mode="topk", k=k, num_classes=C).codec()
+        return TeacherTargets(num_classes=C, topk=codec.decode(codec.encode(zt)[0]))
     v, i = zt.topk(k, -1)
-    return TeacherTargets(num_classes=C, topk_values=v, topk_indices=i, logsumexp=zt.logsumexp(-1))
+    return TeacherTargets(num_classes=C, topk=TopK(values=v, indices=i, logsumexp=zt.logsumexp(-1)))
 
 
 def method(name: str, **opts):

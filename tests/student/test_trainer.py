@@ -20,7 +20,7 @@ def config(reference, digits, out, **kw) -> TrainConfig:
          "student": {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "input_size": 32,
                      "mean": [0.5] * 3, "std": [0.5] * 3},
          "methods": "ce+kd+vitkd",
-         "method_options": {"vitkd": {"shallow_taps": ["block0"], "student_shallow": [0]}},
+         "method_options": {"vitkd": {"shallow_taps": [{"name": "block0", "index": 0}], "student_shallow": [0]}},
          "data": {"batch_size": 128, "shuffle_buffer": 256, "val_urls": digits["val"], "eval_crop_pct": 1.0},
          "optim": {"epochs": 1, "lr": 3e-3, "warmup_epochs": 0}, "output": str(out), "log_every": 1}
     for k, v in kw.items():
@@ -168,8 +168,8 @@ def test_cached_and_online_teacher_give_the_same_targets_and_losses(reference, d
         ta, tb = a.targets, online.targets(b)
         for tap in ("block0", "final"):
             torch.testing.assert_close(ta.features[tap], tb.features[tap], atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(ta.topk_values, tb.topk_values, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(ta.logsumexp, tb.logsumexp, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ta.topk.values, tb.topk.values, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(ta.topk.logsumexp, tb.topk.logsumexp, atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             la = cached.model(a.x, ta, a.labels, 0)
             lb = online.model(b.x, tb, b.labels, 0)

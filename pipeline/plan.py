@@ -1,0 +1,180 @@
+"""The caching job's pure planning: what a cache will hold and what a run must add to one.
+
+No I/O and no Ray here (the orchestration is :mod:`pipeline.job`): each function maps a config,
+the indexed tars and the teacher probe (or an existing manifest) to a manifest, a decision or
+statistics, so each is tested on plain values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import importlib.metadata as md
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from storage_schemas import arrays as A
+from storage_schemas.codecs import FidelityAcc, LogitsInfo, codecs_of
+from storage_schemas.config import CacheConfig
+from storage_schemas.errors import CacheMismatchError, InputDataError
+from storage_schemas.identity import cache_identity, lineage_key, recipe_dict
+from storage_schemas.manifest import (
+    ArrayInfo,
+    DatasetInfo,
+    HistoryEntry,
+    Manifest,
+    ShardInfo,
+    Stats,
+    TeacherInfo,
+    TPPInfo,
+    UnitCompletion,
+)
+from storage_schemas.taps import TapInfo
+
+from .shards import ShardIndex, dataset_fingerprint
+
+LIBRARIES = ("kdcache", "torch", "timm", "zarr", "numcodecs", "ray", "webdataset", "numpy")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name (some containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class TeacherProbe:
+    """What the job learns from loading the teacher once: its identity, its taps resolved (shapes,
+    grids) and, with ``targets.tpp``, its tail for the TPP pack (tensors + spec)."""
+
+    teacher: TeacherInfo
+    taps: list[TapInfo]
+    tail: tuple[dict[str, torch.Tensor], dict] | None = None
+
+
+def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[ShardIndex]) -> tuple[str, str]:
+    """(identity, lineage) of the cache ``cfg`` asks for (see storage_schemas.identity)."""
+    d = cfg.public_dict()
+    teacher = probe.teacher.model_dump(mode="json")
+    return (cache_identity(teacher, dataset_fingerprint(tars), d["views"], d["targets"]),
+            lineage_key(teacher, d["views"], d["targets"]))
+
+
+def _dataset(tars: list[ShardIndex]) -> DatasetInfo:
+    return DatasetInfo(shards=[ShardInfo(url=t.url, size=t.size, count=len(t.keys), truncated=t.truncated)
+                               for t in tars], fingerprint=dataset_fingerprint(tars))
+
+
+def plan_manifest(cfg: CacheConfig, tars: list[ShardIndex], probe: TeacherProbe, tpp: TPPInfo | None) -> Manifest:
+    """The ``building`` manifest: layout of every array from the one table in storage_schemas."""
+    teacher, lg = probe.teacher, cfg.targets.logits
+    logits = LogitsInfo(mode=lg.mode, k=min(lg.k, teacher.num_classes), num_classes=teacher.num_classes) if lg else None
+    specs = A.cache_arrays(cfg.views, codecs_of(logits, probe.taps), cfg.targets.fingerprint_size)
+    S = A.rows_per_shard(max(t.count for t in tars), cfg.job.chunk_rows)
+    chunk = min(cfg.job.chunk_rows, S)
+    V, R = cfg.views.num_views, len(tars) * S
+    arrays = {s.name: ArrayInfo(shape=list(s.shape(R, V)), dtype=s.dtype, chunks=list(s.chunk_shape(chunk)),
+                                shards=list(s.shard_shape(S)), fill=s.fill, target=s.target) for s in specs}
+    t = now()
+    m = Manifest(status="building", created=t, updated=t, library_versions=library_versions(),
+                 config=cfg.with_secrets({}),
+                 teacher=teacher, dataset=_dataset(tars), num_views=V, rows_per_shard=S, chunk_rows=chunk,
+                 logits=logits, features=probe.taps, tpp=tpp, arrays=arrays, units_total=len(tars) * V)
+    ident = m.content_identity()
+    entry = HistoryEntry(time=t, user=who(), action="create", views=(0, V), shards_added=[t_.url for t_ in tars],
+                         identity=ident, kdcache=m.library_versions.get("kdcache", "unknown"))
+    return m.model_copy(update={"identity": ident, "history": [entry]})
+
+
+def grown_manifest(m: Manifest, cfg: CacheConfig, tars: list[ShardIndex], num_views: int) -> Manifest:
+    """``m`` grown to ``num_views`` views and the tars ``tars`` (its own first, then new ones): same
+    rows per tar, same chunking; arrays longer along the tar and/or view axis. Status ``building``."""
+    S, old = m.rows_per_shard, len(m.dataset.shards)
+    for t in tars[old:]:
+        if len(t.keys) > S:
+            raise InputDataError(f"{t.url}: {len(t.keys)} samples, but this cache holds at most {S} per tar "
+                                 "(rows_per_shard, fixed when it was created). Cache these tars into a new cache, or "
+                                 "split the tar.")
+    R, V = len(tars) * S, num_views
+    arrays = {n: a.model_copy(update={"shape": [R, V, *a.shape[2:]]}) for n, a in m.arrays.items()}
+    config = cfg.with_secrets({}).model_copy(update={"views": cfg.views.model_copy(update={"num_views": V})})
+    g = m.model_copy(update={"status": "building", "updated": now(), "config": config, "dataset": _dataset(tars),
+                             "num_views": V, "arrays": arrays, "units_total": len(tars) * V})
+    ident = g.content_identity()
+    entry = HistoryEntry(time=now(), user=who(), action="grow", views=(m.num_views, V),
+                         shards_added=[t.url for t in tars[old:]], identity=ident,
+                         kdcache=library_versions().get("kdcache", "unknown"))
+    return g.model_copy(update={"identity": ident, "history": [*m.history, entry],
+                                "library_versions": library_versions()})
+
+
+def plan_change(existing: Manifest, cfg: CacheConfig, urls: list[str], url: str) -> tuple[int, list[str]] | None:
+    """What a job asking for ``cfg`` over ``urls`` must add to the cache ``existing``: ``None`` when nothing,
+    else (views after, new tar URLs). Refuses any change that would mix two caches: another teacher,
+    recipe or targets, or tars that are not ``existing``'s followed by new ones."""
+    new, old = cfg.public_dict(), existing.config.public_dict()
+    changed = [k for k in ("teacher", "targets") if old.get(k) != new.get(k)]
+    if recipe_dict(old["views"]) != recipe_dict(new["views"]):
+        changed.append("views (other than num_views)")
+    if old["input"].get("on_bad_sample") != new["input"].get("on_bad_sample"):
+        changed.append("input.on_bad_sample")
+    had = [s.url for s in existing.dataset.shards]
+    if urls[:len(had)] != had:
+        changed.append(f"input tars (the cache's {len(had)} tars must come first, in order, then any new ones)")
+    if changed:
+        raise CacheMismatchError(
+            f"{url} already holds a cache built with a different {'; '.join(changed)}; writing there would "
+            "mix two caches. Use a new output.url (or output.root to find a matching cache), or delete the old one."
+        )
+    views = max(existing.num_views, cfg.views.num_views)
+    added = urls[len(had):]
+    if views == existing.num_views and not added:
+        return None
+    if existing.status != "complete":
+        raise CacheMismatchError(
+            f"{url}: this cache is still being built ({existing.units_complete}/{existing.units_total} units); finish "
+            f"it with its own config (num_views {existing.num_views}, its {len(had)} tars) before adding views or tars.")
+    return views, added
+
+
+def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) -> Stats:
+    """The manifest's totals from the units' completion records."""
+    skipped = {(s.shard, s.key): s for r in done for s in r.skipped}
+    fid: dict[str, FidelityAcc] = {}
+    for r in done:
+        for k, acc in r.fidelity.items():
+            fid[k] = fid[k].merge(acc) if k in fid else acc
+    per_target: dict[str, int] = {}
+    for r in done:
+        for name, nbytes in r.array_bytes.items():
+            t = m.arrays[name].target
+            per_target[t] = per_target.get(t, 0) + nbytes
+    valid = sum(r.valid for r in done)
+    total = sum(per_target.values())
+    return Stats(
+        num_samples=m.dataset.num_samples, num_valid_rows=valid, num_skipped=len(skipped),
+        skipped=sorted(skipped.values(), key=lambda s: (s.shard, s.key)), bytes_total=total,
+        bytes_per_target=per_target,
+        bytes_per_view={t: b / max(valid, 1) for t, b in per_target.items()} | {"total": total / max(valid, 1)},
+        fidelity={k: v.summary() for k, v in fid.items()},
+        teacher_top1=100.0 * sum(r.correct for r in done) / max(valid, 1),
+        samples_per_second=(valid / seconds) if seconds else None, seconds=seconds,
+    )

@@ -1,0 +1,33 @@
+"""The project's error types: what a user can cause and fix, as opposed to a bug.
+
+``kdcache`` turns exactly these into one line ``kdcache CMD: error: …`` (exit status 2); any other
+exception is an internal error and keeps its traceback. Each subclasses ``ValueError`` (or
+``RuntimeError`` where the state of a cache, not a value, is wrong) so that callers which caught
+the built-in type keep working.
+"""
+
+from __future__ import annotations
+
+
+class KDCacheError(Exception):
+    """Base of every error a user can act on; its message names what is wrong, where, and what to do."""
+
+
+class ConfigError(KDCacheError, ValueError):
+    """A config, option or argument value is wrong (the message names the key)."""
+
+
+class InputDataError(KDCacheError, ValueError):
+    """The input data (a tar, a sample in it) cannot be used as it is."""
+
+
+class CacheError(KDCacheError, RuntimeError):
+    """A cache is missing, unfinished, in use, damaged, or does not fit what is asked of it."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """A cache does not hold what is asked of it (targets, teacher weights, layout)."""
+
+
+class NotFoundError(KDCacheError, FileNotFoundError):
+    """A file, folder, input tar or cache that the user named does not exist."""

@@ -1,0 +1,166 @@
+"""Caches written before the target-contract reshape (schema 1.2, ``tests/fixtures/legacy``, made by
+``make.py`` at commit 337f13e) still parse, verify against their teacher, serve the live teacher's
+targets and train; and today's job, given the same config, writes the very same bytes."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from pipeline.store import CacheStore
+from pipeline.verify import verify_cache
+from pipeline.views import apply_view
+from storage_schemas import layout
+from storage_schemas.config import CacheConfig
+from storage_schemas.manifest import Manifest
+from student.data import CacheDataset
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "legacy"
+ROOT = Path("/tmp/kdcache-legacy-v1.2")  # where make.py wrote them: a manifest records absolute input URLs
+NAMES = ("topk_fp16", "full_int8")
+VOLATILE = {"created", "updated", "library_versions", "schema_version", "checksums_sha256", "history"}
+
+
+@pytest.fixture(scope="module")
+def legacy() -> Path:
+    """The fixture at the absolute path its manifests name: copied there whole (a fresh copy renamed into
+    place) unless an identical copy is there already."""
+    if ROOT.exists():
+        cmp = filecmp.dircmp(FIXTURE, ROOT, ignore=["make.py"])
+        if _same(cmp):
+            return ROOT
+        shutil.rmtree(ROOT)
+    tmp = ROOT.with_name(f"{ROOT.name}.tmp-{uuid.uuid4().hex}")
+    shutil.copytree(FIXTURE, tmp, ignore=shutil.ignore_patterns("make.py", "__pycache__"))
+    try:
+        tmp.rename(ROOT)
+    except OSError:  # another test process put it there first
+        shutil.rmtree(tmp)
+    return ROOT
+
+
+def _same(cmp: filecmp.dircmp) -> bool:
+    return (not cmp.left_only and not cmp.right_only and not cmp.diff_files and not cmp.funny_files
+            and all(_same(sub) for sub in cmp.subdirs.values()))
+
+
+def manifest(root: Path, name: str) -> Manifest:
+    return Manifest.parse((root / f"{name}.zarr" / layout.MANIFEST).read_text(), where=name)
+
+
+def live_teacher(root: Path) -> torch.nn.Module:
+    m = manifest(root, NAMES[0])
+    model = timm.create_model(m.teacher.model, **m.teacher.model_kwargs)
+    model.load_state_dict(load_file(str(root / "teacher.safetensors")))
+    return model.eval()
+
+
+def test_legacy_manifests_read_typed(legacy):
+    for name in NAMES:
+        raw = json.loads((legacy / f"{name}.zarr" / layout.MANIFEST).read_text())
+        m = manifest(legacy, name)
+        assert raw["schema_version"] == "1.2" and m.teacher.num_levels is None
+        assert m.config.public_dict() == raw["config"]  # typed, and dumped back to the same JSON
+        assert m.content_identity() == raw["identity"]
+        assert m.num_levels == 3  # derived from a tap asked for with a negative index
+    assert [c.label() for c in manifest(legacy, "topk_fp16").codecs()] == [
+        "logits:top5", "feature:block0:fp16", "feature:final:fp16"]
+    assert [c.label() for c in manifest(legacy, "full_int8").codecs()] == [
+        "logits:all", "feature:block1:int8", "feature:last:int8"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_legacy_cache_verifies_against_its_teacher(legacy, name):
+    rep = verify_cache(CacheStore(str(legacy / f"{name}.zarr"), read_only=True),
+                       teacher_checkpoint=str(legacy / "teacher.safetensors"), samples=16, progress=False)
+    assert rep.ok, rep.problems
+    assert rep.checked["teacher views replayed"] == 16 and rep.checked["array shards hashed"] > 40
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_legacy_cache_serves_the_live_teachers_targets(legacy, name):
+    """Decoded through today's codecs, an old cache's rows are the teacher's outputs on the replayed views
+    (timm called directly): logits and tokens within the stored precision."""
+    m = manifest(legacy, name)
+    teacher = live_teacher(legacy)
+    taps = [t.name for t in m.features]
+    ds = CacheDataset(str(legacy / f"{name}.zarr"), size=32, mean=m.teacher.mean, std=m.teacher.std, taps=taps)
+    samples = list(ds)
+    assert len(samples) == m.dataset.num_samples - m.stats.num_skipped == 32
+    batch = ds.collate(samples)
+    x = torch.stack([apply_view(s.image, s.record, m.config.views, size=32, mean=m.teacher.mean, std=m.teacher.std)
+                     for s in samples])
+    torch.testing.assert_close(x, batch.x)
+    with torch.no_grad():
+        final, inters = teacher.forward_intermediates(x, indices=[0, 1, 2], output_fmt="NLC",
+                                                      return_prefix_tokens=True)
+        logits = teacher.forward_head(final)
+    t = batch.targets
+    if m.logits.mode == "topk":
+        values, idx = logits.topk(5, -1)
+        assert torch.equal(t.topk.indices, idx)
+        torch.testing.assert_close(t.topk.values, values, atol=1e-2, rtol=1e-3)
+        torch.testing.assert_close(t.topk.logsumexp, logits.logsumexp(-1))
+    else:
+        torch.testing.assert_close(t.logits, logits, atol=1e-2, rtol=1e-3)
+    for tap in m.features:
+        spatial, prefix = inters[tap.index]
+        want = final if tap.norm else torch.cat([prefix, spatial], 1)
+        want = want[:, prefix.shape[1]:] if tap.prefix_tokens == 0 else want
+        scale = want.abs().amax(-1, keepdim=True) / 127 if tap.dtype == "int8" else 1e-3 * want.abs().amax()
+        assert torch.all((t.features[tap.name] - want).abs() <= scale + 1e-3), tap.name
+
+
+def test_legacy_cache_trains(legacy, tmp_path):
+    from student.config import TrainConfig
+    from student.trainer import Trainer
+
+    cfg = TrainConfig.model_validate({
+        "cache": {"url": str(legacy / "topk_fp16.zarr")},
+        "student": {"model": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 4,
+                                                                       "embed_dim": 32, "num_heads": 2,
+                                                                       "num_classes": 10}},
+        "methods": "ce+kd+scalekd", "data": {"batch_size": 16}, "optim": {"epochs": 1, "warmup_epochs": 0},
+        "output": str(tmp_path / "run"), "log_every": 1,
+    })
+    result = Trainer(cfg, progress=False).fit()
+    assert result["step"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss_scalekd_s4_spat"]) and r["loss_kd"] > 0 for r in logged if "loss" in r)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", NAMES)
+def test_todays_job_writes_the_same_bytes(legacy, name, tmp_path, ray_local):
+    """Every stored object but the manifest (timestamps, versions) and what hashes it is byte-identical;
+    the completion records differ in their timing only, the manifest in its volatile fields only."""
+    from pipeline.job import run_cache_job
+
+    old = manifest(legacy, name)
+    out = tmp_path / f"{name}.zarr"
+    cfg = CacheConfig.model_validate({**old.config.public_dict(), "output": {"url": str(out)}})
+    new = run_cache_job(cfg, progress=False)
+    src = legacy / f"{name}.zarr"
+    a = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    b = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert a.keys() == b.keys() and len(a) > 40
+    timed = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS}
+    assert [k for k in a if k not in timed and not k.startswith(layout.UNITS_DIR) and a[k] != b[k]] == []
+    for k in (k for k in a if k.startswith(layout.UNITS_DIR)):
+        ra, rb = json.loads(a[k]), json.loads(b[k])
+        assert {f for f in ra if ra[f] != rb[f]} <= {"seconds"}, k
+    ma, mb = (json.loads(x[layout.MANIFEST]) for x in (a, b))
+    assert {f for f in ma.keys() | mb.keys() if ma.get(f) != mb.get(f)} - VOLATILE <= {"config", "teacher", "stats"}
+    assert {k for k in ma["config"] if ma["config"][k] != mb["config"][k]} == {"output"}
+    assert mb["teacher"] == {**ma["teacher"], "num_levels": 3}
+    assert {k for k in ma["stats"] if ma["stats"][k] != mb["stats"][k]} <= {"seconds", "samples_per_second"}
+    assert new.identity == old.identity
