@@ -124,7 +124,6 @@ def prepare_teacher(cfg: CacheConfig) -> dict[str, Any]:
     if cfg.targets.tpp is not None:
         tensors, spec = tpp_mod.extract_tail(teacher.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                              model_kwargs=cfg.teacher.model_kwargs)
-        spec["input_index"] = tpp_mod.tail_input_index(teacher.model, cfg.targets.tpp.tail)
         tail = (tensors, spec)
     return {"teacher": info, "features": taps, "tail": tail}
 
@@ -133,8 +132,8 @@ def write_tpp_pack(store: CacheStore, prepared: dict[str, Any]) -> TPPInfo | Non
     if prepared["tail"] is None:
         return None
     tensors, spec = prepared["tail"]
-    nbytes = tpp_mod.save_pack(store.fs, store.root, tensors, spec)
-    return TPPInfo(family=spec["family"], num_params=int(sum(t.numel() for t in tensors.values())),
+    nbytes = tpp_mod.save_pack(store, tensors, spec)
+    return TPPInfo(family=spec.family, num_params=int(sum(t.numel() for t in tensors.values())),
                    bytes=nbytes, spec=spec)
 
 

@@ -67,7 +67,7 @@ def config_with_secrets(m: Manifest, secrets: dict[str, dict]) -> CacheConfig:
 
 
 def make_teacher(cfg: CacheConfig, m: Manifest, device: str) -> Teacher:
-    tail_idx = m.tpp.spec["input_index"] if m.tpp else None
+    tail_idx = m.tpp.spec.input_index if m.tpp else None
     return Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens,
                    tail_input_index=tail_idx, device=device)
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .identity import cache_identity, lineage_key
+from .tpp_spec import TPPSpec
 from .version import SCHEMA_VERSION, check_compatible
 
 
@@ -62,7 +63,7 @@ class TPPInfo(_Model):
     family: str
     num_params: int
     bytes: int
-    spec: dict[str, Any]
+    spec: TPPSpec  # tpp/spec.json without its weights_sha256
 
 
 class ArrayInfo(_Model):

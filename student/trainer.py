@@ -127,7 +127,7 @@ class Trainer:
         store = CacheStore(self.cache_url, cfg.cache.storage_options, read_only=True)
         self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
         student, self.size, self.mean, self.std = build_student(cfg)
-        tail = load_pack(store.fs, store.root) if m.tpp else None
+        tail = load_pack(store) if m.tpp else None
         info = student_info(student, self.size)
         methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
         self.model = Distiller(student, methods).to(self.device)

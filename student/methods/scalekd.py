@@ -160,11 +160,11 @@ class ScaleKD(KDMethod):
             if tail is None:
                 raise ValueError("ScaleKD tpp=true needs the teacher's frozen tail (cache with targets.tpp: "
                                  "{tail: 1}; load it with pipeline.tpp.load_pack) or set scalekd.tpp=false")
-            spec_in, spec_out = tail.spec["input"], tail.spec["output"]
-            if tuple(spec_out["grid"]) != tuple(target.grid) or spec_out["dim"] != ct:
-                raise ValueError(f"ScaleKD: the TPP tail outputs grid {spec_out['grid']} x {spec_out['dim']}, "
+            spec_in, spec_out = tail.spec.input, tail.spec.output
+            if tuple(spec_out.grid) != tuple(target.grid) or spec_out.dim != ct:
+                raise ValueError(f"ScaleKD: the TPP tail outputs grid {list(spec_out.grid)} x {spec_out.dim}, "
                                  f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
-            n3, c3 = spec_in["grid"][0] * spec_in["grid"][1], spec_in["dim"]
+            n3, c3 = spec_in.grid[0] * spec_in.grid[1], spec_in.dim
         self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
 
         def cap(index: int, dim: int, n: int, learn_query: bool) -> CrossAttentionProjector:

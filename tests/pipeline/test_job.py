@@ -94,10 +94,10 @@ def test_cache_matches_live_teacher(reference, tiny_teacher):
 
 def test_tpp_pack_reproduces_final_features_from_cached_stats(reference, tiny_teacher):
     store = CacheStore(str(reference["path"]), read_only=True)
-    tail = load_pack(store.fs, store.root)
+    tail = load_pack(store)
     model = live_teacher(tiny_teacher)
     x = torch.randn(2, 3, 32, 32)
-    idx = reference["manifest"].tpp.spec["input_index"]
+    idx = reference["manifest"].tpp.spec.input_index
     with torch.no_grad():
         final, inters = model.forward_intermediates(x, indices=[idx], output_fmt="NLC", return_prefix_tokens=True)
         spatial, prefix = inters[0]
@@ -216,7 +216,7 @@ def test_s3_cache_reads_back_identically(reference, digits, tiny_teacher, moto_s
             a, b = s3.read_unit(m3, shard, view), local.read_unit(reference["manifest"], shard, view)
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    tail = load_pack(s3.fs, s3.root)
+    tail = load_pack(s3)
     assert sum(p.numel() for p in tail.parameters()) == m.tpp.num_params
     # the lease was taken and released on S3; the checksum chain holds there too
     assert not s3.exists(layout.LEASE) and verify_cache(s3, progress=False).ok

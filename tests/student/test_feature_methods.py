@@ -45,9 +45,9 @@ def teacher_setup(case=VIT_T, dtype=torch.float32):
     """(teacher, frozen tail, TeacherContext with a 'final' tap) for a tiny ViT or Swin teacher."""
     teacher = make(*case, dtype=dtype)
     tail = build_tail(*extract_tail(teacher, 1, model_name=case[0], model_kwargs=case[1]))
-    out = tail.spec["output"]
-    gh, gw = out["grid"]
-    final = feat("final", tail.spec["depth"] - 1, gh * gw, out["dim"], (gh, gw), norm=True)
+    out = tail.spec.output
+    gh, gw = out.grid
+    final = feat("final", tail.spec.depth - 1, gh * gw, out.dim, (gh, gw), norm=True)
     return teacher, tail, TeacherContext(num_classes=C, features=[final], tail=tail)
 
 
@@ -197,11 +197,11 @@ def test_cap_outputs_the_teacher_grid_and_width(kind, teacher_case):
     assert (m.s3_index, m.s4_index) == default_student_indices(info)
     x = torch.randn(2, 3, size, size)
     out = student_forward(student, x, m.needs().student_indices)
-    tin, tout, final = tail.spec["input"], tail.spec["output"], ctx.features[0]
+    tin, tout, final = tail.spec.input, tail.spec.output, ctx.features[0]
     y3 = m.s3["spat"](out.features[m.s3_index])
-    assert tuple(y3.shape) == (2, tin["grid"][0] * tin["grid"][1], tin["dim"])  # tail input, no prefix
+    assert tuple(y3.shape) == (2, tin.grid[0] * tin.grid[1], tin.dim)  # tail input, no prefix
     z = m.run_tail(y3)
-    assert tuple(z.shape) == (2, final.tokens, final.dim) and list(tout["grid"]) == list(final.grid)
+    assert tuple(z.shape) == (2, final.tokens, final.dim) and list(tout.grid) == list(final.grid)
     y4 = m.s4["spat"](out.features[m.s4_index], z)
     assert tuple(y4.shape) == (2, final.tokens, final.dim)
     x_t = torch.nn.functional.interpolate(x, size=32) if size != 32 else x
