@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from storage_schemas import arrays as A
@@ -321,8 +320,7 @@ def write_tpp_stats(store: CacheStore, records: list[UnitRecord]) -> None:
     s2 = torch.tensor([r.tpp_input_sumsq for r in recs], dtype=torch.float64).sum(0)
     mean = s1 / n
     std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-    store.write_bytes(layout.TPP_STATS, st_save({"mean": mean.float(), "std": std.float(),
-                                                "count": torch.tensor([n], dtype=torch.int64)}))
+    tpp_mod.save_input_stats(store, mean, std, n)
 
 
 def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: bool = True,

@@ -9,7 +9,8 @@ The pack is what makes that possible without the teacher: the tail's tensors as
 safetensors (keys as in the teacher's ``state_dict``) plus a JSON spec
 (:class:`storage_schemas.tpp_spec.TPPSpec`: timm name and kwargs, which blocks/stages,
 input/output description) from which :func:`build_tail` rebuilds exactly that tail with timm
-on the meta device and loads the tensors strictly.
+on the meta device and loads the tensors strictly. Beside it, per-channel statistics of the
+tail's input over the cached views (:func:`load_input_stats`).
 
 Families (one adapter each, :mod:`pipeline.tail_families`): timm ``VisionTransformer`` (ViT,
 DeiT, DeiT-III), ``Eva`` (EVA, EVA02 with rope) and ``SwinTransformer``. No pickle anywhere.
@@ -19,19 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
+import safetensors
 import safetensors.torch
 import timm
 import torch
 from torch import nn
 
-from storage_schemas.layout import TPP_SPEC, TPP_WEIGHTS
+from storage_schemas.layout import TPP_SPEC, TPP_STATS, TPP_WEIGHTS
 from storage_schemas.tpp_spec import TPPSpec
 
 from .store import CacheStore
 from .tail_families import family_named, family_of
 
-__all__ = ["TeacherTail", "build_tail", "extract_tail", "load_pack", "save_pack", "tail_family", "tail_input_index"]
+__all__ = ["TailInputStats", "TeacherTail", "build_tail", "extract_tail", "load_input_stats", "load_pack",
+           "save_input_stats", "save_pack", "tail_family", "tail_input_index"]
 
 SPEC_VERSION = 1
 METHOD = "ScaleKD teacher parameter perception (TPP)"
@@ -293,3 +297,39 @@ def load_pack(store: CacheStore, device: str | torch.device = "cpu") -> TeacherT
         )
     return build_tail(safetensors.torch.load(weights), spec, device=device)
 
+
+# --- statistics of the tail's input ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TailInputStats:
+    """Per-channel statistics of the tail's input over every cached view (grid tokens, no prefix).
+
+    ``mean``, ``std``: ``[C]`` float32 (population std); ``count``: tokens they are over.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+
+
+def save_input_stats(store: CacheStore, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:
+    """Write ``TPP_STATS``: safetensors ``mean`` [C] and ``std`` [C] (float32), ``count`` [1] (int64)."""
+    store.write_bytes(TPP_STATS, safetensors.torch.save({"mean": mean.float(), "std": std.float(),
+                                                         "count": torch.tensor([count], dtype=torch.int64)}))
+
+
+def load_input_stats(store: CacheStore) -> TailInputStats | None:
+    """The statistics :func:`save_input_stats` wrote, or ``None`` when the cache has none."""
+    if not store.exists(TPP_STATS):
+        return None
+    where = store.path(TPP_STATS)
+    try:
+        t = safetensors.torch.load(store.read_bytes(TPP_STATS))
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{where}: not a safetensors file: {e}") from e
+    if sorted(t) != ["count", "mean", "std"] or t["mean"].ndim != 1 or t["std"].shape != t["mean"].shape \
+            or t["count"].numel() != 1:
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        raise ValueError(f"{where}: expected mean [C], std [C] and count [1], got {shapes}")
+    return TailInputStats(mean=t["mean"].float(), std=t["std"].float(), count=int(t["count"]))

@@ -9,15 +9,18 @@ import torch
 
 from pipeline.store import CacheStore
 from pipeline.tpp import (
+    TailInputStats,
     TeacherTail,
     build_tail,
     extract_tail,
+    load_input_stats,
     load_pack,
+    save_input_stats,
     save_pack,
     tail_family,
     tail_input_index,
 )
-from storage_schemas.layout import TPP_SPEC, TPP_WEIGHTS
+from storage_schemas.layout import TPP_SPEC, TPP_STATS, TPP_WEIGHTS
 from storage_schemas.tpp_spec import TPPSpec
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=4, num_classes=10))
@@ -245,3 +248,24 @@ def test_kwargs_that_do_not_rebuild_the_teacher_are_refused():
     _, spec = extract_tail(model, 1, model_name=VIT[0], model_kwargs={**VIT[1], "pretrained": False})
     assert "pretrained" not in spec.model_kwargs
 
+
+# --------------------------------------------------------------------------- input statistics
+
+
+def test_input_stats_round_trip_with_todays_bytes(tmp_path):
+    store = CacheStore(str(tmp_path / "cache"))
+    assert load_input_stats(store) is None  # no statistics: None, not an error
+    mean, std = torch.randn(48, dtype=torch.float64), torch.rand(48, dtype=torch.float64)
+    save_input_stats(store, mean, std, 1234)
+    # the bytes pipeline/job.py wrote before the reader existed
+    today = safetensors.torch.save({"mean": mean.float(), "std": std.float(),
+                                    "count": torch.tensor([1234], dtype=torch.int64)})
+    assert (tmp_path / "cache" / TPP_STATS).read_bytes() == today
+    stats = load_input_stats(CacheStore(str(tmp_path / "cache"), read_only=True))
+    assert isinstance(stats, TailInputStats) and stats.count == 1234
+    torch.testing.assert_close(stats.mean, mean.float(), atol=0, rtol=0)
+    torch.testing.assert_close(stats.std, std.float(), atol=0, rtol=0)
+    store.write_bytes(TPP_STATS, safetensors.torch.save({"mean": torch.zeros(3), "std": torch.zeros(4),
+                                                         "count": torch.tensor([1])}))
+    with pytest.raises(ValueError, match=rf"{TPP_STATS}: expected mean \[C\], std \[C\] and count \[1\]"):
+        load_input_stats(store)
