@@ -29,7 +29,7 @@ from pipeline.catalog import find_cache
 from pipeline.store import CacheStore
 from pipeline.targets import extract_targets
 from pipeline.teacher import Teacher, resolve_input
-from pipeline.tpp import load_pack
+from pipeline.tpp import load_input_stats, load_pack
 from storage_schemas.config import TapConfig, TeacherConfig
 
 from .config import TrainConfig
@@ -127,9 +127,10 @@ class Trainer:
         store = CacheStore(self.cache_url, cfg.cache.storage_options, read_only=True)
         self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
         student, self.size, self.mean, self.std = build_student(cfg)
-        tail = load_pack(store) if m.tpp else None
+        tail, tail_stats = (load_pack(store), load_input_stats(store)) if m.tpp else (None, None)
         info = student_info(student, self.size)
-        methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
+        methods = build_methods(cfg.methods, cfg.method_options, info,
+                                TeacherContext.from_manifest(m, tail, tail_stats))
         self.model = Distiller(student, methods).to(self.device)
         check_against_manifest(self.model.needs, m)
         self.teacher = online_teacher(cfg, m, self.device) if cfg.online_teacher else None

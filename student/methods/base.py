@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from pipeline.teacher import num_feature_levels
-from pipeline.tpp import TeacherTail
+from pipeline.tpp import TailInputStats, TeacherTail
 from storage_schemas.manifest import FeatureInfo, Manifest
 from student.targets import TeacherTargets
 
@@ -215,15 +215,19 @@ def feature_tokens(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TeacherContext:
     """What a method may know about the teacher at construction: the number of classes,
-    the cached taps (``manifest.features``) and the frozen TPP tail (``pipeline.tpp.load_pack``)."""
+    the cached taps (``manifest.features``), the frozen TPP tail (``pipeline.tpp.load_pack``)
+    and the statistics of the tail's input (``pipeline.tpp.load_input_stats``)."""
 
     num_classes: int
     features: Sequence[FeatureInfo] = ()
     tail: TeacherTail | None = None
+    tail_stats: TailInputStats | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None) -> TeacherContext:
-        return cls(num_classes=manifest.teacher.num_classes, features=list(manifest.features), tail=tail)
+    def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None,
+                      tail_stats: TailInputStats | None = None) -> TeacherContext:
+        return cls(num_classes=manifest.teacher.num_classes, features=list(manifest.features), tail=tail,
+                   tail_stats=tail_stats)
 
     def feature(self, name: str, who: str) -> FeatureInfo:
         for f in self.features:
