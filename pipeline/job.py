@@ -18,7 +18,6 @@ from collections.abc import Callable
 import numpy as np
 import ray
 import torch
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from storage_schemas import layout
@@ -84,7 +83,6 @@ def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
     if cfg.targets.tpp is not None:
         tensors, spec = tpp_mod.extract_tail(teacher.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                              model_kwargs=cfg.teacher.model_kwargs)
-        spec["input_index"] = tpp_mod.tail_input_index(teacher.model, cfg.targets.tpp.tail)
         tail = (tensors, spec)
     return TeacherProbe(teacher=info, taps=teacher.tap_infos(cfg.targets.feature_dtype), tail=tail)
 
@@ -93,8 +91,8 @@ def write_tpp_pack(store: CacheStore, probe: TeacherProbe) -> TPPInfo | None:
     if probe.tail is None:
         return None
     tensors, spec = probe.tail
-    nbytes = tpp_mod.save_pack(store.fs, store.root, tensors, spec)
-    return TPPInfo(family=spec["family"], num_params=int(sum(t.numel() for t in tensors.values())),
+    nbytes = tpp_mod.save_pack(store, tensors, spec)
+    return TPPInfo(family=spec.family, num_params=int(sum(t.numel() for t in tensors.values())),
                    bytes=nbytes, spec=spec)
 
 
@@ -157,8 +155,7 @@ def write_tpp_stats(store: CacheStore, done: list[UnitCompletion]) -> None:
     s2 = torch.tensor([r.tpp_input_sumsq for r in recs], dtype=torch.float64).sum(0)
     mean = s1 / n
     std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-    store.write_bytes(layout.TPP_STATS, st_save({"mean": mean.float(), "std": std.float(),
-                                                "count": torch.tensor([n], dtype=torch.int64)}))
+    tpp_mod.save_input_stats(store, mean, std, n)
 
 
 def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: bool = True,

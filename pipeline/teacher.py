@@ -115,7 +115,7 @@ class Teacher:
         tc = tc.model_copy(update={"checkpoint_storage_options": dict(storage_options or {})})
         taps = [TapSpec(name=t.name, index=t.index, norm=t.norm) for t in m.features]
         teacher = cls(tc, taps, keep_prefix_tokens=m.config.targets.keep_prefix_tokens,
-                      tail_input_index=m.tpp.spec["input_index"] if m.tpp else None, device=device)
+                      tail_input_index=m.tpp.spec.input_index if m.tpp else None, device=device)
         if teacher.weights_sha256 != m.teacher.weights_sha256:
             raise CacheMismatchError(
                 f"teacher {tc.checkpoint or '(timm pretrained weights)'}: weights sha256 {teacher.weights_sha256[:12]}…, "

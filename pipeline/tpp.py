@@ -6,44 +6,39 @@ stage(s) and final norm; the result is distilled against the teacher's final fea
 feeds the s4 projector, with gradients flowing through the frozen tail into the student.
 
 The pack is what makes that possible without the teacher: the tail's tensors as
-safetensors (keys as in the teacher's ``state_dict``) plus a JSON spec (timm name and
-kwargs, which blocks/stages, input/output description) from which :func:`build_tail`
-rebuilds exactly that tail with timm on the meta device and loads the tensors strictly.
+safetensors (keys as in the teacher's ``state_dict``) plus a JSON spec
+(:class:`storage_schemas.tpp_spec.TPPSpec`: timm name and kwargs, which blocks/stages,
+input/output description) from which :func:`build_tail` rebuilds exactly that tail with timm
+on the meta device and loads the tensors strictly. Beside it, per-channel statistics of the
+tail's input over the cached views (:func:`load_input_stats`).
 
-Families: timm ``VisionTransformer`` (ViT, DeiT, DeiT-III), ``Eva`` (EVA, EVA02 with
-rope) and ``SwinTransformer``. Only public modules are used (``model.blocks``,
-``model.norm``, ``model.rope``, ``model.layers``), never hooks. No pickle anywhere.
+Families (one adapter each, :mod:`pipeline.tail_families`): timm ``VisionTransformer`` (ViT,
+DeiT, DeiT-III), ``Eva`` (EVA, EVA02 with rope) and ``SwinTransformer``. No pickle anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
 
-import fsspec
+import safetensors
 import safetensors.torch
 import timm
 import torch
-from timm.models.eva import Eva
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from storage_schemas.layout import TPP_SPEC, TPP_WEIGHTS
+from storage_schemas.layout import TPP_SPEC, TPP_STATS, TPP_WEIGHTS
+from storage_schemas.tpp_spec import TPPSpec
 
-__all__ = [
-    "TeacherTail",
-    "build_tail",
-    "extract_tail",
-    "load_pack",
-    "save_pack",
-    "tail_family",
-    "tail_input_index",
-]
+from .store import CacheStore
+from .tail_families import family_named, family_of
+
+__all__ = ["TailInputStats", "TeacherTail", "build_tail", "extract_tail", "load_input_stats", "load_pack",
+           "save_input_stats", "save_pack", "tail_family", "tail_input_index"]
 
 SPEC_VERSION = 1
-FAMILIES = ("vit", "eva", "swin")
+METHOD = "ScaleKD teacher parameter perception (TPP)"
 # create_model arguments that concern weights or placement, not architecture: the tail's
 # weights come from the pack and its device/dtype from build_tail, so they are not recorded.
 _NON_ARCH_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "device", "dtype")
@@ -54,21 +49,7 @@ def tail_family(model: nn.Module) -> str:
 
     Raises ``TypeError`` naming the supported classes for any other model.
     """
-    if isinstance(model, Eva):
-        return "eva"
-    if isinstance(model, SwinTransformer):
-        return "swin"
-    if isinstance(model, VisionTransformer):  # also DeiT (incl. distilled) and DeiT-III
-        return "vit"
-    raise TypeError(
-        f"TPP pack: unsupported teacher {type(model).__module__}.{type(model).__name__}; supported "
-        "families: vit (timm VisionTransformer: ViT, DeiT, DeiT-III), eva (timm Eva: EVA, EVA02), "
-        "swin (timm SwinTransformer)"
-    )
-
-
-def _depth(model: nn.Module, family: str) -> int:
-    return len(model.layers) if family == "swin" else len(model.blocks)
+    return family_of(model).name
 
 
 def tail_input_index(model: nn.Module, tail: int) -> int:
@@ -78,95 +59,14 @@ def tail_input_index(model: nn.Module, tail: int) -> int:
     output_fmt='NLC', return_prefix_tokens=True)`` for ViT/EVA (then ``cat([prefix, spatial], 1)``,
     [B, P + H*W, C]) or ``output_fmt='NCHW'`` for Swin (then ``flatten(2).transpose(1, 2)``, [B, H*W, C]).
     """
-    family = tail_family(model)
-    depth = _depth(model, family)
-    unit = "stages" if family == "swin" else "blocks"
+    family = family_of(model)
+    depth = family.depth(model)
     if not 1 <= tail < depth:
         raise ValueError(
-            f"TPP tail={tail}: must be in [1, {depth - 1}] for this {family} teacher with {depth} {unit} "
-            "(the tail's input is the output of an earlier one)"
+            f"TPP tail={tail}: must be in [1, {depth - 1}] for this {family.name} teacher with {depth} "
+            f"{family.unit}s (the tail's input is the output of an earlier one)"
         )
     return depth - tail - 1
-
-
-def _tail_modules(model: nn.Module, family: str, tail: int) -> dict[str, nn.Module]:
-    """Top-level tail modules named as in the model, so their state_dict keys are the model's."""
-    depth = _depth(model, family)
-    idx = range(depth - tail, depth)
-    if family == "swin":
-        parts: dict[str, nn.Module] = {"layers": nn.ModuleDict({str(i): model.layers[i] for i in idx})}
-    else:
-        parts = {"blocks": nn.ModuleDict({str(i): model.blocks[i] for i in idx})}
-    parts["norm"] = model.norm
-    if family == "eva" and model.rope is not None:
-        # rope is shared by all blocks; its buffers are rebuilt, its params (mixed rope) packed
-        parts["rope"] = model.rope
-    return parts
-
-
-def _describe(model: nn.Module, family: str, tail: int) -> dict[str, Any]:
-    """Architecture-derived part of the spec; recomputed from the rebuilt model to check it."""
-    depth = _depth(model, family)
-    first = depth - tail
-    idx = depth - tail - 1
-    if family == "swin":
-        stages = [model.layers[i] for i in range(first, depth)]
-        h, w = stages[0].input_resolution
-        oh, ow = stages[-1].output_resolution
-        out_dim = stages[-1].blocks[-1].dim
-        return {
-            "depth": depth,
-            "unit": "stage",
-            "indices": list(range(first, depth)),
-            "input_index": idx,
-            "input": {
-                "format": "NLC",  # stage input NHWC flattened row-major over H, W
-                "tokens": h * w,
-                "grid": [h, w],
-                "dim": stages[0].dim,
-                "prefix_tokens": 0,
-                "tap": {"indices": [idx], "norm": False, "output_fmt": "NCHW", "return_prefix_tokens": False},
-                "assemble": "x.flatten(2).transpose(1, 2)",
-            },
-            "output": {
-                "format": "NLC",
-                "tokens": oh * ow,
-                "grid": [oh, ow],
-                "dim": out_dim,
-                "prefix_tokens": 0,
-                "final_norm": type(model.norm).__name__,
-            },
-            "windows": [
-                [list(b.window_size), list(b.shift_size)] for s in stages for b in s.blocks
-            ],
-        }
-    gh, gw = model.patch_embed.grid_size
-    prefix = int(model.num_prefix_tokens)
-    rope = getattr(model, "rope", None)
-    # ViT blocks keep the token layout: the tail's input and output are described alike.
-    tokens = {"format": "NLC", "tokens": prefix + gh * gw, "grid": [gh, gw], "dim": model.embed_dim,
-              "prefix_tokens": prefix}
-    d = {
-        "depth": depth,
-        "unit": "block",
-        "indices": list(range(first, depth)),
-        "input_index": idx,
-        "input": {
-            **tokens,
-            "accepts_without_prefix": True,
-            "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
-            "tap": {"indices": [idx], "norm": False, "output_fmt": "NLC", "return_prefix_tokens": prefix > 0},
-            "assemble": "torch.cat([prefix, spatial], 1)" if prefix else "spatial",
-        },
-        "output": {**tokens, "final_norm": type(model.norm).__name__},
-    }
-    if family == "eva":
-        d["rope"] = None if rope is None else {
-            "type": type(rope).__name__,
-            "mixed": bool(getattr(model, "rope_mixed", False)),
-            "feat_shape": None if getattr(rope, "feat_shape", None) is None else list(rope.feat_shape),
-        }
-    return d
 
 
 def _state_dict(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -192,7 +92,7 @@ def _meta_model(model_name: str, model_kwargs: dict) -> nn.Module:
 
 def extract_tail(
     model: nn.Module, tail: int, *, model_name: str, model_kwargs: dict
-) -> tuple[dict[str, torch.Tensor], dict]:
+) -> tuple[dict[str, torch.Tensor], TPPSpec]:
     """Tensors and spec of the teacher's last ``tail`` blocks (ViT/EVA) or stages (Swin) + final norm.
 
     ``model_name``/``model_kwargs`` must be what ``timm.create_model`` built ``model`` from
@@ -201,22 +101,22 @@ def extract_tail(
 
     Returns ``(tensors, spec)``: tensors contiguous on CPU in their original dtype, keyed as in
     ``model.state_dict()`` (``blocks.11.attn.qkv.weight``, ``layers.3.downsample.reduction.weight``,
-    ``norm.weight``, ``rope.freqs`` …); spec is JSON-serialisable (see :func:`build_tail`).
+    ``norm.weight``, ``rope.freqs`` …); spec without ``weights_sha256`` (see :func:`save_pack`).
     """
-    family = tail_family(model)
+    family = family_of(model)
     tail_input_index(model, tail)  # validates tail against the depth
     kwargs = _arch_kwargs(model_kwargs)
-    parts = _tail_modules(model, family, tail)
+    parts = family.tail_modules(model, tail)
     live = _state_dict(parts)
-    desc = _describe(model, family, tail)
+    desc = family.describe(model, tail)
 
     meta = _meta_model(model_name, kwargs)
-    if tail_family(meta) != family:
-        raise ValueError(f"TPP pack: {model_name!r} builds a {tail_family(meta)} model, the teacher is {family}")
-    rebuilt = _state_dict(_tail_modules(meta, family, tail))
+    if family_of(meta) is not family:
+        raise ValueError(f"TPP pack: {model_name!r} builds a {family_of(meta).name} model, the teacher is {family.name}")
+    rebuilt = _state_dict(family.tail_modules(meta, tail))
     want = {k: tuple(v.shape) for k, v in live.items()}
     got = {k: tuple(v.shape) for k, v in rebuilt.items()}
-    meta_desc = _describe(meta, family, tail)
+    meta_desc = family.describe(meta, tail)
     if want != got or meta_desc != desc:
         diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[:8]
         fields = sorted(k for k in desc if meta_desc.get(k) != desc[k])
@@ -231,23 +131,12 @@ def extract_tail(
     if len(dtypes) > 1:
         raise ValueError(f"TPP pack: the tail mixes floating dtypes {sorted(map(str, dtypes))}; cast the teacher first")
     dtype = str(dtypes.pop()).removeprefix("torch.") if dtypes else "float32"
-    unit_attr = "layers" if family == "swin" else "blocks"
-    num_params = sum(p.numel() for mod in parts.values() for p in mod.parameters())
-    spec = {
-        "spec_version": SPEC_VERSION,
-        "method": "ScaleKD teacher parameter perception (TPP)",
-        "family": family,
-        "model_name": model_name,
-        "model_kwargs": kwargs,
-        "tail": tail,
-        **desc,
-        "modules": [f"{unit_attr}.{i}" for i in desc["indices"]] + [n for n in parts if n != unit_attr],
-        "num_params": num_params,
-        "num_tensors": len(tensors),
-        "dtype": dtype,
-        "timm_version": timm.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-    }
+    modules = [f"{family.container}.{i}" for i in desc["indices"]] + [n for n in parts if n != family.container]
+    spec = TPPSpec(spec_version=SPEC_VERSION, method=METHOD, family=family.name, model_name=model_name,
+                   model_kwargs=kwargs, tail=tail, **desc, modules=modules,
+                   num_params=sum(p.numel() for mod in parts.values() for p in mod.parameters()),
+                   num_tensors=len(tensors), dtype=dtype, timm_version=timm.__version__,
+                   torch_version=torch.__version__.split("+")[0])
     return tensors, spec
 
 
@@ -266,15 +155,17 @@ class TeacherTail(nn.Module):
     Parameters are frozen (``requires_grad=False``) and the module always runs in eval mode
     (no dropout / drop-path / rope augmentation, as when the teacher filled the cache);
     gradients still flow to ``x``. Submodules are named as in the teacher, so
-    ``state_dict()`` keys are the pack's keys.
+    ``state_dict()`` keys are the pack's keys. The family's adapter
+    (:mod:`pipeline.tail_families`) runs the forward.
     """
 
-    def __init__(self, spec: dict, parts: dict[str, nn.Module]):
+    def __init__(self, spec: TPPSpec, parts: dict[str, nn.Module]):
         super().__init__()
         self.spec = spec
-        self.family: str = spec["family"]
-        self.grid = tuple(spec["input"]["grid"])
-        self.prefix_tokens: int = spec["input"]["prefix_tokens"]
+        self.family: str = spec.family
+        self.adapter = family_named(spec.family)
+        self.grid: tuple[int, int] = tuple(spec.input.grid)
+        self.prefix_tokens: int = spec.input.prefix_tokens
         for name, mod in parts.items():
             self.add_module(name, mod)
         self.requires_grad_(False)
@@ -284,75 +175,30 @@ class TeacherTail(nn.Module):
         # A frozen teacher never trains: keep eval semantics even inside student.train().
         return super().train(False)
 
-    def _rope_embed(self) -> torch.Tensor | None:
-        rope = getattr(self, "rope", None)
-        if rope is None:
-            return None
-        # mirrors Eva._pos_embed (non-dynamic: cached feat_shape embed when the rope has one)
-        if self.spec["input"]["dynamic_img_size"] or not hasattr(rope, "feat_shape"):
-            return rope.get_embed(shape=list(self.grid))
-        return rope.get_embed()
-
-    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        grid_tokens = self.grid[0] * self.grid[1]
-        if N not in (grid_tokens, grid_tokens + self.prefix_tokens):
-            raise ValueError(
-                f"TeacherTail({self.spec['model_name']}): expected {grid_tokens + self.prefix_tokens} "
-                f"(with {self.prefix_tokens} prefix) or {grid_tokens} tokens, got {N}"
-            )
-        rope = self._rope_embed() if self.family == "eva" else None
-        pad = self.prefix_tokens if (N == grid_tokens and self.prefix_tokens and rope is not None) else 0
-        mask = None
-        if pad:
-            # EVA attention rotates tokens [P:] only, so it needs P leading tokens. Placeholders
-            # that no query may attend to leave every grid token's output exactly as without
-            # prefix tokens (norms and MLPs are per token); they are dropped afterwards.
-            x = torch.cat([x.new_zeros(B, pad, C), x], 1)
-            mask = torch.ones(N + pad, N + pad, dtype=torch.bool, device=x.device)
-            mask[:, :pad] = False
-        mixed = bool(self.spec.get("rope") and self.spec["rope"]["mixed"])
-        for i, blk in self.blocks.items():
-            if self.family == "eva":
-                x = blk(x, rope=rope[int(i)] if mixed else rope, attn_mask=mask)
-            else:
-                x = blk(x)
-        return self.norm(x)[:, pad:]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, C]`` tail-input tokens → ``[B, N', C']`` final features after the final norm."""
-        if x.ndim != 3 or x.shape[-1] != self.spec["input"]["dim"]:
+        if x.ndim != 3 or x.shape[-1] != self.spec.input.dim:
             raise ValueError(
-                f"TeacherTail({self.spec['model_name']}): expected [B, N, {self.spec['input']['dim']}] "
+                f"TeacherTail({self.spec.model_name}): expected [B, N, {self.spec.input.dim}] "
                 f"tokens, got {list(x.shape)}"
             )
-        if self.family != "swin":
-            return self._forward_tokens(x)
-        B, N, C = x.shape
-        h, w = self.grid
-        if N != h * w:
-            raise ValueError(f"TeacherTail({self.spec['model_name']}): expected {h}*{w}={h * w} tokens, got {N}")
-        x = x.reshape(B, h, w, C)
-        for stage in self.layers.values():
-            x = stage(x)
-        x = self.norm(x)
-        return x.reshape(B, -1, x.shape[-1])
+        return self.adapter.forward(self, x)
 
 
-def _check_keys(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], spec: dict) -> None:
+def _check_keys(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], spec: TPPSpec) -> None:
     missing = sorted(expected.keys() - tensors.keys())
     extra = sorted(tensors.keys() - expected.keys())
     shape = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)
     if missing or extra or shape:
         raise ValueError(
-            f"TPP pack for {spec['model_name']} (tail={spec['tail']}) does not match the rebuilt tail: "
+            f"TPP pack for {spec.model_name} (tail={spec.tail}) does not match the rebuilt tail: "
             f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}, "
             f"unexpected keys {extra[:8]}{' …' if len(extra) > 8 else ''}, "
             f"shape mismatch {[(k, list(tensors[k].shape), list(expected[k].shape)) for k in shape[:8]]}"
         )
 
 
-def _reinit_non_persistent_buffers(tail: nn.Module, spec: dict) -> None:
+def _reinit_non_persistent_buffers(tail: nn.Module, spec: TPPSpec) -> None:
     """Recompute buffers that are not in any state_dict (so neither in the pack).
 
     After ``to_empty`` they hold garbage: Swin ``attn.relative_position_index`` and shifted
@@ -373,42 +219,38 @@ def _reinit_non_persistent_buffers(tail: nn.Module, spec: dict) -> None:
         owner = owners[name.rpartition(".")[0]]
         if not hasattr(owner, "init_non_persistent_buffers"):
             raise NotImplementedError(
-                f"TPP pack for {spec['model_name']}: non-persistent buffer {name!r} of "
+                f"TPP pack for {spec.model_name}: non-persistent buffer {name!r} of "
                 f"{type(owner).__name__} has no init_non_persistent_buffers(); cannot rebuild it"
             )
 
 
-def build_tail(tensors: dict[str, torch.Tensor], spec: dict, device: str | torch.device = "cpu") -> TeacherTail:
+def build_tail(tensors: dict[str, torch.Tensor], spec: TPPSpec, device: str | torch.device = "cpu") -> TeacherTail:
     """Rebuild the frozen tail from a pack with timm, without the rest of the teacher's weights.
 
     The full model is created on the meta device (no memory, no init cost), only the tail
     modules are kept, materialised with ``to_empty`` on ``device``, non-persistent buffers
-    recomputed, cast to ``spec['dtype']`` and ``tensors`` loaded strictly (every tail key
-    present, no other). Spec fields: ``family``, ``model_name``, ``model_kwargs``, ``tail``,
-    ``depth``, ``unit`` ("block"/"stage"), ``indices``, ``input_index``, ``input``/``output``
-    (format, tokens, grid, dim, prefix_tokens, tap …), ``num_params``, ``dtype``.
+    recomputed, cast to ``spec.dtype`` and ``tensors`` loaded strictly (every tail key
+    present, no other). The spec's architecture fields must equal what this timm builds.
     """
-    family = spec["family"]
-    if family not in FAMILIES:
-        raise ValueError(f"TPP pack: unknown family {family!r}; supported: {', '.join(FAMILIES)}")
-    meta = _meta_model(spec["model_name"], spec["model_kwargs"])
-    if tail_family(meta) != family:
-        raise ValueError(f"TPP pack: {spec['model_name']!r} builds a {tail_family(meta)} model, spec says {family}")
-    desc = _describe(meta, family, spec["tail"])
-    stale = sorted(k for k, v in desc.items() if spec.get(k) != v)
+    family = family_named(spec.family)
+    meta = _meta_model(spec.model_name, spec.model_kwargs)
+    if family_of(meta) is not family:
+        raise ValueError(f"TPP pack: {spec.model_name!r} builds a {family_of(meta).name} model, spec says {family.name}")
+    desc = family.describe(meta, spec.tail)
+    stale = sorted(k for k, v in desc.items() if getattr(spec, k) != v)
     if stale:
         raise ValueError(
-            f"TPP pack for {spec['model_name']}: this timm ({timm.__version__}) builds a tail that differs from "
-            f"the spec (written with timm {spec.get('timm_version')}) in {stale}"
+            f"TPP pack for {spec.model_name}: this timm ({timm.__version__}) builds a tail that differs from "
+            f"the spec (written with timm {spec.timm_version}) in {stale}"
         )
-    parts = _tail_modules(meta, family, spec["tail"])
+    parts = family.tail_modules(meta, spec.tail)
     del meta  # only the tail modules stay referenced; the rest of the (meta) teacher goes
     tail = TeacherTail(spec, parts)
     _check_keys(tail.state_dict(), tensors, spec)
-    dtype = getattr(torch, spec["dtype"])
+    dtype = getattr(torch, spec.dtype)
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != dtype)
     if bad:
-        raise ValueError(f"TPP pack for {spec['model_name']}: tensors {bad[:8]} are not {spec['dtype']}")
+        raise ValueError(f"TPP pack for {spec.model_name}: tensors {bad[:8]} are not {spec.dtype}")
 
     tail.to_empty(device=device)
     # buffers first, in fp32 as create_model does, then cast: mirrors a teacher created and then
@@ -420,12 +262,11 @@ def build_tail(tensors: dict[str, torch.Tensor], spec: dict, device: str | torch
     return tail
 
 
-def _join(root: str, rel: str) -> str:
-    return f"{root.rstrip('/')}/{rel}"
+# --- the pack in the cache store ------------------------------------------------------------
 
 
-def save_pack(fs: fsspec.AbstractFileSystem, root: str, tensors: dict[str, torch.Tensor], spec: dict) -> int:
-    """Write the pack under cache ``root`` (``TPP_WEIGHTS`` safetensors + ``TPP_SPEC`` JSON); bytes written.
+def save_pack(store: CacheStore, tensors: dict[str, torch.Tensor], spec: TPPSpec) -> int:
+    """Write the pack into ``store`` (``TPP_WEIGHTS`` safetensors, then ``TPP_SPEC`` JSON); bytes written.
 
     The written spec carries ``weights_sha256`` so :func:`load_pack` detects a torn or mixed pack.
     """
@@ -433,34 +274,62 @@ def save_pack(fs: fsspec.AbstractFileSystem, root: str, tensors: dict[str, torch
         {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
         # One metadata key only: safetensors orders metadata through a hash map, so several
         # keys give different bytes run to run, and a rerun must write identical bytes.
-        metadata={"kdcache": f"tpp model={spec['model_name']} tail={spec['tail']}"},
+        metadata={"kdcache": f"tpp model={spec.model_name} tail={spec.tail}"},
     )
-    spec_bytes = json.dumps(
-        {**spec, "weights_sha256": hashlib.sha256(weights).hexdigest()}, indent=1, sort_keys=True
-    ).encode()
-    weights_path, spec_path = _join(root, TPP_WEIGHTS), _join(root, TPP_SPEC)
-    fs.makedirs(weights_path.rpartition("/")[0], exist_ok=True)
-    with fs.open(weights_path, "wb") as f:
-        f.write(weights)
-    with fs.open(spec_path, "wb") as f:  # spec last: its sha names the weights it belongs to
-        f.write(spec_bytes)
+    spec_bytes = spec.with_weights(hashlib.sha256(weights).hexdigest()).to_json_bytes()
+    store.write_bytes(TPP_WEIGHTS, weights)
+    store.write_bytes(TPP_SPEC, spec_bytes)  # spec last: its sha names the weights it belongs to
     return len(weights) + len(spec_bytes)
 
 
-def load_pack(fs: fsspec.AbstractFileSystem, root: str, device: str | torch.device = "cpu") -> TeacherTail:
-    """Read the pack under cache ``root`` and rebuild the frozen :class:`TeacherTail` on ``device``."""
-    spec_path, weights_path = _join(root, TPP_SPEC), _join(root, TPP_WEIGHTS)
-    if not fs.exists(spec_path):
-        raise FileNotFoundError(f"TPP pack: no {TPP_SPEC} under {root!r}; was the cache built with targets.tpp?")
-    if not fs.exists(weights_path):
-        raise FileNotFoundError(f"TPP pack: {TPP_SPEC} but no {TPP_WEIGHTS} under {root!r}; the pack is incomplete")
-    with fs.open(spec_path, "rb") as f:
-        spec = json.loads(f.read())
-    with fs.open(weights_path, "rb") as f:
-        weights = f.read()
+def load_pack(store: CacheStore, device: str | torch.device = "cpu") -> TeacherTail:
+    """Read the pack from ``store`` and rebuild the frozen :class:`TeacherTail` on ``device``."""
+    if not store.exists(TPP_SPEC):
+        raise FileNotFoundError(f"TPP pack: no {TPP_SPEC} in {store.url!r}; was the cache built with targets.tpp?")
+    if not store.exists(TPP_WEIGHTS):
+        raise FileNotFoundError(f"TPP pack: {TPP_SPEC} but no {TPP_WEIGHTS} in {store.url!r}; the pack is incomplete")
+    spec = TPPSpec.parse(store.read_bytes(TPP_SPEC), where=store.path(TPP_SPEC))
+    weights = store.read_bytes(TPP_WEIGHTS)
     sha = hashlib.sha256(weights).hexdigest()
-    if spec.get("weights_sha256") not in (None, sha):
+    if spec.weights_sha256 not in (None, sha):
         raise ValueError(
-            f"TPP pack under {root!r}: {TPP_WEIGHTS} has sha256 {sha}, {TPP_SPEC} expects {spec['weights_sha256']}"
+            f"TPP pack in {store.url!r}: {TPP_WEIGHTS} has sha256 {sha}, {TPP_SPEC} expects {spec.weights_sha256}"
         )
     return build_tail(safetensors.torch.load(weights), spec, device=device)
+
+
+# --- statistics of the tail's input ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TailInputStats:
+    """Per-channel statistics of the tail's input over every cached view (grid tokens, no prefix).
+
+    ``mean``, ``std``: ``[C]`` float32 (population std); ``count``: tokens they are over.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+
+
+def save_input_stats(store: CacheStore, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:
+    """Write ``TPP_STATS``: safetensors ``mean`` [C] and ``std`` [C] (float32), ``count`` [1] (int64)."""
+    store.write_bytes(TPP_STATS, safetensors.torch.save({"mean": mean.float(), "std": std.float(),
+                                                         "count": torch.tensor([count], dtype=torch.int64)}))
+
+
+def load_input_stats(store: CacheStore) -> TailInputStats | None:
+    """The statistics :func:`save_input_stats` wrote, or ``None`` when the cache has none."""
+    if not store.exists(TPP_STATS):
+        return None
+    where = store.path(TPP_STATS)
+    try:
+        t = safetensors.torch.load(store.read_bytes(TPP_STATS))
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{where}: not a safetensors file: {e}") from e
+    if sorted(t) != ["count", "mean", "std"] or t["mean"].ndim != 1 or t["std"].shape != t["mean"].shape \
+            or t["count"].numel() != 1:
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        raise ValueError(f"{where}: expected mean [C], std [C] and count [1], got {shapes}")
+    return TailInputStats(mean=t["mean"].float(), std=t["std"].float(), count=int(t["count"]))

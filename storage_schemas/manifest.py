@@ -11,6 +11,7 @@ from .config import CacheConfig
 from .errors import CacheError
 from .identity import cache_identity, lineage_key
 from .taps import TapInfo, TapSpec, find_serving
+from .tpp_spec import TPPSpec
 from .version import SCHEMA_VERSION, check_compatible
 
 
@@ -50,7 +51,7 @@ class TPPInfo(_Model):
     family: str
     num_params: int
     bytes: int
-    spec: dict[str, Any]
+    spec: TPPSpec  # tpp/spec.json without its weights_sha256
 
 
 class ArrayInfo(_Model):

@@ -31,7 +31,7 @@ from pipeline.catalog import find_cache
 from pipeline.store import CacheStore, atomic_write
 from pipeline.targets import encode_targets
 from pipeline.teacher import Teacher, resolve_input
-from pipeline.tpp import load_pack
+from pipeline.tpp import load_input_stats, load_pack
 from storage_schemas.errors import CacheMismatchError
 
 from .config import TrainConfig
@@ -97,9 +97,10 @@ class Trainer:
         needs = needs_of(cfg.methods, cfg.method_options)
         check_cache(needs, m)  # once, before anything is built: every missing target named
         student, self.size, self.mean, self.std = build_student(cfg)
-        tail = load_pack(store.fs, store.root) if m.tpp else None
+        tail, tail_stats = (load_pack(store), load_input_stats(store)) if m.tpp else (None, None)
         info = student_info(student, self.size)
-        methods = build_methods(cfg.methods, cfg.method_options, info, TeacherContext.from_manifest(m, tail))
+        methods = build_methods(cfg.methods, cfg.method_options, info,
+                                TeacherContext.from_manifest(m, tail, tail_stats))
         self.model = Distiller(student, methods).to(self.device)
         self.taps = [m.tap_serving(spec).name for spec in needs.taps]
         self.teacher = (Teacher.from_manifest(m, cfg.online_teacher.checkpoint, cfg.online_teacher.storage_options,

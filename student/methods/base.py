@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from pipeline.teacher import num_feature_levels
-from pipeline.tpp import TeacherTail
+from pipeline.tpp import TailInputStats, TeacherTail
 from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.taps import TapInfo, TapSpec, find_serving
@@ -220,18 +220,20 @@ def feature_tokens(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TeacherContext:
     """What a method may know about the teacher at construction: the number of classes, the cached
-    taps (``manifest.features``; ``num_levels`` resolves negative indices) and the frozen TPP tail
-    (``pipeline.tpp.load_pack``)."""
+    taps (``manifest.features``; ``num_levels`` resolves negative indices), the frozen TPP tail
+    (``pipeline.tpp.load_pack``) and the statistics of the tail's input (``pipeline.tpp.load_input_stats``)."""
 
     num_classes: int
     taps: Sequence[TapInfo] = ()
     num_levels: int | None = None
     tail: TeacherTail | None = None
+    tail_stats: TailInputStats | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None) -> TeacherContext:
+    def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None,
+                      tail_stats: TailInputStats | None = None) -> TeacherContext:
         return cls(num_classes=manifest.teacher.num_classes, taps=list(manifest.features),
-                   num_levels=manifest.num_levels, tail=tail)
+                   num_levels=manifest.num_levels, tail=tail, tail_stats=tail_stats)
 
     def tap(self, spec: TapSpec, who: str) -> TapInfo:
         """The cached tap at the point ``spec`` names (see :meth:`~storage_schemas.taps.TapInfo.serves`)."""

@@ -20,6 +20,12 @@ its 3rd and 4th quarter, as a 4-stage pyramid would split it).
 - TPP: the s3 CAP output (the tail's input width and grid, grid tokens without prefix) goes
   through the teacher's frozen tail (``pipeline.tpp.TeacherTail``), gets both DFM losses
   against the target and is the query of the s4 CAP (not detached).
+- ``cap_norm_init``: ``"default"`` (LayerNorm weight 1, bias 0, as the official code) or
+  ``"tail_stats"``, which initialises the output LayerNorm of both s3 CAPs (whose output feeds
+  the frozen tail) with weight = the per-channel std and bias = the mean of the tail's input
+  over the cached views (``pipeline.tpp.load_input_stats``), so the tail starts from inputs on
+  the scale it was trained on (the FFN shortcut still adds to it). Not in the paper nor the
+  official code; needs ``tpp`` and a cache with those statistics.
 
 Wiring of the two views (as the official ``ClassificationDistiller.loss``): each DFM view has
 its own CAP at each stage and its own path, ``S3 → CAP3_v → tail → L_v(s3)`` and
@@ -37,14 +43,16 @@ on first use; its parameters have ``requires_grad=False`` and it always runs in 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipeline.tpp import TeacherTail
+from pipeline.tpp import TailInputStats, TeacherTail
 from storage_schemas.errors import CacheMismatchError, ConfigError
+from storage_schemas.layout import TPP_STATS
 from storage_schemas.taps import TapSpec
 from student.targets import TeacherTargets
 
@@ -131,6 +139,8 @@ class ScaleKDOptions(MethodOptions):
     softmax_scale: float = Field(5.0, gt=0, description="5.0 in every official CNN/MLP/ViT student config")
     num_heads: int | None = Field(None, ge=1, description="None: width // 64 (rounded down to a divisor)")
     query_proj: bool = Field(True, description="Linear + ReLU on the queries (official proj_pos)")
+    cap_norm_init: Literal["default", "tail_stats"] = Field(
+        "default", description="s3 CAP output LayerNorm init: default (official) or tail_stats (see module docstring)")
 
     _taps = field_validator("target_tap", mode="before")(tap_spec_value)
 
@@ -165,11 +175,11 @@ class ScaleKD(KDMethod):
             if tail is None:
                 raise CacheMismatchError("ScaleKD tpp=true needs the teacher's frozen tail (cache with targets.tpp: "
                                          "{tail: 1}; load it with pipeline.tpp.load_pack) or set scalekd.tpp=false")
-            spec_in, spec_out = tail.spec["input"], tail.spec["output"]
-            if tuple(spec_out["grid"]) != tuple(target.grid) or spec_out["dim"] != ct:
-                raise CacheMismatchError(f"ScaleKD: the TPP tail outputs grid {spec_out['grid']} x {spec_out['dim']}, "
+            spec_in, spec_out = tail.spec.input, tail.spec.output
+            if tuple(spec_out.grid) != tuple(target.grid) or spec_out.dim != ct:
+                raise CacheMismatchError(f"ScaleKD: the TPP tail outputs grid {list(spec_out.grid)} x {spec_out.dim}, "
                                          f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
-            n3, c3 = spec_in["grid"][0] * spec_in["grid"][1], spec_in["dim"]
+            n3, c3 = spec_in.grid[0] * spec_in.grid[1], spec_in.dim
         self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
 
         def cap(index: int, dim: int, n: int, learn_query: bool) -> CrossAttentionProjector:
@@ -179,6 +189,25 @@ class ScaleKD(KDMethod):
 
         self.s3 = nn.ModuleDict({v: cap(self.s3_index, c3, n3, True) for v in VIEWS})
         self.s4 = nn.ModuleDict({v: cap(self.s4_index, ct, nt, not opts.tpp) for v in VIEWS})
+        if opts.cap_norm_init == "tail_stats":
+            self.init_cap_norm(teacher.tail_stats, c3)
+
+    @torch.no_grad()
+    def init_cap_norm(self, stats: TailInputStats | None, dim: int) -> None:
+        """s3 CAPs' output LayerNorm: weight = std [C3], bias = mean [C3] of the tail's cached input."""
+        if not self.opts.tpp:
+            raise ConfigError("ScaleKD cap_norm_init='tail_stats' initialises the s3 CAPs that feed the TPP tail; "
+                             "it needs scalekd.tpp=true (or set scalekd.cap_norm_init=default)")
+        if stats is None:
+            raise CacheMismatchError(f"ScaleKD cap_norm_init='tail_stats' needs the statistics of the TPP tail's input "
+                             f"({TPP_STATS}, written when a cache with targets.tpp completes; loaded with "
+                             "pipeline.tpp.load_input_stats); this cache has none: set scalekd.cap_norm_init=default")
+        if stats.mean.shape != (dim,):
+            raise CacheMismatchError(f"ScaleKD cap_norm_init='tail_stats': the statistics have {stats.mean.numel()} "
+                             f"channels, the TPP tail takes {dim}")
+        for v in VIEWS:
+            self.s3[v].norm.weight.copy_(stats.std)
+            self.s3[v].norm.bias.copy_(stats.mean)
 
     @property
     def tail(self) -> TeacherTail | None:

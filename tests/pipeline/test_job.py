@@ -25,7 +25,7 @@ from jobs.cli import main as cli
 from pipeline.job import run_cache_job
 from pipeline.shards import iter_samples
 from pipeline.store import CacheNotReadyError, CacheStore
-from pipeline.tpp import load_pack
+from pipeline.tpp import load_input_stats, load_pack
 from pipeline.verify import verify_cache
 from pipeline.views import apply_view
 from storage_schemas import arrays as A
@@ -92,20 +92,40 @@ def test_cache_matches_live_teacher(reference, tiny_teacher):
     assert s["num_samples"] == sum(sh.count for sh in m.dataset.shards) and s["bytes_total"] > 0
 
 
-def test_tpp_pack_reproduces_final_features_from_cached_stats(reference, tiny_teacher):
+def test_tpp_pack_reproduces_final_features(reference, tiny_teacher):
     store = CacheStore(str(reference["path"]), read_only=True)
-    tail = load_pack(store.fs, store.root)
+    tail = load_pack(store)
     model = live_teacher(tiny_teacher)
     x = torch.randn(2, 3, 32, 32)
-    idx = reference["manifest"].tpp.spec["input_index"]
+    idx = reference["manifest"].tpp.spec.input_index
     with torch.no_grad():
         final, inters = model.forward_intermediates(x, indices=[idx], output_fmt="NLC", return_prefix_tokens=True)
         spatial, prefix = inters[0]
         out = tail(torch.cat([prefix, spatial], 1))
     torch.testing.assert_close(out, final, atol=1e-5, rtol=1e-5)
-    stats = load_file(str(reference["path"] / layout.TPP_STATS))
-    m = reference["manifest"]
-    assert stats["mean"].shape == (model.embed_dim,) and int(stats["count"]) == m.stats.num_valid_rows * 16
+
+
+def test_tail_input_stats_are_the_live_teachers_over_every_cached_view(reference, tiny_teacher):
+    """Per-channel mean/std of the tail's input (patch tokens, cls dropped) over every cached
+    view, recomputed from the views replayed through the live teacher."""
+    m, cfg = reference["manifest"], reference["cfg"]
+    store = CacheStore(str(reference["path"]), read_only=True)
+    model = live_teacher(tiny_teacher)
+    tokens = []
+    for shard in range(len(m.dataset.shards)):
+        samples = list(iter_samples(m.dataset.shards[shard].url))
+        for view in range(m.num_views):
+            rows = store.read_unit(m, shard, view)
+            x = torch.stack([apply_view(s.image, A.decode_view(rows, pos), cfg.views, size=32, mean=(0.5,) * 3,
+                                        std=(0.5,) * 3) for pos, s in enumerate(samples) if rows[A.VALID][pos]])
+            with torch.no_grad():
+                _, inters = model.forward_intermediates(x, indices=[m.tpp.spec.input_index], output_fmt="NLC")
+            tokens.append(inters[0].flatten(0, 1).double())
+    tokens = torch.cat(tokens)
+    stats = load_input_stats(store)
+    assert stats.count == tokens.shape[0] == m.stats.num_valid_rows * 16
+    torch.testing.assert_close(stats.mean, tokens.mean(0).float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats.std, tokens.std(0, correction=0).float(), atol=1e-5, rtol=1e-4)
 
 
 def test_rerun_is_byte_identical_and_resume_is_a_no_op(reference, digits, tiny_teacher, tmp_path):
@@ -216,7 +236,7 @@ def test_s3_cache_reads_back_identically(reference, digits, tiny_teacher, moto_s
             a, b = s3.read_unit(m3, shard, view), local.read_unit(reference["manifest"], shard, view)
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    tail = load_pack(s3.fs, s3.root)
+    tail = load_pack(s3)
     assert sum(p.numel() for p in tail.parameters()) == m.tpp.num_params
     # the lease was taken and released on S3; the checksum chain holds there too
     assert not s3.exists(layout.LEASE) and verify_cache(s3, progress=False).ok

@@ -1,25 +1,27 @@
-"""ScaleKD TPP pack: extract a teacher's tail, round-trip it through fsspec, rebuild it with timm."""
+"""ScaleKD TPP pack: extract a teacher's tail, round-trip it through a cache store, rebuild it with timm."""
 
 from __future__ import annotations
 
-import json
-
-import fsspec
 import pytest
 import safetensors.torch
 import timm
 import torch
 
+from pipeline.store import CacheStore
 from pipeline.tpp import (
+    TailInputStats,
     TeacherTail,
     build_tail,
     extract_tail,
+    load_input_stats,
     load_pack,
+    save_input_stats,
     save_pack,
     tail_family,
     tail_input_index,
 )
-from storage_schemas.layout import TPP_SPEC, TPP_WEIGHTS
+from storage_schemas.layout import TPP_SPEC, TPP_STATS, TPP_WEIGHTS
+from storage_schemas.tpp_spec import TPPSpec
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=4, num_classes=10))
 DEIT = ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=4, num_classes=10))
@@ -73,12 +75,11 @@ def teacher_io(model: torch.nn.Module, tail: int, x: torch.Tensor) -> tuple[torc
     return (torch.cat([inters[0][1], inters[0][0]], 1) if prefix else inters[0]), final
 
 
-def roundtrip(tmp_path, tensors: dict, spec: dict) -> tuple[TeacherTail, int]:
-    fs = fsspec.filesystem("file")
-    root = str(tmp_path / "cache")
-    n = save_pack(fs, root, tensors, spec)
-    assert n == fs.size(f"{root}/{TPP_WEIGHTS}") + fs.size(f"{root}/{TPP_SPEC}")
-    return load_pack(fs, root), n
+def roundtrip(tmp_path, tensors: dict, spec: TPPSpec) -> tuple[TeacherTail, int]:
+    root = tmp_path / "cache"
+    n = save_pack(CacheStore(str(root)), tensors, spec)
+    assert n == (root / TPP_WEIGHTS).stat().st_size + (root / TPP_SPEC).stat().st_size
+    return load_pack(CacheStore(str(root), read_only=True)), n
 
 
 @pytest.mark.parametrize("name,kwargs,tail,batch", CASES)
@@ -89,10 +90,9 @@ def test_rebuilt_tail_matches_teacher(tmp_path, name, kwargs, tail, batch):
     with torch.no_grad():
         tin, final = teacher_io(model, tail, x)
     tensors, spec = extract_tail(model, tail, model_name=name, model_kwargs=kwargs)
-    json.dumps(spec)  # the spec goes into the manifest as is
-    assert spec["input"]["tokens"] == tin.shape[1] and spec["input"]["dim"] == tin.shape[2]
-    assert spec["output"]["tokens"] == final.shape[1] and spec["output"]["dim"] == final.shape[2]
-    assert spec["input_index"] == tail_input_index(model, tail)
+    assert spec.input.tokens == tin.shape[1] and spec.input.dim == tin.shape[2]
+    assert spec.output.tokens == final.shape[1] and spec.output.dim == final.shape[2]
+    assert spec.input_index == tail_input_index(model, tail)
 
     rebuilt, _ = roundtrip(tmp_path, tensors, spec)
     with torch.no_grad():
@@ -105,11 +105,11 @@ def test_eva_rope_is_rebuilt_and_used(tmp_path):
     model = make_teacher(*EVA02)
     assert model.rope is not None
     tensors, spec = extract_tail(model, 2, model_name=EVA02[0], model_kwargs=EVA02[1])
-    assert spec["rope"]["type"] == "RotaryEmbeddingCat"
+    assert spec.rope.type == "RotaryEmbeddingCat"
     rebuilt, _ = roundtrip(tmp_path, tensors, spec)
     torch.testing.assert_close(rebuilt.rope.get_embed(), model.rope.get_embed(), atol=0, rtol=0)
     # without the rope the same weights give a different answer, so the check above matters
-    tin = torch.randn(2, spec["input"]["tokens"], spec["input"]["dim"])
+    tin = torch.randn(2, spec.input.tokens, spec.input.dim)
     with torch.no_grad():
         with_rope = rebuilt(tin)
         x = tin
@@ -130,11 +130,11 @@ def test_without_prefix_tokens_equals_prefix_free_teacher(tmp_path, case, no_pre
     free = timm.create_model(name, pretrained=False, **free_kwargs).eval()
     tensors, spec = extract_tail(model, 2, model_name=name, model_kwargs=kwargs)
     _, free_spec = extract_tail(free, 2, model_name=name, model_kwargs=free_kwargs)
-    assert free_spec["input"]["prefix_tokens"] == 0 and spec["input"]["prefix_tokens"] == 1
+    assert free_spec.input.prefix_tokens == 0 and spec.input.prefix_tokens == 1
 
     tail = build_tail(tensors, spec)
     reference = build_tail(tensors, free_spec)  # same block weights, blocks built for no prefix
-    grid = torch.randn(2, spec["input"]["tokens"] - 1, spec["input"]["dim"])
+    grid = torch.randn(2, spec.input.tokens - 1, spec.input.dim)
     with torch.no_grad():
         out = tail(grid)
         ref = reference(grid)
@@ -150,7 +150,7 @@ def test_frozen_but_gradients_reach_input(tmp_path, case):
     assert all(not p.requires_grad for p in tail.parameters())
     tail.train()  # a student's .train() must not switch the frozen teacher to training mode
     assert not any(m.training for m in tail.modules())
-    tin = torch.randn(2, spec["input"]["tokens"], spec["input"]["dim"], requires_grad=True)
+    tin = torch.randn(2, spec.input.tokens, spec.input.dim, requires_grad=True)
     (tail(tin) ** 2).sum().backward()
     assert tin.grad is not None and tin.grad.abs().sum() > 0
     assert all(p.grad is None for p in tail.parameters())
@@ -168,7 +168,7 @@ def test_pack_holds_only_the_tail(case, tail, prefixes):
     assert all(v.is_contiguous() and v.device.type == "cpu" and v.dtype == torch.float32 for v in tensors.values())
     live = dict(model.named_parameters())
     tail_params = sum(p.numel() for k, p in live.items() if k.startswith(prefixes))
-    assert sum(v.numel() for v in tensors.values()) == tail_params == spec["num_params"]
+    assert sum(v.numel() for v in tensors.values()) == tail_params == spec.num_params
     assert tail_params < sum(p.numel() for p in live.values())
     key = next(k for k in tensors if k.endswith("weight"))
     before = tensors[key].clone()
@@ -180,10 +180,10 @@ def test_pack_holds_only_the_tail(case, tail, prefixes):
 def test_swin_tail_spec_and_shapes():
     model = make_teacher(*SWIN)
     tensors, spec = extract_tail(model, 1, model_name=SWIN[0], model_kwargs=SWIN[1])
-    assert spec["family"] == "swin" and spec["unit"] == "stage" and spec["indices"] == [3]
-    assert spec["input_index"] == 2
-    assert spec["input"]["grid"] == [4, 4] and spec["input"]["dim"] == 96
-    assert spec["output"]["grid"] == [2, 2] and spec["output"]["dim"] == 192
+    assert spec.family == "swin" and spec.unit == "stage" and spec.indices == [3]
+    assert spec.input_index == 2
+    assert spec.input.grid == (4, 4) and spec.input.dim == 96
+    assert spec.output.grid == (2, 2) and spec.output.dim == 192
     assert "layers.3.downsample.reduction.weight" in tensors  # patch merging travels with the stage
     tail = build_tail(tensors, spec)
     assert tail(torch.randn(2, 16, 96)).shape == (2, 4, 192)
@@ -197,7 +197,7 @@ def test_bfloat16_teacher_round_trips(tmp_path):
     with torch.no_grad():
         tin, final = teacher_io(model, 2, x)
     tensors, spec = extract_tail(model, 2, model_name=EVA02[0], model_kwargs=EVA02[1])
-    assert spec["dtype"] == "bfloat16"
+    assert spec.dtype == "bfloat16"
     tail, _ = roundtrip(tmp_path, tensors, spec)
     with torch.no_grad():
         torch.testing.assert_close(tail(tin), final, atol=0, rtol=0)
@@ -218,15 +218,13 @@ def test_missing_or_extra_key_is_refused():
 def test_corrupt_weights_are_refused(tmp_path):
     model = make_teacher(*VIT)
     tensors, spec = extract_tail(model, 1, model_name=VIT[0], model_kwargs=VIT[1])
-    fs = fsspec.filesystem("file")
-    root = str(tmp_path / "cache")
-    save_pack(fs, root, tensors, spec)
+    store = CacheStore(str(tmp_path / "cache"))
+    save_pack(store, tensors, spec)
     other, _ = extract_tail(model, 1, model_name=VIT[0], model_kwargs=VIT[1])
     other["norm.weight"] = other["norm.weight"] + 1
-    with fs.open(f"{root}/{TPP_WEIGHTS}", "wb") as f:
-        f.write(safetensors.torch.save(other))
+    store.write_bytes(TPP_WEIGHTS, safetensors.torch.save(other))
     with pytest.raises(ValueError, match="sha256"):
-        load_pack(fs, root)
+        load_pack(store)
 
 
 def test_unsupported_family_and_bad_tail():
@@ -248,4 +246,26 @@ def test_kwargs_that_do_not_rebuild_the_teacher_are_refused():
         extract_tail(model, 1, model_name=VIT[0], model_kwargs={**VIT[1], "img_size": 64})
     # weight-only kwargs are dropped from the spec
     _, spec = extract_tail(model, 1, model_name=VIT[0], model_kwargs={**VIT[1], "pretrained": False})
-    assert "pretrained" not in spec["model_kwargs"]
+    assert "pretrained" not in spec.model_kwargs
+
+
+# --------------------------------------------------------------------------- input statistics
+
+
+def test_input_stats_round_trip_with_todays_bytes(tmp_path):
+    store = CacheStore(str(tmp_path / "cache"))
+    assert load_input_stats(store) is None  # no statistics: None, not an error
+    mean, std = torch.randn(48, dtype=torch.float64), torch.rand(48, dtype=torch.float64)
+    save_input_stats(store, mean, std, 1234)
+    # the bytes pipeline/job.py wrote before the reader existed
+    today = safetensors.torch.save({"mean": mean.float(), "std": std.float(),
+                                    "count": torch.tensor([1234], dtype=torch.int64)})
+    assert (tmp_path / "cache" / TPP_STATS).read_bytes() == today
+    stats = load_input_stats(CacheStore(str(tmp_path / "cache"), read_only=True))
+    assert isinstance(stats, TailInputStats) and stats.count == 1234
+    torch.testing.assert_close(stats.mean, mean.float(), atol=0, rtol=0)
+    torch.testing.assert_close(stats.std, std.float(), atol=0, rtol=0)
+    store.write_bytes(TPP_STATS, safetensors.torch.save({"mean": torch.zeros(3), "std": torch.zeros(4),
+                                                         "count": torch.tensor([1])}))
+    with pytest.raises(ValueError, match=rf"{TPP_STATS}: expected mean \[C\], std \[C\] and count \[1\]"):
+        load_input_stats(store)

@@ -3,6 +3,7 @@ for CNN/MLP/ViT students, TPP gradients through a frozen teacher tail)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from scipy.fft import dctn, idctn
 from timm.models.mlp_mixer import MlpMixer
 
-from pipeline.tpp import build_tail, extract_tail
+from pipeline.tpp import TailInputStats, build_tail, extract_tail
 from storage_schemas.taps import TapInfo
 from student.methods import (
     StudentInfo,
@@ -45,9 +46,9 @@ def teacher_setup(case=VIT_T, dtype=torch.float32):
     """(teacher, frozen tail, TeacherContext with a 'final' tap) for a tiny ViT or Swin teacher."""
     teacher = make(*case, dtype=dtype)
     tail = build_tail(*extract_tail(teacher, 1, model_name=case[0], model_kwargs=case[1]))
-    out = tail.spec["output"]
-    gh, gw = out["grid"]
-    final = feat("final", tail.spec["depth"] - 1, gh * gw, out["dim"], (gh, gw), norm=True)
+    out = tail.spec.output
+    gh, gw = out.grid
+    final = feat("final", tail.spec.depth - 1, gh * gw, out.dim, (gh, gw), norm=True)
     return teacher, tail, TeacherContext(num_classes=C, taps=[final], tail=tail)
 
 
@@ -197,11 +198,11 @@ def test_cap_outputs_the_teacher_grid_and_width(kind, teacher_case):
     assert (m.s3_index, m.s4_index) == default_student_indices(info)
     x = torch.randn(2, 3, size, size)
     out = student_forward(student, x, m.student_indices())
-    tin, tout, final = tail.spec["input"], tail.spec["output"], ctx.taps[0]
+    tin, tout, final = tail.spec.input, tail.spec.output, ctx.taps[0]
     y3 = m.s3["spat"](out.features[m.s3_index])
-    assert tuple(y3.shape) == (2, tin["grid"][0] * tin["grid"][1], tin["dim"])  # tail input, no prefix
+    assert tuple(y3.shape) == (2, tin.grid[0] * tin.grid[1], tin.dim)  # tail input, no prefix
     z = m.run_tail(y3)
-    assert tuple(z.shape) == (2, final.tokens, final.dim) and list(tout["grid"]) == list(final.grid)
+    assert tuple(z.shape) == (2, final.tokens, final.dim) and list(tout.grid) == list(final.grid)
     y4 = m.s4["spat"](out.features[m.s4_index], z)
     assert tuple(y4.shape) == (2, final.tokens, final.dim)
     x_t = torch.nn.functional.interpolate(x, size=32) if size != 32 else x
@@ -265,6 +266,35 @@ def test_tpp_tail_in_lower_precision_and_without_tpp():
     losses = plain(student_forward(student, x, plain.student_indices()), teacher_final(teacher, x),
                    torch.zeros(2))
     assert losses["loss_scalekd_s3_freq"] == 0 and losses["loss_scalekd_s3_spat"] > 0
+
+
+def test_cap_norm_init_from_the_tail_input_stats():
+    """Opt-in (not in the official code): the s3 CAPs' output LayerNorm, which feeds the frozen
+    tail, starts at the tail input's per-channel std (weight) and mean (bias)."""
+    teacher, tail, ctx = teacher_setup(VIT_T)
+    c3, ct = tail.spec.input.dim, ctx.features[0].dim
+    g = torch.Generator().manual_seed(0)
+    stats = TailInputStats(mean=torch.randn(c3, generator=g), std=torch.rand(c3, generator=g) + 0.5, count=64)
+    info = student_info(make("resnet18", dict(num_classes=C)), 64)
+    with_stats = dataclasses.replace(ctx, tail_stats=stats)
+    m = build_methods("scalekd", {"scalekd": {"cap_norm_init": "tail_stats"}}, info, with_stats)[0]
+    official = build_methods("scalekd", {}, info, with_stats)[0]  # default: LayerNorm's own init
+    for v in ("spat", "freq"):
+        assert torch.equal(m.s3[v].norm.weight, stats.std) and torch.equal(m.s3[v].norm.bias, stats.mean)
+        assert m.s3[v].norm.weight.requires_grad and m.s3[v].norm.weight.data_ptr() != stats.std.data_ptr()
+        assert torch.equal(official.s3[v].norm.weight, torch.ones(c3))
+        assert torch.equal(official.s3[v].norm.bias, torch.zeros(c3))
+        assert torch.equal(m.s4[v].norm.weight, torch.ones(ct)) and torch.equal(m.s4[v].norm.bias, torch.zeros(ct))
+
+    opts = {"scalekd": {"cap_norm_init": "tail_stats"}}
+    with pytest.raises(ValueError, match=r"cap_norm_init='tail_stats' needs the statistics of the TPP tail's "
+                                         r"input \(tpp/input_stats\.safetensors.*scalekd\.cap_norm_init=default"):
+        build_methods("scalekd", opts, info, ctx)
+    with pytest.raises(ValueError, match=r"needs scalekd\.tpp=true"):
+        build_methods("scalekd", {"scalekd": {"cap_norm_init": "tail_stats", "tpp": False}}, info, with_stats)
+    short = TailInputStats(mean=torch.zeros(5), std=torch.ones(5), count=1)
+    with pytest.raises(ValueError, match=f"the statistics have 5 channels, the TPP tail takes {c3}"):
+        build_methods("scalekd", opts, info, dataclasses.replace(ctx, tail_stats=short))
 
 
 def test_default_student_indices():

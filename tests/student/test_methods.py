@@ -47,7 +47,7 @@ def manifest(features=TEACHER_FEATURES, logits=True, tpp=False) -> Manifest:
         teacher=teacher, features=list(features),
         config=CacheConfig.model_validate({"input": {"urls": "x"}, "output": {"url": "y"}, "teacher": {"model": "m"}}),
         logits=LogitsInfo(mode="topk", k=5, num_classes=C) if logits else None,
-        tpp=TPPInfo(family="vit", num_params=1, bytes=1, spec={}) if tpp else None,
+        tpp=TPPInfo.model_construct(family="vit", num_params=1, bytes=1) if tpp else None,
     )
 
 

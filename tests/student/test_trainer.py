@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from storage_schemas import layout
 from student.config import OnlineTeacher, TrainConfig
 from student.trainer import Trainer
 
@@ -111,6 +113,17 @@ def test_trainer_killed_with_sigkill_resumes_to_identical_weights(reference, dig
     assert a.keys() == resumed.keys()
     for k in a:
         torch.testing.assert_close(a[k], resumed[k], rtol=0, atol=0, msg=k)
+
+
+def test_scalekd_cap_norm_starts_from_the_caches_tail_stats(reference, digits, tmp_path):
+    base = config(reference, digits, tmp_path / "s").model_dump()
+    cfg = TrainConfig.model_validate({**base, "methods": "ce+scalekd",
+                                      "method_options": {"scalekd": {"cap_norm_init": "tail_stats"}}})
+    scalekd = Trainer(cfg, progress=False).model.methods[1]
+    stats = load_file(str(reference["path"] / layout.TPP_STATS))
+    for v in ("spat", "freq"):
+        assert torch.equal(scalekd.s3[v].norm.weight.cpu(), stats["std"])
+        assert torch.equal(scalekd.s3[v].norm.bias.cpu(), stats["mean"])
 
 
 def test_mixup_refused_before_work(reference, digits, tmp_path):
