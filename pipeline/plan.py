@@ -32,6 +32,7 @@ from storage_schemas.manifest import (
     UnitCompletion,
 )
 from storage_schemas.taps import TapInfo
+from storage_schemas.tpp_spec import TPPSpec
 
 from .shards import ShardIndex, dataset_fingerprint
 
@@ -67,7 +68,7 @@ class TeacherProbe:
 
     teacher: TeacherInfo
     taps: list[TapInfo]
-    tail: tuple[dict[str, torch.Tensor], dict] | None = None
+    tail: tuple[dict[str, torch.Tensor], TPPSpec] | None = None
 
 
 def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[ShardIndex]) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage_schemas.manifest import FeatureInfo
+from storage_schemas.taps import TapInfo
 from student.methods import StudentInfo, StudentOutput, TeacherContext, build_methods
 from student.methods.scalekd import CrossAttentionProjector
 from student.targets import TeacherTargets
@@ -109,11 +109,11 @@ def test_vitkd_generation_and_losses_match_golden(case, monkeypatch):
     c = g.config
     B, Ds, Dt, h, w = c["batch"], c["student_dim"], c["teacher_dim"], c["grid_h"], c["grid_w"]
     N, K = h * w, 10
-    taps = [FeatureInfo(name=name, index=i, norm=name == "final", tokens=N, dim=Dt, grid=(h, w), prefix_tokens=0,
-                        dtype="fp16") for i, name in enumerate(("block0", "block1", "final"))]
+    taps = [TapInfo(name=name, index=i, norm=name == "final", tokens=N, dim=Dt, grid=(h, w), prefix_tokens=0,
+                    dtype="fp16") for i, name in enumerate(("block0", "block1", "final"))]
     info = StudentInfo(shapes=((Ds, h, w),) * 2, final_tokens=(N, Ds), vit_like=True)
     opts = {k: c[k] for k in ("alpha", "beta", "mask_ratio", "divide_by_lambda")}
-    m = build_methods("vitkd", {"vitkd": opts}, info, TeacherContext(num_classes=K, features=taps))[0].double()
+    m = build_methods("vitkd", {"vitkd": opts}, info, TeacherContext(num_classes=K, taps=taps))[0].double()
     m.load_state_dict(g.param, strict=True)
 
     mask = g.input["mask"]
