@@ -55,8 +55,12 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_cache(a: argparse.Namespace) -> int:
     from pipeline.job import run_cache_job
 
+    from .cache_for import resolve_targets_for
+
     sets = list(a.set) + ([f"output.root={a.root}", "output.url=null"] if a.root else [])
-    cfg = load_config(CacheConfig, a.config, sets)
+    if a.for_methods:
+        sets.append(f"targets.for=[{a.for_methods.replace('+', ',')}]")
+    cfg = resolve_targets_for(load_config(CacheConfig, a.config, sets))
     m = run_cache_job(cfg, address=a.address, progress=not a.no_progress, resume=a.resume)
     print(format_summary(m.summary(), cfg.output.url or _url_of(m, cfg.output.root, cfg.output.storage_options)))
     return 0
@@ -180,10 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Configs: jobs/configs/*.yaml (sections input, output, teacher, views, "
                                    "targets, job).",
                        epilog="examples:\n  kdcache cache jobs/configs/demo.yaml --set views.num_views=8\n"
+                              "  kdcache cache CONFIG.yaml --for vitkd,scalekd --set targets.features=[]\n"
                               "  RAY_ADDRESS=auto kdcache cache jobs/configs/vitkd_deit3_base.yaml")
     c.add_argument("config", help="YAML config")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set output.url=s3://bkt/cache.zarr (repeatable)")
+    c.add_argument("--for", dest="for_methods", default=None, metavar="METHODS",
+                   help="cache what these KD methods need (comma-separated, e.g. vitkd,scalekd): their teacher taps, "
+                        "logits and TPP tail are added to the config's targets (same as targets.for)")
     c.add_argument("--root", default=None, metavar="ROOT_URL",
                    help="instead of output.url: find a cache with the same identity under ROOT_URL and reuse it "
                         "(nothing recomputed), resume it or add the missing views; else extend one of the same "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from storage_schemas import layout
 from storage_schemas.config import CacheConfig
-from storage_schemas.errors import InputDataError
+from storage_schemas.errors import ConfigError, InputDataError
 from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
 
@@ -170,6 +170,9 @@ def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: boo
 
     The job holds the cache's lease (:mod:`pipeline.lease`) while it writes: a second job on the
     same URL is refused; ``resume=True`` takes over the lease of a job that died."""
+    if cfg.targets.for_methods:
+        raise ConfigError(f"targets.for {cfg.targets.for_methods} names KD methods, which the caching job does not "
+                          "know: expand it first with jobs.cache_for.resolve_targets_for(cfg) (kdcache cache does)")
     urls = expand_urls(cfg.input.urls, cfg.input.storage_options)  # fails fast, before Ray starts
     if cfg.output.root is not None:
         return _run_in_root(cfg, urls, address, progress, log, resume)

@@ -39,3 +39,38 @@ def test_config_validates_and_taps_exist(path):
         assert not tap.norm or idx == levels - 1
     if cfg.targets.tpp:
         assert cfg.targets.tpp.tail < levels
+
+
+# Each shipped training config, and the shipped cache config that provides what it needs.
+PAIRS = {
+    "train_demo_scalekd_resnet.yaml": "demo.yaml",
+    "train_demo_vitkd.yaml": "demo.yaml",
+    "train_scalekd_swinl_resnet50.yaml": "scalekd_swin_large.yaml",
+    "train_vanillakd_beitv2_resnet50.yaml": "vanillakd_beitv2_logits.yaml",
+    "train_vitkd_deit3b_deits.yaml": "vitkd_deit3_base.yaml",
+}
+
+
+@pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.name)
+def test_train_config_is_served_by_its_cache_config(path):
+    """What the training config's methods need (logits, taps by the point they name, the TPP tail), the cache
+    config it names in its header caches — resolved on the teacher's architecture (meta device, no weights) —
+    and the student predicts the teacher's classes."""
+    from student.config import TrainConfig
+    from student.methods import needs_of
+
+    assert path.name in PAIRS, f"{path.name}: say in PAIRS which shipped cache config serves it"
+    cache_path = path.parent / PAIRS[path.name]
+    assert f"jobs/configs/{cache_path.name}" in path.read_text(), f"{path.name}: name its cache config in the header"
+    train, cache = load_config(TrainConfig, path), load_config(CacheConfig, cache_path)
+    needs = needs_of(train.methods, train.method_options)
+    with torch.device("meta"):
+        teacher = timm.create_model(cache.teacher.model.split(".")[0], pretrained=False, **cache.teacher.model_kwargs)
+    levels = num_feature_levels(teacher)
+    cached = {(t.resolve(levels), t.norm) for t in cache.targets.features}
+    for spec in needs.taps:
+        assert (spec.resolve(levels), spec.norm) in cached, f"{cache_path.name} lacks tap {spec.yaml()}"
+    assert not needs.logits or cache.targets.logits is not None, f"{cache_path.name} caches no logits"
+    assert not needs.tpp or cache.targets.tpp is not None, f"{cache_path.name} has no TPP pack"
+    classes = train.student.model_kwargs.get("num_classes")
+    assert classes == teacher.num_classes, f"student predicts {classes} classes, the teacher {teacher.num_classes}"
