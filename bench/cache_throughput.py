@@ -24,9 +24,10 @@ import torch
 
 from pipeline.job import init_ray, run_cache_job
 from pipeline.shards import iter_samples
+from pipeline.stages import batched
 from pipeline.store import CacheStore
 from pipeline.teacher import Teacher
-from pipeline.unit import UnitRunner, batched
+from pipeline.unit import UnitRunner
 from pipeline.views import apply_view, sample_view
 from storage_schemas.config import CacheConfig
 
