@@ -15,8 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-import timm
-import torch
 from safetensors.torch import save_file
 
 from storage_schemas.config import CacheConfig
@@ -50,22 +48,30 @@ def demo_config(workdir: Path, quick: bool) -> CacheConfig:
 
 
 def train_teacher(cfg: CacheConfig, workdir: Path, out: Path, epochs: int) -> dict:
-    from student.supervised import load_samples, top1, train_classifier
+    """The demo's teacher, trained by the student trainer without a cache (supervised, fresh views of
+    the cache's recipe under ``TEACHER_SEED`` every epoch); its weights saved as the cache's checkpoint."""
+    from student.config import TrainConfig
+    from student.trainer import Trainer
 
     data = workdir / "data"
-    train = load_samples(f"{data}/train-{{000000..000003}}.tar")
-    val = load_samples(f"{data}/val-{{000000..000001}}.tar")
-    torch.manual_seed(0)
-    model = timm.create_model(cfg.teacher.model, **cfg.teacher.model_kwargs)
+    t = cfg.teacher
+    run = TrainConfig.model_validate({
+        "student": {"model": t.model, "model_kwargs": t.model_kwargs, "input_size": t.input_size, "mean": t.mean,
+                    "std": t.std},
+        "methods": "ce", "method_options": {"ce": {"label_smoothing": 0.1}},
+        "data": {"train_urls": f"{data}/train-{{000000..000003}}.tar", "val_urls": f"{data}/val-{{000000..000001}}.tar",
+                 "views": cfg.views.model_copy(update={"seed": TEACHER_SEED}).model_dump(mode="json"),
+                 "batch_size": 64, "eval_crop_pct": 1.0},
+        "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "epochs": epochs, "warmup_epochs": 2},
+        "seed": 0, "output": str(out / "teacher-run"), "log_every": 50,
+    })
     t0 = time.time()
-    kw = dict(size=cfg.teacher.input_size, mean=cfg.teacher.mean, std=cfg.teacher.std)
-    recipe = cfg.views.model_copy(update={"seed": TEACHER_SEED})
-    train_classifier(model, train, val, recipe=recipe, epochs=epochs, lr=2e-3, warmup_epochs=2,
-                     desc="teacher", **kw)
-    acc = top1(model, val, **kw)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cfg.teacher.checkpoint)
-    info = {"model": cfg.teacher.model, "model_kwargs": cfg.teacher.model_kwargs, "top1": acc,
-            "epochs": epochs, "train_seconds": time.time() - t0, "checkpoint": cfg.teacher.checkpoint}
+    trainer = Trainer(run)
+    result = trainer.fit()
+    student = trainer.model.student
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, t.checkpoint)
+    info = {"model": t.model, "model_kwargs": t.model_kwargs, "top1": result["val_top1"], "epochs": epochs,
+            "train_seconds": time.time() - t0, "checkpoint": t.checkpoint, "run": run.output}
     (out / "teacher.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -87,6 +93,8 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
     else:
         print(f"[1/4] digits shards already in {wd / 'data'}")
     teacher_json = out / "teacher.json"
+    if force and (out / "teacher-run").exists():
+        shutil.rmtree(out / "teacher-run")  # else the trainer would resume the finished run
     if force or not teacher_json.exists() or not Path(cfg.teacher.checkpoint).exists():
         print("[2/4] training the ViT teacher on digits")
         teacher = train_teacher(cfg, wd, out, epochs=TEACHER_EPOCHS["quick" if quick else "full"])

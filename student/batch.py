@@ -54,11 +54,13 @@ def collate_rows(samples: list[Sample], names: Sequence[str] = ()) -> dict:
     }
 
 
-def to_batch(raw: dict, m: Manifest, *, taps: Sequence[str] | None = None, device: str | torch.device = "cpu") -> Batch:
-    """:func:`collate_rows`' output → :class:`Batch`, targets decoded with the cache's codecs on ``device``."""
+def to_batch(raw: dict, m: Manifest | None, *, taps: Sequence[str] | None = None,
+             device: str | torch.device = "cpu") -> Batch:
+    """:func:`collate_rows`' output → :class:`Batch`, targets decoded with the cache's codecs on ``device``
+    (no cache, ``m`` None: no targets)."""
     return Batch(
         x=raw["x"].to(device), labels=raw["label"].to(device),
-        targets=TeacherTargets.decode(raw["rows"], m, device=device, taps=taps),
+        targets=TeacherTargets.decode(raw["rows"], m, device=device, taps=taps) if m else TeacherTargets(0),
         keys=raw["key"], tars=raw["tar"], positions=raw["position"], views=raw["view"],
         consumers=list(raw["consumer"]), num_consumers=raw["num_consumers"],
         x_teacher=None if raw.get("x_teacher") is None else raw["x_teacher"].to(device),

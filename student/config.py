@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage_schemas.views import ViewRecipe
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,6 +51,9 @@ class DataOptions(_Strict):
     eval_crop_pct: float = Field(0.875, gt=0, le=1)
     mixup: float = Field(0.0, ge=0, description="refused with a cache (not replayable); see refuse_mixup")
     cutmix: float = Field(0.0, ge=0)
+    train_urls: str | list[str] | None = Field(
+        None, description="without a cache: the training tars (supervised; epoch e uses view index e of data.views)")
+    views: ViewRecipe | None = Field(None, description="without a cache: the view recipe (default: ViewRecipe())")
 
     @model_validator(mode="after")
     def _no_mixing(self) -> DataOptions:
@@ -96,7 +101,8 @@ class OnlineTeacher(_Strict):
 
 
 class TrainConfig(_Strict):
-    cache: CacheRef
+    cache: CacheRef | None = Field(None, description="the cache to distil from; none: supervised training on "
+                                                     "data.train_urls (methods that need no teacher, e.g. ce)")
     student: StudentModel
     methods: str | list[str] = Field("ce+kd", description="KD methods composed with '+', e.g. ce+kd+vitkd")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per method, by name")
@@ -110,3 +116,13 @@ class TrainConfig(_Strict):
     output: str = Field(description="folder for checkpoints, metrics.jsonl, curves.png, config.yaml")
     log_every: int = Field(10, ge=1, description="steps between metrics lines")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (exact mid-epoch resume)")
+
+    @model_validator(mode="after")
+    def _source(self) -> TrainConfig:
+        if (self.cache is None) == (self.data.train_urls is None):
+            raise ValueError("give either cache (distil from it) or data.train_urls (supervised, no teacher)")
+        if self.cache is not None and self.data.views is not None:
+            raise ValueError("data.views is for training without a cache; a cache replays the views it holds")
+        if self.cache is None and self.online_teacher is not None:
+            raise ValueError("online_teacher runs the teacher a cache was built from: give cache too")
+        return self

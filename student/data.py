@@ -1,4 +1,5 @@
-"""Student-side data: :class:`CacheDataset`, the image tars and cache rows of an epoch as a torch dataset.
+"""Student-side data: :class:`CacheDataset`, the image tars and cache rows of an epoch as a torch dataset;
+:class:`TarDataset`, plain tars with a fresh view per sample and epoch (supervised training, no cache).
 
 For each work unit (input tar, view) the image tar is streamed with ``pipeline.shards.iter_samples``
 (checked against the cache's index keys, so a changed tar fails loudly) and the unit's cache rows
@@ -17,6 +18,11 @@ Under DDP each rank counts its own consumers: gather every rank's ``state_dict()
 DataLoader must not use ``persistent_workers`` (workers copy the dataset, epoch and state, when an
 iteration starts).
 
+:class:`TarDataset` shares the plan, order, split, resume and replay: each epoch ``e`` it draws view
+index ``e`` of every sample from the recipe (seeded by recipe seed, tar, position, ``e``), as a cache
+of that recipe would hold it, so a supervised run (the demo's teacher, a no-KD baseline without a
+cache) sees fresh, reproducible augmentations.
+
 Caches are opened read-only. A cache whose manifest is not complete is refused unless
 ``allow_partial=True``; then only the units with a completion record (read once, at construction)
 are used: cycle skips a tar whose unit for the epoch's view is missing, random draws among a
@@ -30,23 +36,25 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import Sample
+from pipeline.shards import Sample, expand_urls, index_shard, iter_samples
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from storage_schemas import arrays as A
 from storage_schemas.codecs import TokenCodec
 from storage_schemas.errors import CacheError, CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
+from storage_schemas.views import ViewRecipe
 
 from .batch import Batch, collate_rows, to_batch
 from .plan import EpochPlan, EpochProgress, Task, ViewPolicy, merge_states
 from .stream import Loaded, load_rows, lockstep, reorder, replay
 
-__all__ = ["Batch", "CacheDataset", "merge_states", "target_arrays"]
+__all__ = ["Batch", "CacheDataset", "TarDataset", "merge_states", "target_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,117 @@ def target_arrays(m: Manifest, *, logits: bool = True, taps: Sequence[str] = ())
     return names
 
 
-class CacheDataset(IterableDataset):
+class EpochDataset(IterableDataset):
+    """What both datasets share: the epoch plan and its split over ranks and workers (:mod:`student.plan`),
+    the position-in-epoch accounting for exact resume, the reordering and replay stages, batching.
+    Subclasses set ``plan`` and implement :meth:`_load` / :meth:`_stream` (one tar's samples) and
+    :meth:`_replay`."""
+
+    url: str
+    plan: EpochPlan
+    targets: list[str] = []
+    taps: list[str] = []
+
+    def _init_split(self, rank: int | None, world_size: int | None, threads: int, seed: int,
+                    view_policy: ViewPolicy) -> None:
+        if rank is None or world_size is None:
+            ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = rank if rank is not None else (torch.distributed.get_rank() if ddp else 0)
+            world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if ddp else 1)
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size, self.threads = rank, world_size, max(1, threads)
+        self.progress = EpochProgress(seed=int(seed), view_policy=view_policy)
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def seed(self) -> int:
+        return self.plan.seed
+
+    @property
+    def view_policy(self) -> ViewPolicy:
+        return self.plan.view_policy
+
+    def num_samples(self, num_workers: int = 0) -> int:
+        """Samples this rank yields in the current epoch (all its workers), resume skips included."""
+        return self.plan.num_samples(self.epoch, self.rank, self.world_size, num_workers)
+
+    # --- epoch and resume state ---------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch`` (its views and order) and forget consumed counts."""
+        self.progress = EpochProgress(epoch=int(epoch), seed=self.seed, view_policy=self.view_policy)
+
+    def advance(self, batch: Batch) -> None:
+        """Count a batch as consumed by the trainer (for :meth:`state_dict`); main process only."""
+        self.progress.advance(batch.consumers, batch.num_consumers, self.rank, self.world_size)
+
+    def state_dict(self) -> dict:
+        """Position in the epoch: plain JSON-able values (see :class:`student.plan.EpochProgress`)."""
+        return self.progress.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state`` (this rank's entries are used; see :func:`student.plan.merge_states`)."""
+        self.progress = EpochProgress.from_state(state, seed=self.seed, view_policy=self.view_policy)
+
+    # --- iteration ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        N, i = (info.num_workers, info.id) if info is not None else (1, 0)
+        C = self.world_size * N
+        p = self.progress
+        if p.num_consumers not in (None, C):
+            raise ConfigError(
+                f"resume state was taken with {p.num_consumers} consumers (world_size x num_workers), "
+                f"this run has {C} ({self.world_size} x {N}); resume with the same world size and workers")
+        w = (i + p.next_worker.get(self.rank, 0)) % N  # see "Exact resume" in student.plan
+        c = self.rank * N + w
+        tasks, order = self.plan.consumer_order(self.epoch, c, C)
+        if c == 0 and C > len(self.plan.tasks(self.epoch)):
+            log.warning("%d consumers (world_size %d x workers %d) but %d tars this epoch: some stay idle",
+                        C, self.world_size, N, len(self.plan.tasks(self.epoch)))
+        order = order[p.consumed.get(c, 0):]
+        replayed = prefetch_map(self._replay, reorder(tasks, order, self._load, self._stream, where=self.url),
+                                workers=self.threads, lookahead=4 * self.threads)
+        for s in replayed:
+            yield dataclasses.replace(s, consumer=c, num_consumers=C)
+
+    def _load(self, task: Task) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, task: Task, loaded: Any) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def _replay(self, s: Sample) -> Sample:
+        raise NotImplementedError
+
+    # --- batches ------------------------------------------------------------------------
+
+    def _to_batch(self, raw: dict, device: str | torch.device) -> Batch:
+        raise NotImplementedError
+
+    def collate(self, samples: list[Sample] | dict, device: str | torch.device = "cpu") -> Batch:
+        """Samples (or :func:`student.batch.collate_rows`' output) → :class:`Batch`, targets decoded."""
+        return self._to_batch(samples if isinstance(samples, dict) else collate_rows(samples, self.targets), device)
+
+    def loader(self, batch_size: int, *, num_workers: int = 0, device: str | torch.device = "cpu",
+               pin_memory: bool = False, drop_last: bool = False) -> Iterator[Batch]:
+        """Batches of the current epoch through a DataLoader; targets decoded here, in the main
+        process; each batch counted as consumed when it is handed out."""
+        dl = DataLoader(self, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=partial(collate_rows, names=self.targets), pin_memory=pin_memory,
+                        drop_last=drop_last, persistent_workers=False)
+        for raw in dl:
+            batch = self.collate(raw, device=device)
+            self.advance(batch)
+            yield batch
+
+
+class CacheDataset(EpochDataset):
     """:class:`~pipeline.shards.Sample`\\ s of one epoch, each replayed (``x``) with its cache rows; see the
     module docstring and :mod:`student.plan` for what an epoch holds and in which order."""
 
@@ -129,33 +247,13 @@ class CacheDataset(IterableDataset):
         self.read_names = list(dict.fromkeys([*views, A.LABEL, A.VALID, *self.targets]))
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.teacher_input, self.fresh_views = teacher_input, fresh_views
-        self.threads = max(1, threads)
-        if rank is None or world_size is None:
-            ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = rank if rank is not None else (torch.distributed.get_rank() if ddp else 0)
-            world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if ddp else 1)
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.rank, self.world_size = rank, world_size
         units, valid = self._cached_units(store)
         self.plan = EpochPlan(units=units, valid=valid, num_tars=len(self.m.dataset.shards), num_views=self.num_views,
                               view_policy=view_policy, seed=int(seed), shuffle=shuffle,
                               shuffle_buffer=int(shuffle_buffer), drop_uneven=drop_uneven)
-        self.progress = EpochProgress(seed=int(seed), view_policy=view_policy)
+        self._init_split(rank, world_size, threads, seed, view_policy)
         self._store: CacheStore | None = store
         self._store_pid = os.getpid()
-
-    @property
-    def epoch(self) -> int:
-        return self.progress.epoch
-
-    @property
-    def seed(self) -> int:
-        return self.plan.seed
-
-    @property
-    def view_policy(self) -> ViewPolicy:
-        return self.plan.view_policy
 
     # --- which units hold which samples -------------------------------------------------
 
@@ -193,56 +291,11 @@ class CacheDataset(IterableDataset):
         state["_store"] = None  # zarr/fsspec handles do not cross processes
         return state
 
-    def num_samples(self, num_workers: int = 0) -> int:
-        """Samples this rank yields in the current epoch (all its workers), resume skips included."""
-        return self.plan.num_samples(self.epoch, self.rank, self.world_size, num_workers)
-
-    # --- epoch and resume state ---------------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch`` (its views and order) and forget consumed counts."""
-        self.progress = EpochProgress(epoch=int(epoch), seed=self.seed, view_policy=self.view_policy)
-
-    def advance(self, batch: Batch) -> None:
-        """Count a batch as consumed by the trainer (for :meth:`state_dict`); main process only."""
-        self.progress.advance(batch.consumers, batch.num_consumers, self.rank, self.world_size)
-
-    def state_dict(self) -> dict:
-        """Position in the epoch: plain JSON-able values (see :class:`student.plan.EpochProgress`)."""
-        return self.progress.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state`` (this rank's entries are used; see :func:`student.plan.merge_states`)."""
-        self.progress = EpochProgress.from_state(state, seed=self.seed, view_policy=self.view_policy)
-
-    # --- iteration ----------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = get_worker_info()
-        N, i = (info.num_workers, info.id) if info is not None else (1, 0)
-        C = self.world_size * N
-        p = self.progress
-        if p.num_consumers not in (None, C):
-            raise ConfigError(
-                f"resume state was taken with {p.num_consumers} consumers (world_size x num_workers), "
-                f"this run has {C} ({self.world_size} x {N}); resume with the same world size and workers")
-        w = (i + p.next_worker.get(self.rank, 0)) % N  # see "Exact resume" in student.plan
-        c = self.rank * N + w
-        tasks, order = self.plan.consumer_order(self.epoch, c, C)
-        if c == 0 and C > len(self.plan.tasks(self.epoch)):
-            log.warning("%d consumers (world_size %d x workers %d) but %d tars this epoch: some stay idle",
-                        C, self.world_size, N, len(self.plan.tasks(self.epoch)))
-        order = order[p.consumed.get(c, 0):]
-        replayed = prefetch_map(self._replay, reorder(tasks, order, self._load, self._lockstep, where=self.url),
-                                workers=self.threads, lookahead=4 * self.threads)
-        for s in replayed:
-            yield dataclasses.replace(s, consumer=c, num_consumers=C)
-
     def _load(self, task: Task) -> Loaded:
         return load_rows(self.store(), self.m, task, self.read_names, random_policy=self.view_policy == "random",
                          seed=self.seed, epoch=self.epoch)
 
-    def _lockstep(self, task: Task, loaded: Loaded) -> Iterator[Sample]:
+    def _stream(self, task: Task, loaded: Loaded) -> Iterator[Sample]:
         return lockstep(self.m, task, loaded, storage_options=self.input_storage_options)
 
     def _replay(self, s: Sample) -> Sample:
@@ -250,21 +303,41 @@ class CacheDataset(IterableDataset):
                       teacher_input=self.teacher_input,
                       fresh_view=self.m.num_views + self.epoch if self.fresh_views else None)
 
-    # --- batches ------------------------------------------------------------------------
-
-    def collate(self, samples: list[Sample] | dict, device: str | torch.device = "cpu") -> Batch:
-        """Samples (or :func:`student.batch.collate_rows`' output) → :class:`Batch`, targets decoded."""
-        raw = samples if isinstance(samples, dict) else collate_rows(samples, self.targets)
+    def _to_batch(self, raw: dict, device: str | torch.device) -> Batch:
         return to_batch(raw, self.m, taps=self.taps, device=device)
 
-    def loader(self, batch_size: int, *, num_workers: int = 0, device: str | torch.device = "cpu",
-               pin_memory: bool = False, drop_last: bool = False) -> Iterator[Batch]:
-        """Batches of the current epoch through a DataLoader; targets decoded here, in the main
-        process; each batch counted as consumed when it is handed out."""
-        dl = DataLoader(self, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=partial(collate_rows, names=self.targets), pin_memory=pin_memory,
-                        drop_last=drop_last, persistent_workers=False)
-        for raw in dl:
-            batch = self.collate(raw, device=device)
-            self.advance(batch)
-            yield batch
+
+class TarDataset(EpochDataset):
+    """:class:`~pipeline.shards.Sample`\\ s of plain WebDataset tars, no cache: epoch ``e`` replays view index
+    ``e`` of ``recipe`` for every sample (a fresh, reproducible view each epoch); plan, split, order and
+    resume as :class:`CacheDataset`. The tars are indexed once, at construction (sample counts for the
+    plan); a bad sample stops the epoch naming its tar and key."""
+
+    def __init__(self, urls: str | list[str], *, recipe: ViewRecipe, size: int | tuple[int, int],
+                 mean: tuple[float, float, float], std: tuple[float, float, float], num_classes: int | None = None,
+                 seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1024, rank: int | None = None,
+                 world_size: int | None = None, drop_uneven: bool = False, storage_options: dict | None = None,
+                 threads: int = 2) -> None:
+        self.urls = expand_urls(urls, storage_options)
+        self.url = self.urls[0] if len(self.urls) == 1 else f"{len(self.urls)} tars from {self.urls[0]}"
+        self.storage_options = dict(storage_options or {})
+        self.recipe, self.num_classes = recipe, num_classes
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        counts = [index_shard(u, self.storage_options).count for u in self.urls]
+        self.plan = EpochPlan(units={t: (0,) for t in range(len(counts))}, valid=dict(enumerate(counts)),
+                              num_tars=len(counts), num_views=1, seed=int(seed), shuffle=shuffle,
+                              shuffle_buffer=int(shuffle_buffer), drop_uneven=drop_uneven)
+        self._init_split(rank, world_size, threads, seed, "cycle")
+
+    def _load(self, task: Task) -> None:
+        return None
+
+    def _stream(self, task: Task, loaded: None) -> Iterator[Sample]:
+        for s in iter_samples(self.urls[task.tar], self.storage_options, num_classes=self.num_classes, tar=task.tar):
+            yield dataclasses.replace(s, view=self.epoch)
+
+    def _replay(self, s: Sample) -> Sample:
+        return replay(s, self.recipe, size=self.size, mean=self.mean, std=self.std, fresh_view=self.epoch)
+
+    def _to_batch(self, raw: dict, device: str | torch.device) -> Batch:
+        return to_batch(raw, None, device=device)

@@ -5,6 +5,8 @@ targets come from :class:`student.data.CacheDataset`; the :class:`Distiller` run
 student once through timm's ``forward_intermediates`` and sums the named, weighted losses
 of the configured methods (timm's task contract: a dict with ``loss`` and each component).
 Checkpoints hold tensors and plain values only and load with ``weights_only=True``.
+Without a cache (``data.train_urls``) the same loop trains supervised on fresh views of plain
+tars (:class:`student.data.TarDataset`): the demo's teacher, or a no-KD baseline.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from pipeline.store import CacheStore, atomic_write
 from pipeline.targets import encode_targets
 from pipeline.teacher import Teacher, resolve_input
 from pipeline.tpp import load_input_stats, load_pack
-from storage_schemas.errors import CacheMismatchError
+from storage_schemas.errors import CacheMismatchError, ConfigError
+from storage_schemas.manifest import Manifest
+from storage_schemas.views import ViewRecipe
 
 from .config import TrainConfig
-from .data import CacheDataset, merge_states
+from .data import CacheDataset, TarDataset, merge_states
 from .evaluate import eval_loader, evaluate
 from .methods import (
+    Needs,
     TeacherContext,
     build_methods,
     check_cache,
@@ -91,30 +96,17 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         torch.manual_seed(cfg.seed)
-        self.cache_url = cfg.cache.url or find_cache(cfg.cache.root, cfg.cache.id, cfg.cache.storage_options).url
-        store = CacheStore(self.cache_url, cfg.cache.storage_options, read_only=True)
-        self.manifest = m = store.read_manifest(allow_partial=cfg.cache.allow_partial)
         needs = needs_of(cfg.methods, cfg.method_options)
-        check_cache(needs, m)  # once, before anything is built: every missing target named
+        self.manifest = m = self._open_cache(needs) if cfg.cache else None
         student, self.size, self.mean, self.std = build_student(cfg)
-        tail, tail_stats = (load_pack(store), load_input_stats(store)) if m.tpp else (None, None)
+        self.num_classes = m.teacher.num_classes if m else int(student.num_classes)
         info = student_info(student, self.size)
-        methods = build_methods(cfg.methods, cfg.method_options, info,
-                                TeacherContext.from_manifest(m, tail, tail_stats))
+        methods = build_methods(cfg.methods, cfg.method_options, info, self._teacher_context(m))
         self.model = Distiller(student, methods).to(self.device)
-        self.taps = [m.tap_serving(spec).name for spec in needs.taps]
+        self.taps = [m.tap_serving(spec).name for spec in needs.taps] if m else []
         self.teacher = (Teacher.from_manifest(m, cfg.online_teacher.checkpoint, cfg.online_teacher.storage_options,
                                               device=self.device) if cfg.online_teacher else None)
-        online = self.teacher is not None
-        self.dataset = CacheDataset(
-            store, size=self.size, mean=self.mean, std=self.std,
-            logits=needs.logits and not online, taps=() if online else self.taps,
-            view_policy=cfg.data.view_policy, seed=cfg.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
-            allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
-            teacher_input=(self.teacher.input_size, self.teacher.mean, self.teacher.std) if online else None,
-            fresh_views=online and cfg.online_teacher.views == "fresh", max_views=cfg.data.max_views,
-        )
+        self.dataset = self._cache_dataset(needs.logits) if m else self._tar_dataset()
         o = cfg.optim
         self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
                                              momentum=o.momentum)
@@ -129,6 +121,46 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda"
                     else contextlib.nullcontext())
+
+    # --- what it trains from -------------------------------------------------------------
+
+    def _open_cache(self, needs) -> Manifest:
+        """The cache's manifest, checked once against what the methods need, before anything is built."""
+        c = self.cfg.cache
+        self.cache_url = c.url or find_cache(c.root, c.id, c.storage_options).url
+        self.store = CacheStore(self.cache_url, c.storage_options, read_only=True)
+        m = self.store.read_manifest(allow_partial=c.allow_partial)
+        check_cache(needs, m)  # every missing target named
+        return m
+
+    def _teacher_context(self, m: Manifest | None) -> TeacherContext:
+        if m is None:
+            return TeacherContext(num_classes=self.num_classes)
+        tail, stats = (load_pack(self.store), load_input_stats(self.store)) if m.tpp else (None, None)
+        return TeacherContext.from_manifest(m, tail, stats)
+
+    def _cache_dataset(self, logits: bool) -> CacheDataset:
+        cfg, online = self.cfg, self.teacher is not None
+        return CacheDataset(
+            self.store, size=self.size, mean=self.mean, std=self.std,
+            logits=logits and not online, taps=() if online else self.taps,
+            view_policy=cfg.data.view_policy, seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer, drop_uneven=cfg.data.drop_uneven,
+            allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
+            teacher_input=(self.teacher.input_size, self.teacher.mean, self.teacher.std) if online else None,
+            fresh_views=online and cfg.online_teacher.views == "fresh", max_views=cfg.data.max_views,
+        )
+
+    def _tar_dataset(self) -> TarDataset:
+        """No cache: supervised on ``data.train_urls``; refused for methods that need a teacher."""
+        cfg, needs = self.cfg, needs_of(self.cfg.methods, self.cfg.method_options)
+        if needs != Needs():
+            raise ConfigError(f"methods {cfg.methods!r} need a teacher's targets, and this run has no cache: give "
+                              "cache.url (a cache of the teacher), or train with methods: ce")
+        d = cfg.data
+        return TarDataset(d.train_urls, recipe=d.views or ViewRecipe(), size=self.size, mean=self.mean, std=self.std,
+                          num_classes=self.num_classes, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                          drop_uneven=d.drop_uneven, storage_options=d.input_storage_options)
 
     # --- one step ---------------------------------------------------------------------
 
@@ -198,8 +230,7 @@ class Trainer:
         if self.rank == 0:
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
             result["train_seconds"] = time.time() - t_fit
-            result["cache"] = {"url": self.cache_url,
-                               "identity": self.manifest.identity or self.manifest.content_identity()}
+            result["cache"] = self._cache_ref()
             final.write_text(json.dumps(result, indent=1))
         return result
 
@@ -207,7 +238,7 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model.student
         d = self.cfg.data
         batches = eval_loader(d.val_urls, self.size, self.mean, self.std, 2 * d.batch_size, d.eval_crop_pct,
-                              num_classes=self.manifest.teacher.num_classes)
+                              num_classes=self.num_classes)
         return evaluate(model, batches, self.device)
 
     def log(self, record: dict) -> None:
@@ -229,25 +260,40 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "data": None if epoch_done else data,
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
-                "cache": {"url": self.cache_url, "weights_sha256": self.manifest.teacher.weights_sha256,
-                          "identity": self.manifest.identity or self.manifest.content_identity()}}
+                "cache": self._cache_ref(weights=True)}
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         atomic_write(LocalFileSystem(), str(path), buf.getvalue())  # a crash mid-write never leaves a broken last.pt
+
+    def _cache_ref(self, weights: bool = False) -> dict | None:
+        """What a result or checkpoint records of the cache it trained from (None: no cache)."""
+        m = self.manifest
+        if m is None:
+            return None
+        ref = {"url": self.cache_url, "identity": m.identity or m.content_identity()}
+        return {**ref, "weights_sha256": m.teacher.weights_sha256} if weights else ref
+
+    def _check_resume_cache(self, path: Path, ck: dict) -> None:
+        if ck["cache"]["weights_sha256"] != self.manifest.teacher.weights_sha256:
+            raise CacheMismatchError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
+                                     "use a new output folder")
+        was, now = ck["cache"].get("identity"), self.manifest.identity or self.manifest.content_identity()
+        if ck["data"] is not None and was is not None and was != now:
+            raise CacheMismatchError(
+                f"{path} stopped mid-epoch on cache {was[:12]}…, which has grown into {now[:12]}… since (more views or "
+                "tars): the epoch's sample order cannot be replayed. Resume from an epoch boundary checkpoint or use "
+                "a new output folder.")
 
     def load(self, path: Path) -> bool:
         """Resume from ``path`` if it exists; True when it resumes mid-epoch (data position restored)."""
         if not path.exists():
             return False
         ck = torch.load(path, map_location=self.device, weights_only=True)
-        if ck["cache"]["weights_sha256"] != self.manifest.teacher.weights_sha256:
-            raise CacheMismatchError(f"{path} was trained against another teacher's cache ({ck['cache']['url']}); "
-                             "use a new output folder")
-        was, now = ck["cache"].get("identity"), self.manifest.identity or self.manifest.content_identity()
-        if ck["data"] is not None and was is not None and was != now:
-            raise CacheMismatchError(f"{path} stopped mid-epoch on cache {was[:12]}…, which has grown into {now[:12]}… since "
-                             "(more views or tars): the epoch's sample order cannot be replayed. Resume from an epoch "
-                             "boundary checkpoint or use a new output folder.")
+        if (ck["cache"] is None) != (self.manifest is None):
+            raise CacheMismatchError(f"{path} was trained {'without' if ck['cache'] is None else 'with'} a cache, this "
+                                     "run is not; use a new output folder")
+        if self.manifest is not None:
+            self._check_resume_cache(path, ck)
         self.model.student.load_state_dict(ck["model"])
         self.model.methods.load_state_dict(ck["methods"])
         self.optimizer.load_state_dict(ck["optimizer"])

@@ -24,21 +24,24 @@ def digits(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(digits, tmp_path_factory) -> dict:
-    """A tiny ViT trained briefly on the digits (real data), saved as safetensors."""
-    import timm
+    """A tiny ViT trained briefly on the digits (real data) by the trainer without a cache, saved as safetensors."""
     from safetensors.torch import save_file
 
-    from storage_schemas.views import ViewRecipe
-    from student.supervised import load_samples, train_classifier
+    from student.config import TrainConfig
+    from student.trainer import Trainer
 
-    torch.manual_seed(0)
-    model = timm.create_model(TINY_VIT["model"], **TINY_VIT["model_kwargs"])
-    train = load_samples(digits["train"])[:600]
-    recipe = ViewRecipe(crop={"scale": (0.5, 1.0)}, hflip=0.0, randaugment=None, erase=None)
-    train_classifier(model, train, [], recipe=recipe, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, epochs=2,
-                     lr=3e-3, progress=False)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    run = tmp_path_factory.mktemp("teacher")
+    cfg = TrainConfig.model_validate({
+        "student": {k: TINY_VIT[k] for k in ("model", "model_kwargs", "input_size", "mean", "std")},
+        "methods": "ce", "data": {"train_urls": digits["train"].replace("{000000..000003}", "{000000..000001}"),
+                                  "views": {"crop": {"scale": (0.5, 1.0)}, "hflip": 0.0, "randaugment": None,
+                                            "erase": None}},
+        "optim": {"lr": 3e-3, "epochs": 2}, "output": str(run / "run"),
+    })
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    path = run / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in trainer.model.student.state_dict().items()}, str(path))
     return {**TINY_VIT, "checkpoint": str(path)}
 
 
