@@ -427,24 +427,63 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
             log(f"resuming {url}: {len(store.completed_units())}/{m.units_total} units already done")
     else:
         prepared = prepared or ray.get(ray.remote(num_cpus=1)(prepare_teacher).remote(cfg))
-        m = plan_manifest(cfg, shards, prepared, write_tpp_pack(store, prepared))
-        store.create_arrays(m)
-        for i, s in enumerate(shards):
-            store.write_index(i, s.url, s.keys)
-        store.write_manifest(m)
+        m = _create(store, cfg, shards, prepared)
     done = store.completed_units()
     pending = [(s, v) for s in range(len(shards)) for v in range(m.num_views) if (s, v) not in done]
     if pending:
         run_units(cfg, m, url, pending, progress)
-    records = [r for r in store.read_unit_records() if r.shard < len(shards) and r.view < m.num_views]
+    return _finalise(store, m, time.time() - t0 if pending else None)
+
+
+def _create(store: CacheStore, cfg: CacheConfig, shards: list[ShardIndex], prepared: dict[str, Any]) -> Manifest:
+    """Plan a new cache and lay it out: TPP pack, empty arrays, tar indexes, the ``building`` manifest."""
+    m = plan_manifest(cfg, shards, prepared, write_tpp_pack(store, prepared))
+    store.create_arrays(m)
+    for i, s in enumerate(shards):
+        store.write_index(i, s.url, s.keys)
+    store.write_manifest(m)
+    return m
+
+
+def _finalise(store: CacheStore, m: Manifest, seconds: float | None) -> Manifest:
+    """Once every unit of ``m`` is recorded: TPP stats, checksums, then the complete manifest."""
+    records = [r for r in store.read_unit_records() if r.shard < len(m.dataset.shards) and r.view < m.num_views]
     if len(records) != m.units_total:
-        raise RuntimeError(f"{url}: {len(records)}/{m.units_total} units recorded after the run; "
+        raise RuntimeError(f"{store.url}: {len(records)}/{m.units_total} units recorded after the run; "
                            "rerun the same command to finish (it resumes).")
     write_tpp_stats(store, records)
     if store.exists(layout.GROWTH):
         store.fs.rm(store.path(layout.GROWTH))
     m = m.model_copy(update={"status": "complete", "updated": now(), "units_complete": len(records),
-                             "stats": summarize(m, records, time.time() - t0 if pending else None),
+                             "stats": summarize(m, records, seconds),
                              "checksums_sha256": store.write_checksums()})
     store.write_manifest(m)  # last (then its sha256 sidecar)
     return m
+
+
+# --- in process, without Ray --------------------------------------------------------------
+
+
+def build_cache_in_process(cfg: CacheConfig) -> Manifest:
+    """Build the new cache ``cfg`` describes at ``output.url`` in this process, without Ray: the
+    steps of :func:`run_cache_job` (the same bytes), every unit run in turn by one
+    :class:`~pipeline.unit.UnitRunner`. For tests and debugging: no lease, no resume, no growth."""
+    url = cfg.output.url
+    if url is None:
+        raise ValueError("build_cache_in_process needs output.url (output.root is resolved on Ray)")
+    store = CacheStore(url, cfg.output.storage_options)
+    if store.has_manifest():
+        raise ValueError(f"{url} already holds a cache; build_cache_in_process only creates new ones")
+    t0 = time.time()
+    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)
+    shards = [index_shard(u, cfg.input.storage_options, cfg.input.on_bad_sample) for u in urls]
+    m = _create(store, cfg, shards, prepare_teacher(cfg))
+    threads = torch.get_num_threads()  # UnitRunner sets the process-wide count an actor would use
+    try:
+        runner = UnitRunner(url, secrets_of(cfg), num_threads=max(1, int(cfg.job.cpus_per_actor)), manifest=m)
+        for shard in range(len(shards)):
+            for view in range(m.num_views):
+                runner(shard, view)
+    finally:
+        torch.set_num_threads(threads)
+    return _finalise(store, m, time.time() - t0)
