@@ -1,5 +1,5 @@
-"""Shared fixtures: the digits shards, a tiny teacher trained on them, one local Ray instance, the
-cache built from them.
+"""Shared fixtures: the digits shards, a tiny teacher trained on them, one local Ray instance, and the
+caches built from them (with Ray: ``reference``; in process: ``small_cache``).
 
 Two layers: a test that uses a Ray fixture is marked ``ray`` here, and a test not marked ``ray`` that
 starts Ray fails, so ``pytest -m "not ray"`` runs without Ray.
@@ -111,6 +111,18 @@ def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "cache.zarr"
     cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
     m = run_cache_job(cfg, progress=False)
+    return {"cfg": cfg, "manifest": m, "path": out}
+
+
+@pytest.fixture(scope="session")
+def small_cache(digits, tiny_teacher, tmp_path_factory):
+    """``reference``'s cache (same config, same bytes), built in this process without Ray."""
+    from pipeline.job import build_cache_in_process
+    from storage_schemas.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("small") / "cache.zarr"
+    cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
+    m = build_cache_in_process(cfg)
     return {"cfg": cfg, "manifest": m, "path": out}
 
 
