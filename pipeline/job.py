@@ -298,3 +298,30 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
     if pending:
         run_units(cfg, m, store.url, pending, progress)
     return finalise(store, m, time.time() - t0 if pending else None)
+
+
+# --- in process, without Ray --------------------------------------------------------------
+
+
+def build_cache_in_process(cfg: CacheConfig, log: Callable[[str], None] = print) -> Manifest:
+    """Build the new cache ``cfg`` describes at ``output.url`` in this process, without Ray: the
+    steps of :func:`run_cache_job` (the same bytes), every unit run in turn by one
+    :class:`~pipeline.unit.UnitRunner`. For tests and debugging: no lease, no resume, no growth."""
+    url = cfg.output.url
+    if url is None:
+        raise ConfigError("build_cache_in_process needs output.url (output.root is resolved on Ray)")
+    store = CacheStore(url, cfg.output.storage_options)
+    if store.has_manifest():
+        raise ConfigError(f"{url} already holds a cache; build_cache_in_process only creates new ones")
+    t0 = time.time()
+    urls = expand_urls(cfg.input.urls, cfg.input.storage_options)
+    tars = [index_shard(u, cfg.input.storage_options, cfg.input.on_bad_sample) for u in urls]
+    m = start(store, cfg, None, None, tars, lambda: probe_teacher(cfg), log)
+    threads = torch.get_num_threads()  # UnitRunner sets the process-wide count an actor would use
+    try:
+        runner = UnitRunner(url, cfg.secrets(), num_threads=max(1, int(cfg.job.cpus_per_actor)), manifest=m)
+        for tar, view in pending_units(store, m):
+            runner(tar, view)
+    finally:
+        torch.set_num_threads(threads)
+    return finalise(store, m, time.time() - t0)

@@ -39,6 +39,16 @@ def _now() -> float:
     return time.time()
 
 
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _wait(stop: threading.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stop`` is set (then True). Like ``_now`` and ``_sleep``, a seam for
+    tests that drive the lease on a fake clock."""
+    return stop.wait(seconds)
+
+
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
@@ -83,7 +93,7 @@ class Lease:
                     f"{self.store.url} holds an abandoned lease of {who} (no heartbeat for {age:.0f} s): that job "
                     "died while writing. Rerun with --resume to take it over and finish the cache.")
         self._write()
-        time.sleep(self.settle_s)
+        _sleep(self.settle_s)
         back = self.read()
         if back is None or back.get("job_id") != self.holder["job_id"]:
             raise CacheLeasedError(f"{self.store.url}: another job took the lease at the same moment "
@@ -92,7 +102,7 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not _wait(self._stop, self.ttl_s / 3):
             cur = self.read()
             if cur is not None and cur.get("job_id") != self.holder["job_id"]:
                 return  # taken over (we were presumed dead): never overwrite the new holder

@@ -1,4 +1,9 @@
-"""Shared fixtures: the digits shards, a tiny teacher trained on them, one local Ray instance."""
+"""Shared fixtures: the digits shards, a tiny teacher trained on them, one local Ray instance, and the
+caches built from them (with Ray: ``reference``; in process: ``small_cache``).
+
+Two layers: a test that uses a Ray fixture is marked ``ray`` here, and a test not marked ``ray`` that
+starts Ray fails, so ``pytest -m "not ray"`` runs without Ray.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,9 @@ def ray_local():
     ray.shutdown()
 
 
+RAY_FIXTURES = {"ray_local"}  # every fixture that starts Ray depends on this one (``reference`` does)
+
+
 def cache_config(digits: dict, teacher: dict, out: str, **overrides) -> dict:
     """A small cache config as a plain dict (the YAML's shape)."""
     cfg = {
@@ -109,11 +117,62 @@ def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
     return {"cfg": cfg, "manifest": m, "path": out}
 
 
+@pytest.fixture(scope="session")
+def small_cache(digits, tiny_teacher, tmp_path_factory):
+    """``reference``'s cache (same config, same bytes), built in this process without Ray."""
+    from pipeline.job import build_cache_in_process
+    from storage_schemas.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("small") / "cache.zarr"
+    cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
+    m = build_cache_in_process(cfg)
+    return {"cfg": cfg, "manifest": m, "path": out}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marker added here must count
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA: skipped, with the reason shown, where there is none."""
+    """A test that uses a Ray fixture is marked ``ray``; ``gpu`` tests are skipped, with the reason
+    shown, where there is no CUDA device."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "ray" not in item.keywords:
+            item.add_marker(pytest.mark.ray)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- no Ray outside ``ray`` tests ------------------------------------------------------------------
+
+_ray_allowed = True  # outside a test (collection, session teardown) Ray is not policed
+
+
+def _guarded_ray_init(init):
+    def guarded(*args, **kwargs):
+        if not _ray_allowed:
+            pytest.fail("this test starts Ray but is not marked `ray` (use the `ray_local` fixture, or mark it); "
+                        "`pytest -m 'not ray'` must run without Ray", pytrace=False)
+        return init(*args, **kwargs)
+
+    guarded.kdcache_unguarded = init
+    return guarded
+
+
+def pytest_configure(config):
+    import ray  # the pipeline imports it anyway; imported here so that ray.init can be guarded
+
+    if not hasattr(ray.init, "kdcache_unguarded"):
+        ray.init = _guarded_ray_init(ray.init)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of a test not marked ``ray`` (its fixtures included) may not start Ray."""
+    global _ray_allowed
+    _ray_allowed = "ray" in item.keywords
+    try:
+        return (yield)
+    finally:
+        _ray_allowed = True

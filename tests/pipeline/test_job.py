@@ -140,6 +140,17 @@ def test_rerun_is_byte_identical_and_resume_is_a_no_op(reference, digits, tiny_t
     assert (out / layout.MANIFEST).read_bytes() == before
 
 
+def test_in_process_build_is_byte_identical(reference, small_cache):
+    """``small_cache``, built without Ray and read by the Ray-free tests, is the Ray-built cache."""
+    a, b = data_files(reference["path"]), data_files(small_cache["path"])
+    assert a.keys() == b.keys() and len(a) > 20
+    assert [k for k in a if a[k] != b[k]] == []
+    ref, small = reference["manifest"], small_cache["manifest"]
+    timing = {"seconds", "samples_per_second"}
+    assert small.identity == ref.identity and small.status == "complete"
+    assert small.stats.model_dump(exclude=timing) == ref.stats.model_dump(exclude=timing)
+
+
 def test_changed_config_is_refused_on_resume(reference, digits, tiny_teacher):
     cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(reference["path"]), views__seed=7))
     with pytest.raises(ValueError, match=r"different views \(other than num_views\)"):

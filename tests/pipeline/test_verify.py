@@ -13,9 +13,9 @@ from storage_schemas import layout
 
 
 @pytest.fixture
-def copy(reference, tmp_path):
+def copy(small_cache, tmp_path):
     dst = tmp_path / "cache.zarr"
-    shutil.copytree(reference["path"], dst)
+    shutil.copytree(small_cache["path"], dst)
     return dst
 
 
@@ -23,10 +23,10 @@ def check(path, **kw):
     return verify_cache(CacheStore(str(path), read_only=True), progress=False, **kw)
 
 
-def test_clean_cache_passes_with_the_live_teacher(copy, reference, tiny_teacher):
+def test_clean_cache_passes_with_the_live_teacher(copy, small_cache, tiny_teacher):
     rep = check(copy, teacher_checkpoint=tiny_teacher["checkpoint"], samples=24)
     assert rep.ok, rep.problems
-    m = reference["manifest"]
+    m = small_cache["manifest"]
     units = len(m.dataset.shards) * m.num_views
     assert rep.checked["unit records"] == units and rep.checked["units decoded"] == units
     assert rep.checked["array shards hashed"] == units * len(m.arrays)

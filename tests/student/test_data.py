@@ -27,10 +27,10 @@ from student.plan import random_views, shuffle_order
 TAPS = ["block0", "final"]
 
 
-def make(reference, path=None, **kw) -> CacheDataset:
-    t = reference["manifest"].teacher
+def make(small_cache, path=None, **kw) -> CacheDataset:
+    t = small_cache["manifest"].teacher
     opts = {"size": t.input_size, "mean": t.mean, "std": t.std, "shuffle_buffer": 64, **kw}
-    return CacheDataset(str(path or reference["path"]), **opts)
+    return CacheDataset(str(path or small_cache["path"]), **opts)
 
 
 def ids(samples) -> list[tuple[int, int]]:
@@ -42,18 +42,18 @@ def all_ids(m) -> set[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def random_epoch(reference) -> list[Sample]:
+def random_epoch(small_cache) -> list[Sample]:
     """Epoch 0 of the random policy at the teacher's size, with fingerprints and all targets."""
-    m = reference["manifest"]
+    m = small_cache["manifest"]
     names = [*target_arrays(m, logits=True, taps=TAPS), A.VIEW_FINGERPRINT, A.PRED_TOP1]
-    return list(make(reference, arrays=names, view_policy="random"))
+    return list(make(small_cache, arrays=names, view_policy="random"))
 
 
 # --- fidelity of what is served ---------------------------------------------------------------
 
 
-def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, reference):
-    m = reference["manifest"]
+def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, small_cache):
+    m = small_cache["manifest"]
     assert len(random_epoch) == m.dataset.num_samples == 1437
     x = torch.stack([s.x for s in random_epoch])
     fp = input_fingerprint(x, m.config.targets.fingerprint_size).float().numpy()
@@ -62,9 +62,9 @@ def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, refere
     assert {s.view for s in random_epoch} == {0, 1}  # both stored views were replayed
 
 
-def test_rows_match_cache_and_keys_match_tar(random_epoch, reference):
-    m = reference["manifest"]
-    store = CacheStore(str(reference["path"]), read_only=True)
+def test_rows_match_cache_and_keys_match_tar(random_epoch, small_cache):
+    m = small_cache["manifest"]
+    store = CacheStore(str(small_cache["path"]), read_only=True)
     units = {(t, v): store.read_unit(m, t, v) for t in range(len(m.dataset.shards)) for v in range(m.num_views)}
     tar_keys = {t: [(s.key, s.label) for s in iter_samples(sh.url)] for t, sh in enumerate(m.dataset.shards)}
     names = set(target_arrays(m, logits=True, taps=TAPS)) | {A.VIEW_FINGERPRINT, A.PRED_TOP1}
@@ -74,21 +74,21 @@ def test_rows_match_cache_and_keys_match_tar(random_epoch, reference):
         assert names <= set(s.rows)
         for name, row in s.rows.items():
             np.testing.assert_array_equal(row, rows[name][p], err_msg=f"{name} {s.key}")
-    batch = make(reference, taps=TAPS).collate(random_epoch[:16])
+    batch = make(small_cache, taps=TAPS).collate(random_epoch[:16])
     assert batch.x.shape == (16, 3, 32, 32) and batch.labels.tolist() == [s.label for s in random_epoch[:16]]
     assert batch.targets.topk.values.shape == (16, m.logits.k) and set(batch.targets.features) == set(TAPS)
     assert batch.keys == [s.key for s in random_epoch[:16]]
 
 
-def test_only_requested_arrays_are_read(reference):
-    m = reference["manifest"]
-    ds = make(reference, logits=False, taps=["final"])
+def test_only_requested_arrays_are_read(small_cache):
+    m = small_cache["manifest"]
+    ds = make(small_cache, logits=False, taps=["final"])
     assert "logits_topk_values" not in ds.read_names and "feat_block0" not in ds.read_names
     assert {A.VIEW_CROP, A.LABEL, A.VALID, "feat_final"} <= set(ds.read_names)
     with pytest.raises(ValueError, match=r"tap 'nope' is not in this cache; it holds \['block0', 'final'\]"):
-        make(reference, taps=["nope"])
+        make(small_cache, taps=["nope"])
     with pytest.raises(ValueError, match="not in this cache"):
-        make(reference, arrays=["feat_nope"])
+        make(small_cache, arrays=["feat_nope"])
     batch = ds.collate([next(iter(ds))])  # no logits read: only the tap is decoded
     assert not batch.targets.has_logits and list(batch.targets.features) == ["final"]
     assert batch.targets.features["final"].shape == (1, m.features[1].tokens, m.features[1].dim)
@@ -97,9 +97,9 @@ def test_only_requested_arrays_are_read(reference):
 # --- view policies, order, splits --------------------------------------------------------------
 
 
-def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(reference):
-    m = reference["manifest"]
-    ds = make(reference, size=16, logits=False)
+def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(small_cache):
+    m = small_cache["manifest"]
+    ds = make(small_cache, size=16, logits=False)
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         got = list(ds)
@@ -107,12 +107,12 @@ def test_cycle_policy_sees_each_sample_once_with_the_epochs_view(reference):
         assert {s.view for s in got} == {epoch % m.num_views} and got[0].x.shape == (3, 16, 16)
 
 
-def test_max_views_serves_only_the_first_views_with_their_stored_rows(random_epoch, reference):
-    m = reference["manifest"]
+def test_max_views_serves_only_the_first_views_with_their_stored_rows(random_epoch, small_cache):
+    m = small_cache["manifest"]
     assert m.num_views == 2
     view0 = {(s.tar, s.position): s for s in random_epoch if s.view == 0}
     for policy in ("cycle", "random"):
-        ds = make(reference, view_policy=policy, max_views=1, arrays=["logits_topk_values"])
+        ds = make(small_cache, view_policy=policy, max_views=1, arrays=["logits_topk_values"])
         for epoch in (0, 1):
             ds.set_epoch(epoch)
             got = list(ds)
@@ -123,16 +123,16 @@ def test_max_views_serves_only_the_first_views_with_their_stored_rows(random_epo
                     np.testing.assert_array_equal(s.rows["logits_topk_values"], ref.rows["logits_topk_values"])
     for bad in (0, 3):
         with pytest.raises(ValueError, match=f"max_views={bad}: .* holds 2 views per sample; choose 1..2"):
-            make(reference, max_views=bad)
+            make(small_cache, max_views=bad)
 
 
-def test_random_policy_views_and_epochs_differ(random_epoch, reference):
-    m = reference["manifest"]
+def test_random_policy_views_and_epochs_differ(random_epoch, small_cache):
+    m = small_cache["manifest"]
     assert sorted(ids(random_epoch)) == sorted(all_ids(m))
     for t in range(len(m.dataset.shards)):
         want = random_views(0, 0, t, m.dataset.shards[t].count, range(m.num_views))
         assert all(s.view == want[s.position] for s in random_epoch if s.tar == t)
-    ds = make(reference, size=16, view_policy="random", logits=False)
+    ds = make(small_cache, size=16, view_policy="random", logits=False)
     ds.set_epoch(1)
     again = list(ds)
     assert sorted(ids(again)) == sorted(all_ids(m))
@@ -142,12 +142,12 @@ def test_random_policy_views_and_epochs_differ(random_epoch, reference):
     assert ids(again) != ids(random_epoch)
 
 
-def test_shuffle_order_depends_on_seed_and_epoch_only(random_epoch, reference):
-    ds = make(reference, size=8, view_policy="random", logits=False)
+def test_shuffle_order_depends_on_seed_and_epoch_only(random_epoch, small_cache):
+    ds = make(small_cache, size=8, view_policy="random", logits=False)
     assert ids(ds) == ids(random_epoch)  # same seed and epoch: same order, whatever the size
 
     def plan(seed, epoch):  # tars in order and the buffer's order, planned before any read
-        tasks, order = make(reference, seed=seed, logits=False).plan.consumer_order(epoch, 0, 1)
+        tasks, order = make(small_cache, seed=seed, logits=False).plan.consumer_order(epoch, 0, 1)
         return [t.tar for t in tasks], order.tolist()
 
     assert plan(0, 0) == plan(0, 0)
@@ -160,12 +160,12 @@ def test_shuffle_order_depends_on_seed_and_epoch_only(random_epoch, reference):
     assert shuffle_order(5, 0, np.random.default_rng(0)).tolist() == [0, 1, 2, 3, 4]
 
 
-def test_two_ranks_two_workers_see_every_sample_once(reference):
-    m = reference["manifest"]
+def test_two_ranks_two_workers_see_every_sample_once(small_cache):
+    m = small_cache["manifest"]
     seen: list[tuple[int, int]] = []
     consumers = collections.Counter()
     for rank in range(2):
-        ds = make(reference, size=8, logits=False, rank=rank, world_size=2)
+        ds = make(small_cache, size=8, logits=False, rank=rank, world_size=2)
         ds.set_epoch(3)
         for b in DataLoader(ds, batch_size=50, num_workers=2, collate_fn=collate_rows):
             seen += list(zip(b["tar"].tolist(), b["position"].tolist(), strict=True))
@@ -175,22 +175,22 @@ def test_two_ranks_two_workers_see_every_sample_once(reference):
     assert sorted(consumers) == [0, 1, 2, 3]  # 4 tars: one each
 
 
-def test_drop_uneven_equalises_deterministically(reference):
-    m = reference["manifest"]
-    got = [list(make(reference, size=8, logits=False, rank=r, world_size=3, drop_uneven=True)) for r in range(3)]
+def test_drop_uneven_equalises_deterministically(small_cache):
+    m = small_cache["manifest"]
+    got = [list(make(small_cache, size=8, logits=False, rank=r, world_size=3, drop_uneven=True)) for r in range(3)]
     quota = min(sh.count for sh in m.dataset.shards)  # ranks hold 2, 1 and 1 tars
     assert [len(g) for g in got] == [quota] * 3
     flat = [i for g in got for i in ids(g)]
     assert len(set(flat)) == len(flat)
-    ds = make(reference, size=8, logits=False, rank=0, world_size=3, drop_uneven=True)
+    ds = make(small_cache, size=8, logits=False, rank=0, world_size=3, drop_uneven=True)
     assert ds.num_samples() == quota and ids(ds) == ids(got[0])
-    assert make(reference, logits=False, rank=0, world_size=3).num_samples() > quota  # default: off
+    assert make(small_cache, logits=False, rank=0, world_size=3).num_samples() > quota  # default: off
 
 
 # --- exact resume --------------------------------------------------------------------------------
 
 
-def test_resume_mid_epoch_yields_exactly_the_remaining_samples(reference):
+def test_resume_mid_epoch_yields_exactly_the_remaining_samples(small_cache):
     def run(ds, stop=None):
         out = []
         for i, b in enumerate(ds.loader(batch_size=40, num_workers=2), start=1):
@@ -200,21 +200,21 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(reference):
         return out
 
     kw = {"size": 8, "logits": False, "view_policy": "random", "seed": 5}
-    full_ds = make(reference, **kw)
+    full_ds = make(small_cache, **kw)
     full_ds.set_epoch(2)
     full = run(full_ds)
-    ds = make(reference, **kw)
+    ds = make(small_cache, **kw)
     ds.set_epoch(2)
     head = run(ds, stop=7)  # an odd number of batches: the resumed loader must start at worker 1
     state = merge_states([ds.state_dict()])
     assert state["epoch"] == 2 and sum(state["consumed"].values()) == len(head) == 280
-    resumed = make(reference, **kw)
+    resumed = make(small_cache, **kw)
     resumed.load_state_dict(state)
     tail = run(resumed)
-    assert head + tail == full and len(set(full)) == reference["manifest"].dataset.num_samples
+    assert head + tail == full and len(set(full)) == small_cache["manifest"].dataset.num_samples
     with pytest.raises(ValueError, match="seed=5"):
-        make(reference, **{**kw, "seed": 6}).load_state_dict(state)
-    wrong = make(reference, **kw)
+        make(small_cache, **{**kw, "seed": 6}).load_state_dict(state)
+    wrong = make(small_cache, **kw)
     wrong.load_state_dict(state)
     with pytest.raises(ValueError, match="same world size and workers"):
         next(iter(wrong))  # in-process: 1 consumer, the state counted 2
@@ -284,33 +284,33 @@ class NoWriteFS(fsspec.AbstractFileSystem):
         self._refuse("touch", path)
 
 
-def test_cache_is_only_read(reference):
+def test_cache_is_only_read(small_cache):
     fsspec.register_implementation("kdcachero", NoWriteFS, clobber=True)
     NoWriteFS.attempts.clear()
-    url = f"kdcachero://{reference['path']}"
+    url = f"kdcachero://{small_cache['path']}"
     with pytest.raises(PermissionError):  # the guard works
-        fsspec.filesystem("kdcachero").pipe_file(f"{reference['path']}/x", b"")
+        fsspec.filesystem("kdcachero").pipe_file(f"{small_cache['path']}/x", b"")
     NoWriteFS.attempts.clear()
-    ds = make(reference, url, size=8, taps=TAPS)
+    ds = make(small_cache, url, size=8, taps=TAPS)
     assert ds.store().read_only and isinstance(ds.store().fs, NoWriteFS)
     got = list(ds)
-    assert sorted(ids(got)) == sorted(all_ids(reference["manifest"])) and NoWriteFS.attempts == []
+    assert sorted(ids(got)) == sorted(all_ids(small_cache["manifest"])) and NoWriteFS.attempts == []
 
 
-def test_partial_cache_refused_unless_asked_then_only_completed_units(reference, tmp_path):
+def test_partial_cache_refused_unless_asked_then_only_completed_units(small_cache, tmp_path):
     path = tmp_path / "partial.zarr"
-    shutil.copytree(reference["path"], path)
+    shutil.copytree(small_cache["path"], path)
     store = CacheStore(str(path))
     dropped = {(0, 0), (1, 1), (2, 0), (2, 1)}
     for s, v in dropped:
         (path / layout.unit_record_path(s, v)).unlink()
-    store.write_manifest(reference["manifest"].model_copy(update={"status": "building", "units_complete": 4}))
+    store.write_manifest(small_cache["manifest"].model_copy(update={"status": "building", "units_complete": 4}))
     with pytest.raises(CacheNotReadyError, match="--allow-partial"):
-        make(reference, path, logits=False)
-    m = reference["manifest"]
-    cycle = list(make(reference, path, size=8, logits=False, allow_partial=True))  # epoch 0: view 0
+        make(small_cache, path, logits=False)
+    m = small_cache["manifest"]
+    cycle = list(make(small_cache, path, size=8, logits=False, allow_partial=True))  # epoch 0: view 0
     assert sorted(ids(cycle)) == sorted(i for i in all_ids(m) if i[0] in (1, 3))
-    rand = list(make(reference, path, size=8, logits=False, allow_partial=True, view_policy="random"))
+    rand = list(make(small_cache, path, size=8, logits=False, allow_partial=True, view_policy="random"))
     assert sorted(ids(rand)) == sorted(i for i in all_ids(m) if i[0] != 2)
     assert all((s.tar, s.view) not in dropped for s in rand)
     assert {s.view for s in rand if s.tar == 3} == {0, 1}
