@@ -272,7 +272,7 @@ def test_cap_norm_init_from_the_tail_input_stats():
     """Opt-in (not in the official code): the s3 CAPs' output LayerNorm, which feeds the frozen
     tail, starts at the tail input's per-channel std (weight) and mean (bias)."""
     teacher, tail, ctx = teacher_setup(VIT_T)
-    c3, ct = tail.spec.input.dim, ctx.features[0].dim
+    c3, ct = tail.spec.input.dim, ctx.taps[0].dim
     g = torch.Generator().manual_seed(0)
     stats = TailInputStats(mean=torch.randn(c3, generator=g), std=torch.rand(c3, generator=g) + 0.5, count=64)
     info = student_info(make("resnet18", dict(num_classes=C)), 64)
