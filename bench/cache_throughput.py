@@ -23,9 +23,9 @@ import ray
 import torch
 
 from pipeline.job import init_ray, run_cache_job
-from pipeline.shards import iter_samples
 from pipeline.stages import batched
 from pipeline.store import CacheStore
+from pipeline.tars import iter_samples
 from pipeline.teacher import Teacher
 from pipeline.unit import UnitRunner
 from pipeline.views import apply_view, sample_view
@@ -66,7 +66,7 @@ def forward_only(cfg: CacheConfig, urls: list[str]) -> tuple[float, int]:
         for view in range(cfg.views.num_views):
             xs = []
             for s in iter_samples(url):
-                rec = sample_view(cfg.views, shard=shard, position=s.position, view=view, width=s.image.width,
+                rec = sample_view(cfg.views, tar=shard, position=s.position, view=view, width=s.image.width,
                                   height=s.image.height)
                 xs.append(apply_view(s.image, rec, cfg.views, size=teacher.input_size, mean=teacher.mean,
                                      std=teacher.std))
@@ -85,7 +85,7 @@ def run(views: int = 2, num_shards: int = 2) -> dict:
         tmp = Path(tmp)
         data = digits_data(tmp)
         shards = data["train"].replace("{000000..000003}", f"{{000000..{num_shards - 1:06d}}}")
-        from pipeline.shards import expand_urls
+        from pipeline.tars import expand_urls
 
         urls = expand_urls(shards)
         for label, model, kwargs, size, taps in TEACHERS:
@@ -148,9 +148,9 @@ def growth(data: dict, tmp: Path, shards: str, base: tuple[int, int, int] = (2, 
     shutil.copytree(tmp / "growth-views-2.zarr", grown)
     cfg = config(data, str(grown), model, kwargs, size, taps[-base[1]:], dict(CODECS[0][1]), 4,
                  shards.replace(f"{{000000..{base[2] - 1:06d}}}", f"{{000000..{src['tars'] - 1:06d}}}"))
-    before = {(r.shard, r.view) for r in CacheStore(str(grown)).read_unit_records()}
+    before = {(r.tar, r.view) for r in CacheStore(str(grown)).read_unit_records()}
     s = run_cache_job(cfg, progress=False, log=lambda s: None).summary()
-    secs = sum(r.seconds for r in CacheStore(str(grown)).read_unit_records() if (r.shard, r.view) not in before)
+    secs = sum(r.seconds for r in CacheStore(str(grown)).read_unit_records() if (r.tar, r.view) not in before)
     rows.append({"axis": "grow 2→4 views in place", "value": 4, "views": 4, "taps": base[1], "tars": src["tars"],
                  "num_views_cached": s["num_samples"] * 4, "bytes_total": s["bytes_total"], "seconds_in_units": secs})
     for r in rows:

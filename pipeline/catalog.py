@@ -45,12 +45,12 @@ class CacheEntry:
     bytes_total: int = 0
     created: str | None = None
     updated: str | None = None
-    shard_urls: list[str] = field(default_factory=list)
+    tar_urls: list[str] = field(default_factory=list)
     problem: str | None = None  # why it is unreadable, or who holds a starting cache
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("shard_urls")
+        d.pop("tar_urls")
         return d
 
 
@@ -84,7 +84,7 @@ def entry_of(store: CacheStore) -> CacheEntry:
         dataset_fingerprint=m.dataset.fingerprint, num_samples=m.dataset.num_samples,
         num_shards=len(m.dataset.shards), num_views=m.num_views, targets=_target_names(m),
         bytes_total=m.stats.bytes_total + (m.tpp.bytes if m.tpp else 0), created=m.created, updated=m.updated,
-        shard_urls=[s.url for s in m.dataset.shards],
+        tar_urls=[s.url for s in m.dataset.shards],
     )
 
 
@@ -180,9 +180,9 @@ def choose(entries: list[CacheEntry], *, identity: str, lineage: str, urls: list
             return Choice("reuse" if e.num_views >= num_views else "grow", e.url, e)
         return Choice("resume", e.url, e)
     ext = [e for e in entries if e.lineage == lineage and e.status in ("complete", "growing")
-           and len(e.shard_urls) < len(urls) and urls[:len(e.shard_urls)] == e.shard_urls]
+           and len(e.tar_urls) < len(urls) and urls[:len(e.tar_urls)] == e.tar_urls]
     if ext:
-        e = max(ext, key=lambda e: len(e.shard_urls))
+        e = max(ext, key=lambda e: len(e.tar_urls))
         return Choice("extend", e.url, e)
     taken = {e.url.rstrip("/") for e in entries}
     url, n = join(root, name + ".zarr"), 1

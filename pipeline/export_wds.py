@@ -40,9 +40,10 @@ from storage_schemas.errors import ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.version import IncompatibleSchemaError
 
-# The tar reading and grouping the caching job indexed the tars with, so keys and positions agree.
-from .shards import IMAGE_EXTS, BadShardError, TarDamaged, raw_groups
 from .store import FILE_MODE, CacheStore, atomic_write, url_to_fs
+
+# The tar reading and grouping the caching job indexed the tars with, so keys and positions agree.
+from .tars import IMAGE_EXTS, BadTarError, TarDamaged, raw_groups
 
 # What ``decode_view`` turns into a ViewRecord: exported in views.json, not as .npy.
 VIEW_RECORD_ARRAYS = A.VIEW_RECORD_ARRAYS
@@ -58,12 +59,12 @@ class ExportConflictError(ConfigError):
     """OUT_URL already holds an export of a different cache, or files this export would overwrite."""
 
 
-def tar_name(shard: int) -> str:
-    return f"shard-{shard:06d}.tar"
+def tar_name(tar: int) -> str:
+    return f"shard-{tar:06d}.tar"
 
 
-def record_name(shard: int) -> str:
-    return f"shard-{shard:06d}.json"
+def record_name(tar: int) -> str:
+    return f"shard-{tar:06d}.json"
 
 
 def exported_arrays(m: Manifest) -> list[str]:
@@ -145,7 +146,7 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
     in_fs, in_path = url_to_fs(url, input_storage_options)
     size = in_fs.size(in_path)
     if size is not None and size != sh.size:
-        raise BadShardError(url, f"changed since it was cached: {size} bytes, the cache recorded {sh.size}")
+        raise BadTarError(url, f"changed since it was cached: {size} bytes, the cache recorded {sh.size}")
     names = exported_arrays(m)
     views = [n for n in VIEW_RECORD_ARRAYS if n in m.arrays]
     rows = _RowBlocks(store, [A.LABEL, A.VALID, *views, *names], i * m.rows_per_shard, count, m.num_views,
@@ -160,7 +161,7 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
             for position, key, group in _raw_samples(url, in_fs, in_path, on_bad, truncated=sh.truncated is not None):
                 if position >= len(keys) or keys[position] != key:
                     cached = repr(keys[position]) if position < len(keys) else "no sample"
-                    raise BadShardError(url, f"key {key}: the tar changed since it was cached: position {position} "
+                    raise BadTarError(url, f"key {key}: the tar changed since it was cached: position {position} "
                                              f"holds {key!r}, the cache has {cached}")
                 seen = position + 1
                 r = rows.at(position)
@@ -169,12 +170,12 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
                     skipped += 1
                     continue
                 if not r[A.VALID].all():
-                    raise BadShardError(url, f"key {key}: cached in views {np.flatnonzero(r[A.VALID]).tolist()} "
+                    raise BadTarError(url, f"key {key}: cached in views {np.flatnonzero(r[A.VALID]).tolist()} "
                                              f"only, of {m.num_views}; rerun the cache job")
                 w.write(_entry(url, key, group, r, views, names))
                 samples += 1
         if seen != count:
-            raise BadShardError(url, f"the tar changed since it was cached: {seen} samples read, the cache has {count}")
+            raise BadTarError(url, f"the tar changed since it was cached: {seen} samples read, the cache has {count}")
         with open(tmp, "rb") as f:
             sha, nbytes = _sha256(f), os.path.getsize(tmp)
         dest = f"{root}/{tar_name(i)}"
@@ -196,7 +197,7 @@ def _raw_samples(url: str, fs: Any, path: str, on_bad_sample: str, *, truncated:
         yield from raw_groups(url, fs, path, on_bad_sample)
     except TarDamaged as exn:
         if not truncated:  # it was whole when cached
-            raise BadShardError(url, f"the tar changed since it was cached: {exn.reason}") from exn
+            raise BadTarError(url, f"the tar changed since it was cached: {exn.reason}") from exn
 
 
 def _entry(url: str, key: str, group: dict[str, bytes | None], r: dict[str, np.ndarray], views: list[str],
@@ -204,14 +205,14 @@ def _entry(url: str, key: str, group: dict[str, bytes | None], r: dict[str, np.n
     """One sample's tar members; checks the tar's image and label against the cache row."""
     ext = next((e for e in IMAGE_EXTS if e in group), None)
     if ext is None:
-        raise BadShardError(url, f"key {key}: the tar changed since it was cached: no image member now")
+        raise BadTarError(url, f"key {key}: the tar changed since it was cached: no image member now")
     label = int(r[A.LABEL][0])
     try:
         tar_label = int(group["cls"]) if group.get("cls") is not None else None
     except ValueError:
         tar_label = None
     if tar_label != label:
-        raise BadShardError(url, f"key {key}: the tar changed since it was cached: label "
+        raise BadTarError(url, f"key {key}: the tar changed since it was cached: label "
                                  f"{group.get('cls', b'(none)')[:20]!r} in the tar, {label} in the cache")
     record_rows = {n: r[n] for n in views}
     out = {

@@ -1,4 +1,4 @@
-"""The caching job body: index the shards, plan the store, run units on Ray, finalise.
+"""The caching job body: index the tars, plan the store, run units on Ray, finalise.
 
 ``run_cache_job`` is what ``kdcache cache`` calls. Work units are (input tar, view);
 Ray Data maps them over an actor pool of :class:`~pipeline.unit.UnitRunner` (one actor
@@ -30,8 +30,8 @@ from . import catalog
 from . import tpp as tpp_mod
 from .lease import Lease
 from .plan import TeacherProbe, grown_manifest, now, plan_change, plan_manifest, requested_identity, summarize
-from .shards import ShardIndex, dataset_fingerprint, expand_urls, index_shard
 from .store import CacheStore
+from .tars import TarIndex, dataset_fingerprint, expand_urls, index_tar
 from .teacher import Teacher
 from .unit import UnitRunner
 
@@ -51,12 +51,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 # --- index pass ------------------------------------------------------------------------
 
 
-def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[ShardIndex]:
-    """Count the samples of every shard in parallel on Ray."""
-    remote = ray.remote(num_cpus=1)(index_shard)
+def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[TarIndex]:
+    """Count the samples of every tar in parallel on Ray."""
+    remote = ray.remote(num_cpus=1)(index_tar)
     fut = {i: remote.remote(u, cfg.input.storage_options, cfg.input.on_bad_sample) for i, u in enumerate(urls)}
-    out: dict[int, ShardIndex] = {}
-    with tqdm(total=len(urls), desc="index shards", unit="tar", disable=not progress) as bar:
+    out: dict[int, TarIndex] = {}
+    with tqdm(total=len(urls), desc="index tars", unit="tar", disable=not progress) as bar:
         while fut:
             ready, _ = ray.wait(list(fut.values()), num_returns=1)
             i = next(k for k, v in fut.items() if v == ready[0])
@@ -106,8 +106,8 @@ class UnitActor:
         self.runner = UnitRunner(url, secrets, num_threads=num_threads, manifest=Manifest.model_validate_json(manifest))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        recs = [self.runner(int(s), int(v)) for s, v in zip(batch["shard"], batch["view"], strict=True)]
-        return {"shard": np.array([r.shard for r in recs]), "view": np.array([r.view for r in recs]),
+        recs = [self.runner(int(t), int(v)) for t, v in zip(batch["tar"], batch["view"], strict=True)]
+        return {"tar": np.array([r.tar for r in recs]), "view": np.array([r.view for r in recs]),
                 "valid": np.array([r.valid for r in recs]), "seconds": np.array([r.seconds for r in recs])}
 
 
@@ -121,7 +121,7 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and samples
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines drown the bar
-    ds = ray.data.from_items([{"shard": s, "view": v} for s, v in pending], override_num_blocks=len(pending))
+    ds = ray.data.from_items([{"tar": t, "view": v} for t, v in pending], override_num_blocks=len(pending))
     with warnings.catch_warnings():
         # Ray 2.5x deprecates passing actor options as keyword arguments but has no named
         # replacement for max_task_retries yet; the bound on retries per unit matters (a unit
@@ -137,7 +137,7 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
     with tqdm(total=len(pending), desc="cache units", unit="unit", disable=not progress) as bar:
         for row in ds.iter_rows():
             bar.update(1)
-            bar.set_postfix(shard=int(row["shard"]), view=int(row["view"]))
+            bar.set_postfix(tar=int(row["tar"]), view=int(row["view"]))
             if on_unit:
                 on_unit(row)
 
@@ -198,7 +198,7 @@ def _run_in_root(cfg: CacheConfig, urls: list[str], address: str | None, progres
 
 
 def _run_at_url(cfg: CacheConfig, urls: list[str], address: str | None, progress: bool, log: Callable[[str], None],
-                resume: bool, tars: list[ShardIndex] | None = None, probe: TeacherProbe | None = None) -> Manifest:
+                resume: bool, tars: list[TarIndex] | None = None, probe: TeacherProbe | None = None) -> Manifest:
     url = cfg.output.url
     assert url is not None
     store = CacheStore(url, cfg.output.storage_options)
@@ -219,7 +219,7 @@ def _existing(store: CacheStore) -> Manifest | None:
     return store.read_manifest(allow_partial=True) if store.has_manifest() else None
 
 
-def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, tars: list[ShardIndex], num_views: int,
+def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, tars: list[TarIndex], num_views: int,
           log: Callable[[str], None]) -> Manifest:
     """Extend the arrays (metadata only: Zarr keeps every written shard) and index the new tars. The
     complete manifest stays in place, so readers keep reading the old extent until the growth ends;
@@ -240,7 +240,7 @@ def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, tars: list[Sh
 
 
 def start(store: CacheStore, cfg: CacheConfig, existing: Manifest | None, change: tuple[int, list[str]] | None,
-          tars: list[ShardIndex], probe: Callable[[], TeacherProbe], log: Callable[[str], None]) -> Manifest:
+          tars: list[TarIndex], probe: Callable[[], TeacherProbe], log: Callable[[str], None]) -> Manifest:
     """The layout the run writes: a new cache planned and created (TPP pack, arrays, index, ``building``
     manifest), an existing one grown, or resumed as it is. ``probe`` loads the teacher when needed."""
     for t in tars:
@@ -273,7 +273,7 @@ def pending_units(store: CacheStore, m: Manifest) -> list[tuple[int, int]]:
 def finalise(store: CacheStore, m: Manifest, seconds: float | None) -> Manifest:
     """Check every unit of ``m`` is recorded, then write the TPP input statistics, the checksums and, last,
     the ``complete`` manifest (``seconds``: how long this run computed units, None if it computed none)."""
-    done = [r for r in store.read_unit_records() if r.shard < len(m.dataset.shards) and r.view < m.num_views]
+    done = [r for r in store.read_unit_records() if r.tar < len(m.dataset.shards) and r.view < m.num_views]
     if len(done) != m.units_total:
         raise RuntimeError(f"{store.url}: {len(done)}/{m.units_total} units recorded after the run; "
                            "rerun the same command to finish (it resumes).")
@@ -288,7 +288,7 @@ def finalise(store: CacheStore, m: Manifest, seconds: float | None) -> Manifest:
 
 def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, change: tuple[int, list[str]] | None,
                 urls: list[str], address: str | None, progress: bool, log: Callable[[str], None],
-                tars: list[ShardIndex] | None, probe: TeacherProbe | None) -> Manifest:
+                tars: list[TarIndex] | None, probe: TeacherProbe | None) -> Manifest:
     init_ray(address)
     t0 = time.time()
     tars = tars or index_dataset(cfg, urls, progress)
@@ -315,7 +315,7 @@ def build_cache_in_process(cfg: CacheConfig, log: Callable[[str], None] = print)
         raise ConfigError(f"{url} already holds a cache; build_cache_in_process only creates new ones")
     t0 = time.time()
     urls = expand_urls(cfg.input.urls, cfg.input.storage_options)
-    tars = [index_shard(u, cfg.input.storage_options, cfg.input.on_bad_sample) for u in urls]
+    tars = [index_tar(u, cfg.input.storage_options, cfg.input.on_bad_sample) for u in urls]
     m = start(store, cfg, None, None, tars, lambda: probe_teacher(cfg), log)
     threads = torch.get_num_threads()  # UnitRunner sets the process-wide count an actor would use
     try:

@@ -34,7 +34,7 @@ from storage_schemas.manifest import (
 from storage_schemas.taps import TapInfo
 from storage_schemas.tpp_spec import TPPSpec
 
-from .shards import ShardIndex, dataset_fingerprint
+from .tars import TarIndex, dataset_fingerprint
 
 LIBRARIES = ("kdcache", "torch", "timm", "zarr", "numcodecs", "ray", "webdataset", "numpy")
 
@@ -71,7 +71,7 @@ class TeacherProbe:
     tail: tuple[dict[str, torch.Tensor], TPPSpec] | None = None
 
 
-def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[ShardIndex]) -> tuple[str, str]:
+def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[TarIndex]) -> tuple[str, str]:
     """(identity, lineage) of the cache ``cfg`` asks for (see storage_schemas.identity)."""
     d = cfg.public_dict()
     teacher = probe.teacher.model_dump(mode="json")
@@ -79,12 +79,12 @@ def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[ShardIn
             lineage_key(teacher, d["views"], d["targets"]))
 
 
-def _dataset(tars: list[ShardIndex]) -> DatasetInfo:
+def _dataset(tars: list[TarIndex]) -> DatasetInfo:
     return DatasetInfo(shards=[ShardInfo(url=t.url, size=t.size, count=len(t.keys), truncated=t.truncated)
                                for t in tars], fingerprint=dataset_fingerprint(tars))
 
 
-def plan_manifest(cfg: CacheConfig, tars: list[ShardIndex], probe: TeacherProbe, tpp: TPPInfo | None) -> Manifest:
+def plan_manifest(cfg: CacheConfig, tars: list[TarIndex], probe: TeacherProbe, tpp: TPPInfo | None) -> Manifest:
     """The ``building`` manifest: layout of every array from the one table in storage_schemas."""
     teacher, lg = probe.teacher, cfg.targets.logits
     logits = LogitsInfo(mode=lg.mode, k=min(lg.k, teacher.num_classes), num_classes=teacher.num_classes) if lg else None
@@ -105,7 +105,7 @@ def plan_manifest(cfg: CacheConfig, tars: list[ShardIndex], probe: TeacherProbe,
     return m.model_copy(update={"identity": ident, "history": [entry]})
 
 
-def grown_manifest(m: Manifest, cfg: CacheConfig, tars: list[ShardIndex], num_views: int) -> Manifest:
+def grown_manifest(m: Manifest, cfg: CacheConfig, tars: list[TarIndex], num_views: int) -> Manifest:
     """``m`` grown to ``num_views`` views and the tars ``tars`` (its own first, then new ones): same
     rows per tar, same chunking; arrays longer along the tar and/or view axis. Status ``building``."""
     S, old = m.rows_per_shard, len(m.dataset.shards)
@@ -158,7 +158,7 @@ def plan_change(existing: Manifest, cfg: CacheConfig, urls: list[str], url: str)
 
 def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) -> Stats:
     """The manifest's totals from the units' completion records."""
-    skipped = {(s.shard, s.key): s for r in done for s in r.skipped}
+    skipped = {(s.tar, s.key): s for r in done for s in r.skipped}
     fid: dict[str, FidelityAcc] = {}
     for r in done:
         for k, acc in r.fidelity.items():
@@ -172,7 +172,7 @@ def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) ->
     total = sum(per_target.values())
     return Stats(
         num_samples=m.dataset.num_samples, num_valid_rows=valid, num_skipped=len(skipped),
-        skipped=sorted(skipped.values(), key=lambda s: (s.shard, s.key)), bytes_total=total,
+        skipped=sorted(skipped.values(), key=lambda s: (s.tar, s.key)), bytes_total=total,
         bytes_per_target=per_target,
         bytes_per_view={t: b / max(valid, 1) for t, b in per_target.items()} | {"total": total / max(valid, 1)},
         fidelity={k: v.summary() for k, v in fid.items()},

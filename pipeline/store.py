@@ -223,7 +223,7 @@ class CacheStore:
     # --- completion records and index --------------------------------------------
 
     def write_unit_record(self, rec: UnitCompletion) -> None:
-        self.write_bytes(layout.unit_record_path(rec.shard, rec.view), rec.model_dump_json().encode())
+        self.write_bytes(layout.unit_record_path(rec.tar, rec.view), rec.model_dump_json().encode())
 
     def completed_units(self) -> set[tuple[int, int]]:
         d = self.path(layout.UNITS_DIR)

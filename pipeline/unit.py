@@ -2,7 +2,7 @@
 encode the targets, write one Zarr shard per array, then the unit's completion record.
 
 :class:`UnitRunner` is what a Ray actor holds: ``__init__`` loads the teacher once, ``__call__``
-runs a unit as a chain of stages over :class:`~pipeline.shards.Sample`:
+runs a unit as a chain of stages over :class:`~pipeline.tars.Sample`:
 
     samples   the tar streamed and decoded, checked against the cache's index of it
     with_view the view record sampled (seeded by recipe seed, tar, position, view) and applied at the
@@ -28,10 +28,10 @@ from storage_schemas import arrays as A
 from storage_schemas.codecs import FidelityAcc
 from storage_schemas.manifest import Manifest, SkippedSample, UnitCompletion
 
-from .shards import Sample, iter_samples
 from .stages import batched, prefetch_map
 from .store import CacheStore
 from .targets import encode_targets, input_fingerprint, to_numpy
+from .tars import Sample, iter_samples
 from .teacher import Teacher, TeacherOutput
 from .views import apply_view, sample_view
 
@@ -132,7 +132,7 @@ class UnitRunner:
         recipe = self.cfg.views
         # sample_view's fields are float32-exact, so this record is exactly what gets stored
         # and what a student replays (tests/pipeline/test_views.py checks the round trip).
-        rec = sample_view(recipe, shard=s.tar, position=s.position, view=view, width=s.image.width,
+        rec = sample_view(recipe, tar=s.tar, position=s.position, view=view, width=s.image.width,
                           height=s.image.height)
         x = apply_view(s.image, rec, recipe, size=self.teacher.input_size, mean=self.teacher.mean, std=self.teacher.std)
         return dataclasses.replace(s, view=view, record=rec, x=x)

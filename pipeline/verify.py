@@ -62,8 +62,8 @@ def verify_cache(store: CacheStore, *, teacher_checkpoint: str | None = None, sa
     if m is None:
         return rep
     _checksums(store, m, rep)
-    records = _records(store, m, rep)
-    _arrays(store, m, records, rep, progress)
+    done = _completions(store, m, rep)
+    _arrays(store, m, done, rep, progress)
     if teacher_checkpoint and not rep.problems:
         _teacher(store, m, teacher_checkpoint, samples, rep, input_storage_options)
     elif teacher_checkpoint:
@@ -131,8 +131,8 @@ def _checksums(store: CacheStore, m: Manifest, rep: VerifyReport) -> None:
         rep.count("objects hashed")
 
 
-def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[int, int], UnitCompletion]:
-    records: dict[tuple[int, int], UnitCompletion] = {}
+def _completions(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[int, int], UnitCompletion]:
+    done: dict[tuple[int, int], UnitCompletion] = {}
     for s, v in sorted(store.completed_units()):
         rel = layout.unit_record_path(s, v)
         try:
@@ -140,8 +140,8 @@ def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[in
         except Exception as e:  # noqa: BLE001 - reported per record
             rep.problems.append(f"{rel}: does not parse: {str(e).splitlines()[0]}")
             continue
-        if (rec.shard, rec.view) != (s, v):
-            rep.problems.append(f"{rel}: holds unit s{rec.shard} v{rec.view}")
+        if (rec.tar, rec.view) != (s, v):
+            rep.problems.append(f"{rel}: holds unit s{rec.tar} v{rec.view}")
             continue
         if not (s < len(m.dataset.shards) and v < m.num_views):
             rep.problems.append(f"{rel}: unit outside the manifest's {len(m.dataset.shards)} tars × {m.num_views} views")
@@ -154,16 +154,16 @@ def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[in
             rep.problems.append(f"{rel}: valid {rec.valid} ≠ count {rec.count} − skipped {len(rec.skipped)}")
         if set(rec.array_sha256) != set(m.arrays):
             rep.problems.append(f"{rel}: records arrays {sorted(rec.array_sha256)}, the manifest {sorted(m.arrays)}")
-        records[(s, v)] = rec
+        done[(s, v)] = rec
         rep.count("unit records")
     if m.status == "complete":
-        missing = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views) if (s, v) not in records]
+        missing = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views) if (s, v) not in done]
         for s, v in missing:
             rep.problems.append(f"{layout.unit_record_path(s, v)}: missing or unreadable in a complete cache")
-        if not missing and records:
-            from .plan import summarize  # the job's own totals, recomputed from the records
+        if not missing and done:
+            from .plan import summarize  # the job's own totals, recomputed from the completion records
 
-            st = summarize(m, list(records.values()), None)
+            st = summarize(m, list(done.values()), None)
             for key in ("num_valid_rows", "num_skipped", "bytes_total", "bytes_per_target"):
                 if getattr(st, key) != getattr(m.stats, key):
                     rep.problems.append(f"{layout.MANIFEST}: stats.{key} {getattr(m.stats, key)} ≠ "
@@ -177,13 +177,13 @@ def _records(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tuple[in
             continue
         if len(keys) != m.dataset.shards[s].count:
             rep.problems.append(f"{rel}: {len(keys)} keys, the manifest counts {m.dataset.shards[s].count}")
-    return records
+    return done
 
 
-def _arrays(store: CacheStore, m: Manifest, records: dict[tuple[int, int], UnitCompletion], rep: VerifyReport,
+def _arrays(store: CacheStore, m: Manifest, done: dict[tuple[int, int], UnitCompletion], rep: VerifyReport,
             progress: bool) -> None:
     C = m.teacher.num_classes
-    for (s, v), rec in tqdm(sorted(records.items()), desc="verify units", unit="unit", disable=not progress):
+    for (s, v), rec in tqdm(sorted(done.items()), desc="verify units", unit="unit", disable=not progress):
         for name in m.arrays:
             stored = store.read_shard_object(m, name, s, v)
             if _sha(stored) != rec.array_sha256.get(name) or len(stored) != rec.array_bytes.get(name):
@@ -215,8 +215,8 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
     stored records with the job's own code (``pipeline.views``) and encoded with its codec."""
     import torch
 
-    from .shards import iter_samples
     from .targets import encode_targets, to_numpy
+    from .tars import iter_samples
     from .teacher import Teacher
     from .views import apply_view
 

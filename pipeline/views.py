@@ -1,7 +1,7 @@
 """View sampling and replay: timm's training augmentation, split into data and application.
 
 :func:`sample_view` draws a :class:`~storage_schemas.views.ViewRecord` from a generator
-seeded by ``(recipe seed, shard, position, view)``; :func:`apply_view` turns a record
+seeded by ``(recipe seed, tar, position, view)``; :func:`apply_view` turns a record
 into the network input, deterministically and at any output resolution. Together they
 reproduce timm's ``create_transform(is_training=True)`` pipeline:
 RandomResizedCrop → horizontal flip → RandAugment → ToTensor/Normalize → RandomErasing,
@@ -144,9 +144,9 @@ def _sample_erase(rng: np.random.Generator, er: EraseRecipe) -> tuple:
 
 
 def sample_view(
-    recipe: ViewRecipe, *, shard: int, position: int, view: int, width: int, height: int
+    recipe: ViewRecipe, *, tar: int, position: int, view: int, width: int, height: int
 ) -> ViewRecord:
-    """Sample view ``view`` of sample ``(shard, position)`` whose source image is ``width x height``.
+    """Sample view ``view`` of sample ``(tar, position)`` whose source image is ``width x height``.
 
     Pure function of its arguments: any worker, any time, gets the same record. The crop
     follows torchvision's ``RandomResizedCrop.get_params`` in source pixels; RandAugment
@@ -155,9 +155,9 @@ def sample_view(
     up to pixel rounding this is the same distribution at every output size.
     """
     if width <= 0 or height <= 0:
-        raise ValueError(f"shard {shard} position {position}: image size {width}x{height} is empty")
+        raise ValueError(f"tar {tar} position {position}: image size {width}x{height} is empty")
     # SeedSequence mixes all four words: neighbouring keys give unrelated streams.
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([recipe.seed, shard, position, view])))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([recipe.seed, tar, position, view])))
     crop = _sample_crop(rng, recipe, width, height)
     flip = bool(rng.random() < recipe.hflip)
     ops = _sample_ops(rng, recipe.randaugment) if recipe.randaugment else ()

@@ -64,16 +64,20 @@ class ArrayInfo(_Model):
 
 
 class SkippedSample(_Model):
-    shard: int
+    shard: int  # the input tar's index (stored name)
     url: str
     key: str
     reason: str
+
+    @property
+    def tar(self) -> int:
+        return self.shard
 
 
 class UnitCompletion(_Model):
     """Completion record of one work unit (input tar, view), written after all its data."""
 
-    shard: int
+    shard: int  # the input tar's index (stored name; ``tar`` in code)
     view: int
     url: str
     count: int  # samples in the tar (rows used)
@@ -87,6 +91,10 @@ class UnitCompletion(_Model):
     tpp_input_sumsq: list[float] | None = None
     tpp_input_count: int = 0
     seconds: float = 0.0
+
+    @property
+    def tar(self) -> int:
+        return self.shard
 
 
 class Stats(_Model):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.shards import Sample
+from pipeline.tars import Sample
 from storage_schemas.manifest import Manifest
 
 from .targets import TeacherTargets

@@ -1,7 +1,7 @@
 """Student-side data: :class:`CacheDataset`, the image tars and cache rows of an epoch as a torch dataset;
 :class:`TarDataset`, plain tars with a fresh view per sample and epoch (supervised training, no cache).
 
-For each work unit (input tar, view) the image tar is streamed with ``pipeline.shards.iter_samples``
+For each work unit (input tar, view) the image tar is streamed with ``pipeline.tars.iter_samples``
 (checked against the cache's index keys, so a changed tar fails loudly) and the unit's cache rows
 are read in one contiguous read per array (``CacheStore.read_unit``), for only the arrays needed:
 the view records, ``label``/``valid`` and the requested targets. Rows with ``valid == 0`` (samples
@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import Sample, expand_urls, index_shard, iter_samples
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
+from pipeline.tars import Sample, expand_urls, index_tar, iter_samples
 from storage_schemas import arrays as A
 from storage_schemas.codecs import TokenCodec
 from storage_schemas.errors import CacheError, CacheMismatchError, ConfigError
@@ -186,7 +186,7 @@ class EpochDataset(IterableDataset):
 
 
 class CacheDataset(EpochDataset):
-    """:class:`~pipeline.shards.Sample`\\ s of one epoch, each replayed (``x``) with its cache rows; see the
+    """:class:`~pipeline.tars.Sample`\\ s of one epoch, each replayed (``x``) with its cache rows; see the
     module docstring and :mod:`student.plan` for what an epoch holds and in which order."""
 
     def __init__(
@@ -264,18 +264,18 @@ class CacheDataset(EpochDataset):
         if m.status == "complete":
             skipped: dict[int, set[str]] = {}
             for s in m.stats.skipped:
-                skipped.setdefault(s.shard, set()).add(s.key)
+                skipped.setdefault(s.tar, set()).add(s.key)
             valid = {t: m.dataset.shards[t].count - len(skipped.get(t, ())) for t in range(T)}
             return {t: tuple(range(V)) for t in range(T)}, valid
         units: dict[int, list[int]] = {}
         valid = {}
         for done in store.read_unit_records():
-            if done.view >= V or done.shard >= T:  # a unit of a growth still under way
+            if done.view >= V or done.tar >= T:  # a unit of a growth still under way
                 continue
-            units.setdefault(done.shard, []).append(done.view)
-            if valid.setdefault(done.shard, done.valid) != done.valid:
-                raise CacheError(f"{self.url}: units of tar {done.shard} disagree on their cached sample count "
-                                 f"({valid[done.shard]} vs {done.valid} in view {done.view}); the cache is damaged")
+            units.setdefault(done.tar, []).append(done.view)
+            if valid.setdefault(done.tar, done.valid) != done.valid:
+                raise CacheError(f"{self.url}: units of tar {done.tar} disagree on their cached sample count "
+                                 f"({valid[done.tar]} vs {done.valid} in view {done.view}); the cache is damaged")
         log.info("%s: partial cache, %d of %d units complete", self.url, sum(map(len, units.values())), T * V)
         return {t: tuple(sorted(v)) for t, v in units.items()}, valid
 
@@ -308,7 +308,7 @@ class CacheDataset(EpochDataset):
 
 
 class TarDataset(EpochDataset):
-    """:class:`~pipeline.shards.Sample`\\ s of plain WebDataset tars, no cache: epoch ``e`` replays view index
+    """:class:`~pipeline.tars.Sample`\\ s of plain WebDataset tars, no cache: epoch ``e`` replays view index
     ``e`` of ``recipe`` for every sample (a fresh, reproducible view each epoch); plan, split, order and
     resume as :class:`CacheDataset`. The tars are indexed once, at construction (sample counts for the
     plan); a bad sample stops the epoch naming its tar and key."""
@@ -323,7 +323,7 @@ class TarDataset(EpochDataset):
         self.storage_options = dict(storage_options or {})
         self.recipe, self.num_classes = recipe, num_classes
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        counts = [index_shard(u, self.storage_options).count for u in self.urls]
+        counts = [index_tar(u, self.storage_options).count for u in self.urls]
         self.plan = EpochPlan(units={t: (0,) for t in range(len(counts))}, valid=dict(enumerate(counts)),
                               num_tars=len(counts), num_views=1, seed=int(seed), shuffle=shuffle,
                               shuffle_buffer=int(shuffle_buffer), drop_uneven=drop_uneven)

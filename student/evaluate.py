@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import Sample, expand_urls, iter_samples
 from pipeline.stages import prefetch_map
+from pipeline.tars import Sample, expand_urls, iter_samples
 from pipeline.views import eval_view
 
 

@@ -1,6 +1,6 @@
 """The student's stream stages: image tars and cache rows in lockstep, reordered as planned, views replayed.
 
-Each stage is a plain function over :class:`~pipeline.shards.Sample` (the type the caching job uses
+Each stage is a plain function over :class:`~pipeline.tars.Sample` (the type the caching job uses
 too), testable on its own:
 
     load_rows  one tar of the epoch: its index keys and cache rows, one contiguous read per unit
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.shards import BadSampleError, BadShardError, Sample, iter_samples
 from pipeline.store import CacheStore
+from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
 from pipeline.views import apply_view, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.manifest import Manifest
@@ -78,7 +78,7 @@ def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict |
         n += 1
         yield dataclasses.replace(s, view=int(views[p]), rows={name: a[p] for name, a in rows.items()})
     if n != task.n:
-        raise BadShardError(url, f"{n} cached samples streamed, the cache records {task.n}")
+        raise BadTarError(url, f"{n} cached samples streamed, the cache records {task.n}")
 
 
 def reorder(tasks: list[Task], order: np.ndarray, load: Callable[[Task], Loaded],
@@ -114,7 +114,7 @@ def replay(s: Sample, recipe: ViewRecipe, *, size: int | tuple[int, int], mean: 
     teacher's input too (``x_teacher``). The view is the stored record (``Sample.rows``), or with
     ``fresh_view`` a new record drawn for that view index (never cached, reproducible)."""
     if fresh_view is not None:
-        record = sample_view(recipe, shard=s.tar, position=s.position, view=fresh_view, width=s.image.width,
+        record = sample_view(recipe, tar=s.tar, position=s.position, view=fresh_view, width=s.image.width,
                              height=s.image.height)
     else:
         record = A.decode_view(s.rows, None)

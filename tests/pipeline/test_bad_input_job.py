@@ -11,7 +11,7 @@ from pipeline.store import CacheStore
 from storage_schemas import arrays as A
 from storage_schemas.config import CacheConfig
 from tests.conftest import cache_config
-from tests.pipeline.test_shards import encode, sample, write_tar
+from tests.pipeline.test_tars import encode, sample, write_tar
 
 pytestmark = pytest.mark.ray
 

@@ -17,8 +17,8 @@ import yaml
 
 from jobs.cli import main as cli
 from pipeline.catalog import find_cache
-from pipeline.shards import expand_urls
 from pipeline.store import CacheStore
+from pipeline.tars import expand_urls
 from pipeline.verify import verify_cache
 from storage_schemas import layout
 from storage_schemas.manifest import Manifest

@@ -1,4 +1,4 @@
-"""pipeline.digits: scikit-learn's digits as WebDataset shards, read back through pipeline.shards."""
+"""pipeline.digits: scikit-learn's digits as WebDataset shards, read back through pipeline.tars."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 import pipeline.digits as digits_mod
 from pipeline.digits import write_digits
-from pipeline.shards import expand_urls, index_shard, iter_samples
+from pipeline.tars import expand_urls, index_tar, iter_samples
 
 SHARDS = [f"train-{i:06d}.tar" for i in range(4)] + [f"val-{i:06d}.tar" for i in range(2)]
 
@@ -41,7 +41,7 @@ def test_layout_and_return_value(digits):
     assert digits["train"] == f"{root}/train-{{000000..000003}}.tar"
     assert digits["val"] == f"{root}/val-{{000000..000001}}.tar"
     assert digits["num_classes"] == 10 and digits["counts"] == {"train": 1437, "val": 360}
-    counts = {split: sum(index_shard(u).count for u in expand_urls(digits[split])) for split in ("train", "val")}
+    counts = {split: sum(index_tar(u).count for u in expand_urls(digits[split])) for split in ("train", "val")}
     assert counts == digits["counts"] and sum(counts.values()) == 1797
 
 
@@ -103,7 +103,7 @@ def test_memory_output_and_bad_arguments():
         out = write_digits("memory://kdcache-digits", train_shards=1, val_shards=1, size=8)
         assert out["train"] == "memory://kdcache-digits/train-{000000..000000}.tar"
         (url,) = expand_urls(out["train"])
-        assert index_shard(url).count == 1437
+        assert index_tar(url).count == 1437
         assert re.fullmatch(r"digits-train-\d{6}", next(iter_samples(url)).key)
     finally:
         if fs.exists("/kdcache-digits"):

@@ -25,7 +25,7 @@ from storage_schemas.config import CacheConfig
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import RAND_OPS
 from tests.conftest import cache_config
-from tests.pipeline.test_shards import encode, sample, write_tar
+from tests.pipeline.test_tars import encode, sample, write_tar
 
 pytestmark = pytest.mark.ray
 RECORD = {A.VIEW_CROP, A.VIEW_FLIP, A.VIEW_OPS, A.VIEW_OP_MAGS, A.VIEW_ERASE, A.VIEW_NOISE_SEED}

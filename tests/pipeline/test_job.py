@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from jobs.cli import main as cli
 from pipeline.job import run_cache_job
-from pipeline.shards import iter_samples
 from pipeline.store import CacheNotReadyError, CacheStore
+from pipeline.tars import iter_samples
 from pipeline.tpp import load_input_stats, load_pack
 from pipeline.verify import verify_cache
 from pipeline.views import apply_view

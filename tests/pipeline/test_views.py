@@ -46,7 +46,7 @@ def _image(width: int, height: int, noise: float = 20.0, amp: float = 100.0, see
 
 
 def _draws(recipe: ViewRecipe, n: int, width: int = SRC_W, height: int = SRC_H) -> list[ViewRecord]:
-    return [sample_view(recipe, shard=i % 7, position=i // 7, view=i % 3, width=width, height=height)
+    return [sample_view(recipe, tar=i % 7, position=i // 7, view=i % 3, width=width, height=height)
             for i in range(n)]
 
 
@@ -76,8 +76,8 @@ def _timm_arg(name: str, magnitude: float, ra: RandAugmentRecipe, monkeypatch) -
 
 def test_same_key_gives_identical_record():
     recipe = ViewRecipe(seed=3, erase=EraseRecipe(prob=1.0, max_count=3))
-    for shard, position, view in [(0, 0, 0), (5, 1234, 3), (1023, 9, 7)]:
-        kw = dict(shard=shard, position=position, view=view, width=SRC_W, height=SRC_H)
+    for tar, position, view in [(0, 0, 0), (5, 1234, 3), (1023, 9, 7)]:
+        kw = dict(tar=tar, position=position, view=view, width=SRC_W, height=SRC_H)
         a, b = sample_view(recipe, **kw), sample_view(recipe, **kw)
         assert a == b
         assert a.model_dump_json() == b.model_dump_json()
@@ -85,14 +85,14 @@ def test_same_key_gives_identical_record():
 
 def test_different_keys_give_different_records():
     recipe = ViewRecipe()
-    views = [sample_view(recipe, shard=2, position=17, view=v, width=SRC_W, height=SRC_H) for v in range(500)]
+    views = [sample_view(recipe, tar=2, position=17, view=v, width=SRC_W, height=SRC_H) for v in range(500)]
     assert len({r.model_dump_json() for r in views}) == len(views)
     # neighbouring keys are unrelated streams, not shifted copies
-    crops = [sample_view(recipe, shard=0, position=p, view=0, width=SRC_W, height=SRC_H).crop
+    crops = [sample_view(recipe, tar=0, position=p, view=0, width=SRC_W, height=SRC_H).crop
              for p in range(200)]
     assert len(set(crops)) >= 198
     other_seed = ViewRecipe(seed=1)
-    assert sample_view(other_seed, shard=2, position=17, view=0, width=SRC_W, height=SRC_H) != views[0]
+    assert sample_view(other_seed, tar=2, position=17, view=0, width=SRC_W, height=SRC_H) != views[0]
 
 
 def test_record_floats_are_float32_exact():
@@ -149,7 +149,7 @@ def test_crop_fallback_matches_torchvision(width, height):
     recipe = ViewRecipe(randaugment=None, erase=None, crop={"scale": (0.95, 1.0), "ratio": (2.0, 3.0)})
     torch.manual_seed(0)
     expected = RandomResizedCrop.get_params(torch.empty(3, height, width), [0.95, 1.0], [2.0, 3.0])
-    r = sample_view(recipe, shard=0, position=0, view=0, width=width, height=height)
+    r = sample_view(recipe, tar=0, position=0, view=0, width=width, height=height)
     left, top, w, h = _pixel_box(r.crop, width, height)
     if (width, height) == (40, 41):
         assert (w, h) == (40, 20)  # centre crop at the clamped ratio 2

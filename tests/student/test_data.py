@@ -12,9 +12,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader
 
-from pipeline.shards import Sample, iter_samples
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.targets import input_fingerprint
+from pipeline.tars import Sample, iter_samples
 from pipeline.views import eval_view
 from storage_schemas import arrays as A
 from storage_schemas import layout

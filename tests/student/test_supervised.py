@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.config_io import ConfigError
-from pipeline.shards import expand_urls, iter_samples
+from pipeline.tars import expand_urls, iter_samples
 from pipeline.views import apply_view, sample_view
 from storage_schemas.views import ViewRecipe
 from student.config import TrainConfig
@@ -30,7 +30,7 @@ def test_epoch_e_replays_view_e_of_every_sample_once(digits):
         assert sorted((s.tar, s.position) for s in got) == sorted(images) and {s.view for s in got} == {epoch}
         for s in got[:20]:  # by hand: the recipe's record for (tar, position, view = epoch), applied at 16 px
             img = images[(s.tar, s.position)]
-            rec = sample_view(RECIPE, shard=s.tar, position=s.position, view=epoch, width=img.width, height=img.height)
+            rec = sample_view(RECIPE, tar=s.tar, position=s.position, view=epoch, width=img.width, height=img.height)
             assert torch.equal(s.x, apply_view(img, rec, RECIPE, size=16, mean=(0.5,) * 3, std=(0.5,) * 3))
 
 

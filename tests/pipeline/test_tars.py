@@ -1,4 +1,4 @@
-"""pipeline.shards: URL expansion, indexing, streaming, bad inputs, colour conversion."""
+"""pipeline.tars: URL expansion, indexing, streaming, bad inputs, colour conversion."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.tars import (
     BadSampleError,
-    BadShardError,
-    ShardIndex,
+    BadTarError,
+    TarIndex,
     dataset_fingerprint,
     decode_image,
     expand_urls,
-    index_shard,
+    index_tar,
     iter_samples,
 )
 
@@ -114,7 +114,7 @@ def test_expand_urls_keeps_protocol(memfs):
 
 def test_index_digits_counts_add_up(digits):
     urls = expand_urls([digits["train"], digits["val"]])
-    index = [index_shard(u) for u in urls]
+    index = [index_tar(u) for u in urls]
     assert sum(s.count for s in index) == 1797
     assert [s.size for s in index] == [os.path.getsize(u) for u in urls]
     assert all(s.truncated is None for s in index)
@@ -128,18 +128,18 @@ def test_index_digits_counts_add_up(digits):
 
 def test_iter_samples_checks_the_index(tmp_path):
     url = write_tar(tmp_path / "s.tar", sample("a") + sample("b"))
-    with pytest.raises(BadShardError, match="changed since it was indexed.*position 1"):
+    with pytest.raises(BadTarError, match="changed since it was indexed.*position 1"):
         list(iter_samples(url, keys=["a", "c"]))
-    with pytest.raises(BadShardError, match="changed since it was indexed: 2 samples read, the index has 3"):
+    with pytest.raises(BadTarError, match="changed since it was indexed: 2 samples read, the index has 3"):
         list(iter_samples(url, keys=["a", "b", "c"]))
-    with pytest.raises(BadShardError, match=re.escape(f"{url}: shard changed")):
+    with pytest.raises(BadTarError, match=re.escape(f"{url}: tar changed")):
         list(iter_samples(url, keys=["a"]))
 
 
 def test_memory_url(memfs):
     memfs.pipe("/kdcache-test/m-0.tar", tar_bytes(sample("a", 3, (1, 2, 3)) + sample("b", 4)))
     (url,) = expand_urls("memory://kdcache-test/m-*.tar")
-    index = index_shard(url)
+    index = index_tar(url)
     assert index.keys == ["a", "b"] and index.size == memfs.size("/kdcache-test/m-0.tar")
     a, b = iter_samples(url, keys=index.keys)
     assert (a.label, b.label) == (3, 4) and a.image.getpixel((0, 0)) == (1, 2, 3)
@@ -149,10 +149,10 @@ def test_gzip_compressed_tar(tmp_path):
     data = gzip.compress(tar_bytes(sample("a") + sample("b")), mtime=0)
     (tmp_path / "s.tar.gz").write_bytes(data)
     url = str(tmp_path / "s.tar.gz")
-    assert index_shard(url).keys == ["a", "b"]
+    assert index_tar(url).keys == ["a", "b"]
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadShardError, match="cut.tar.gz"):
-        index_shard(str(tmp_path / "cut.tar.gz"))
+    with pytest.raises(BadTarError, match="cut.tar.gz"):
+        index_tar(str(tmp_path / "cut.tar.gz"))
 
 
 def test_meta_and_uppercase_extension(tmp_path):
@@ -186,7 +186,7 @@ def test_bad_sample_error_and_skip(tmp_path, case):
         list(iter_samples(url, num_classes=10))
     assert str(err.value).startswith(f"{url}: key k: ") and (err.value.url, err.value.key) == (url, "k")
 
-    a, k, z = iter_samples(url, num_classes=10, on_bad_sample="skip", keys=index_shard(url).keys)
+    a, k, z = iter_samples(url, num_classes=10, on_bad_sample="skip", keys=index_tar(url).keys)
     assert [s.position for s in (a, k, z)] == [0, 1, 2]
     assert (a.label, z.label) == (2, 3) and a.image is not None and z.image is not None
     assert k.key == "k" and k.image is None and k.label is None
@@ -202,10 +202,10 @@ def test_duplicate_key(tmp_path, layout):
         members = sample("k", 1, (1, 1, 1)) + sample("z") + sample("k", 5, (2, 2, 2))
         keys = ["k", "z"]
     url = write_tar(tmp_path / "s.tar", members)
-    for run in (lambda: index_shard(url), lambda: list(iter_samples(url))):
+    for run in (lambda: index_tar(url), lambda: list(iter_samples(url))):
         with pytest.raises(BadSampleError, match=re.escape(f"{url}: key k: duplicate")):
             run()
-    index = index_shard(url, on_bad_sample="skip")
+    index = index_tar(url, on_bad_sample="skip")
     assert index.keys == keys and index.truncated is None
     k, z = iter_samples(url, on_bad_sample="skip", keys=index.keys)
     assert (k.label, k.image.getpixel((0, 0)), z.position) == (1, (1, 1, 1), 1)  # the first one is kept
@@ -215,11 +215,11 @@ def test_exceptions_carry_fields_and_pickle():
     e = pickle.loads(pickle.dumps(BadSampleError("s3://b/x.tar", "k1", "no label member (KEY.cls)")))
     assert (str(e), e.url, e.key, e.reason) == ("s3://b/x.tar: key k1: no label member (KEY.cls)", "s3://b/x.tar",
                                                 "k1", "no label member (KEY.cls)")
-    e2 = pickle.loads(pickle.dumps(BadShardError("s3://b/x.tar", "tar cut short")))
+    e2 = pickle.loads(pickle.dumps(BadTarError("s3://b/x.tar", "tar cut short")))
     assert (str(e2), e2.url, e2.reason) == ("s3://b/x.tar: tar cut short", "s3://b/x.tar", "tar cut short")
     assert isinstance(e, ValueError) and isinstance(e2, ValueError)
     with pytest.raises(ValueError, match="on_bad_sample"):
-        index_shard("unused.tar", on_bad_sample="ignore")
+        index_tar("unused.tar", on_bad_sample="ignore")
 
 
 # ---------------------------------------------------------------------------------------- damaged tars
@@ -249,31 +249,31 @@ def test_damaged_tar(tmp_path, case):
     with open(url, "wb") as f:
         f.write(cut(data))
     # b's members are all there, but whether it is complete cannot be known once c never starts
-    with pytest.raises(BadShardError, match=f"^{re.escape(url)}: tar (cut short|corrupt)"):
-        index_shard(url)
-    with pytest.raises(BadShardError, match=f"^{re.escape(url)}: tar"):
+    with pytest.raises(BadTarError, match=f"^{re.escape(url)}: tar (cut short|corrupt)"):
+        index_tar(url)
+    with pytest.raises(BadTarError, match=f"^{re.escape(url)}: tar"):
         list(iter_samples(url))
-    index = index_shard(url, on_bad_sample="skip")
+    index = index_tar(url, on_bad_sample="skip")
     assert index.keys == ["a", "b"][:complete] and index.truncated and index.size == len(cut(data))
     assert [s.key for s in iter_samples(url, on_bad_sample="skip", keys=index.keys)] == index.keys
 
 
 def test_intact_tar_is_not_flagged(tmp_path):
     url = write_tar(tmp_path / "s.tar", sample("a") + sample("b"))
-    assert index_shard(url) == ShardIndex(url=url, size=os.path.getsize(url), keys=["a", "b"], truncated=None)
+    assert index_tar(url) == TarIndex(url=url, size=os.path.getsize(url), keys=["a", "b"], truncated=None)
     empty = write_tar(tmp_path / "empty.tar", [])
-    assert index_shard(empty).keys == [] and list(iter_samples(empty)) == []
+    assert index_tar(empty).keys == [] and list(iter_samples(empty)) == []
 
 
 def test_dataset_fingerprint():
-    shards = [ShardIndex("s3://b/0.tar", 100, ["a", "b"]), ShardIndex("s3://b/1.tar", 50, ["c"])]
+    shards = [TarIndex("s3://b/0.tar", 100, ["a", "b"]), TarIndex("s3://b/1.tar", 50, ["c"])]
     fp = dataset_fingerprint(shards)
-    assert len(fp) == 64 and fp == dataset_fingerprint([ShardIndex("s3://b/0.tar", 100, ["x", "y"]), shards[1]])
+    assert len(fp) == 64 and fp == dataset_fingerprint([TarIndex("s3://b/0.tar", 100, ["x", "y"]), shards[1]])
     changed = [
         shards[::-1],
-        [ShardIndex("s3://b/0.tar", 101, ["a", "b"]), shards[1]],
-        [ShardIndex("s3://b/0.tar", 100, ["a"]), shards[1]],
-        [ShardIndex("s3://b/2.tar", 100, ["a", "b"]), shards[1]],
+        [TarIndex("s3://b/0.tar", 101, ["a", "b"]), shards[1]],
+        [TarIndex("s3://b/0.tar", 100, ["a"]), shards[1]],
+        [TarIndex("s3://b/2.tar", 100, ["a", "b"]), shards[1]],
     ]
     assert len({fp, *map(dataset_fingerprint, changed)}) == 5
 

@@ -1,14 +1,14 @@
 """Reading the input: ImageNet-style WebDataset tars behind any fsspec URL (DESIGN.md, Inputs).
 
-A shard flows through small generator stages, each testable on its own:
+A tar flows through small generator stages, each testable on its own:
 
     _members   tar members ``(name, bytes)`` streamed through fsspec; the end-of-archive is checked
     _group     members grouped into samples by webdataset's key rule; duplicates raised or dropped
     _parse     one sample: image decoded to RGB, label from ``KEY.cls``, metadata from ``KEY.json``
 
-``index_shard`` runs the first two without keeping member data: the keys and count a cache is
-laid out by. ``iter_samples`` runs all three. A sample's identity is (shard index, position in
-the shard) plus its key; positions count the samples kept, in tar order.
+``index_tar`` runs the first two without keeping member data: the keys and count a cache is
+laid out by. ``iter_samples`` runs all three. A sample's identity is (tar index, position in
+the tar) plus its key; positions count the samples kept, in tar order.
 
 Conventions:
 - key: a member's name up to the first ``.`` of its base name, extension lower-cased
@@ -27,7 +27,7 @@ Conventions:
   the teacher sees images as it saw them in training.
 - bad samples: ``on_bad_sample='error'`` raises ``BadSampleError`` naming URL, key and reason;
   ``'skip'`` yields the sample with ``image=None`` and ``skip_reason`` so that positions stay
-  fixed. A damaged tar raises ``BadShardError`` (``'error'``) or keeps the complete samples
+  fixed. A damaged tar raises ``BadTarError`` (``'error'``) or keeps the complete samples
   before the damage (``'skip'``).
 """
 
@@ -85,8 +85,8 @@ class BadSampleError(InputDataError):
         return type(self), (self.url, self.key, self.reason)
 
 
-class BadShardError(InputDataError):
-    """A whole shard cannot be read as indexed: ``URL: REASON``."""
+class BadTarError(InputDataError):
+    """A whole tar cannot be read as indexed: ``URL: REASON``."""
 
     def __init__(self, url: str, reason: str):
         super().__init__(f"{url}: {reason}")
@@ -97,7 +97,7 @@ class BadShardError(InputDataError):
 
 
 class _Damaged(Exception):
-    """Internal: the tar ends early or is corrupt (becomes BadShardError or ShardIndex.truncated)."""
+    """Internal: the tar ends early or is corrupt (becomes BadTarError or TarIndex.truncated)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -108,7 +108,7 @@ TarDamaged = _Damaged  # public name for readers outside this module (pipeline.e
 
 
 @dataclass
-class ShardIndex:
+class TarIndex:
     url: str
     size: int  # bytes, from the file system
     keys: list[str]  # sample keys in tar order; position = index in this list
@@ -151,13 +151,13 @@ class Sample:
 
 
 def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> list[str]:
-    """Expand brace patterns, then globs (``* ? [``), into existing shard URLs.
+    """Expand brace patterns, then globs (``* ? [``), into existing tar URLs.
 
     Order: as listed; each glob's matches sorted. Remote URLs keep their protocol
     (``s3://bkt/x.tar``); plain local paths come back absolute, so a URL names one file
     whatever the working directory of the worker that reads it.
     Raises FileNotFoundError naming a pattern that matches nothing or a listed file that is
-    missing, and ValueError for a shard listed twice (it would be cached twice).
+    missing, and ValueError for a tar listed twice (it would be cached twice).
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     if not patterns:
@@ -198,9 +198,9 @@ class _TailWindow:
 
     Written here because tarfile's stream mode (and so webdataset's ``tar_file_iterator``)
     ends quietly on a missing, short or invalid header block: a tar cut at a 512-byte boundary
-    (an interrupted copy or upload) would read as a shorter, valid shard. Keeping the recent
+    (an interrupted copy or upload) would read as a shorter, valid tar. Keeping the recent
     bytes lets ``_members`` check that the block after the last member is the all-zero
-    end-of-archive marker, without buffering the shard.
+    end-of-archive marker, without buffering the tar.
     """
 
     def __init__(self, f: Any, keep: int = 8):
@@ -272,7 +272,7 @@ def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample:
     """Group members into samples ``(position, key, {ext: data})`` by webdataset's key rule.
 
     Written here rather than with webdataset's ``group_by_keys``, which reports a duplicate
-    member only through an exception's text and lets a key that comes back later in the shard
+    member only through an exception's text and lets a key that comes back later in the tar
     through as a second sample. Here both are ``BadSampleError`` (``'error'``) or dropped
     keeping the first (``'skip'``). A sample is yielded only once the next key starts, so a
     ``_Damaged`` from ``members`` drops the sample it cut into.
@@ -318,7 +318,7 @@ def _check_policy(on_bad_sample: str) -> None:
 # ---------------------------------------------------------------------------------------- index
 
 
-def index_shard(url: str, storage_options: dict | None = None, on_bad_sample: OnBad = "error") -> ShardIndex:
+def index_tar(url: str, storage_options: dict | None = None, on_bad_sample: OnBad = "error") -> TarIndex:
     """Stream one tar and list its sample keys in order (member data is read and dropped)."""
     _check_policy(on_bad_sample)
     fs, path = _open(url, storage_options)
@@ -330,15 +330,15 @@ def index_shard(url: str, storage_options: dict | None = None, on_bad_sample: On
             keys.append(key)
     except _Damaged as exn:
         if on_bad_sample == "error":
-            raise BadShardError(url, exn.reason) from exn
+            raise BadTarError(url, exn.reason) from exn
         log.warning("%s: %s; keeping the %d complete samples before it", url, exn.reason, len(keys))
         truncated = exn.reason
-    return ShardIndex(url=url, size=size, keys=keys, truncated=truncated)
+    return TarIndex(url=url, size=size, keys=keys, truncated=truncated)
 
 
-def dataset_fingerprint(shards: list[ShardIndex]) -> str:
-    """sha256 (hex) over (url, size, count) of every shard, in order."""
-    rows = [[s.url, s.size, s.count] for s in shards]
+def dataset_fingerprint(tars: list[TarIndex]) -> str:
+    """sha256 (hex) over (url, size, count) of every tar, in order."""
+    rows = [[s.url, s.size, s.count] for s in tars]
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -349,8 +349,8 @@ def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample
                  num_classes: int | None = None, keys: list[str] | None = None, tar: int = 0) -> Iterator[Sample]:
     """Stream one tar (index ``tar`` of its dataset) as decoded samples, in order.
 
-    ``keys`` (from ``index_shard``) are checked against the stream: a different key at any
-    position, or a different count, raises BadShardError ("shard changed since it was indexed").
+    ``keys`` (from ``index_tar``) are checked against the stream: a different key at any
+    position, or a different count, raises BadTarError ("tar changed since it was indexed").
     ``num_classes`` bounds labels to ``[0, num_classes)``; without it labels must be >= 0.
     """
     _check_policy(on_bad_sample)
@@ -360,7 +360,7 @@ def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample
         for position, key, group in _group(url, _members(fs, path), on_bad_sample):
             if keys is not None and (position >= len(keys) or keys[position] != key):
                 indexed = repr(keys[position]) if position < len(keys) else "no sample"
-                raise BadShardError(url, f"shard changed since it was indexed: position {position} holds key "
+                raise BadTarError(url, f"tar changed since it was indexed: position {position} holds key "
                                          f"{key!r}, the index has {indexed}")
             count = position + 1
             try:
@@ -374,10 +374,10 @@ def iter_samples(url: str, storage_options: dict | None = None, *, on_bad_sample
             yield Sample(key=key, position=position, image=image, label=label, meta=meta, tar=tar)
     except _Damaged as exn:
         if on_bad_sample == "error":
-            raise BadShardError(url, exn.reason) from exn
+            raise BadTarError(url, exn.reason) from exn
         log.warning("%s: %s; stopping after the %d complete samples before it", url, exn.reason, count)
     if keys is not None and count != len(keys):
-        raise BadShardError(url, f"shard changed since it was indexed: {count} samples read, the index has "
+        raise BadTarError(url, f"tar changed since it was indexed: {count} samples read, the index has "
                                  f"{len(keys)}")
 
 
