@@ -53,14 +53,17 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
-    from pipeline.job import run_cache_job
-
-    from .cache_for import resolve_targets_for
-
     sets = list(a.set) + ([f"output.root={a.root}", "output.url=null"] if a.root else [])
     if a.for_methods:
         sets.append(f"targets.for=[{a.for_methods.replace('+', ',')}]")
-    cfg = resolve_targets_for(load_config(CacheConfig, a.config, sets))
+    cfg = load_config(CacheConfig, a.config, sets)
+    if cfg.targets.for_methods:
+        from .cache_for import resolve_targets_for
+
+        cfg = resolve_targets_for(cfg)
+    # imported once the config is good: Ray and torch take seconds to import
+    from pipeline.job import run_cache_job
+
     m = run_cache_job(cfg, address=a.address, progress=not a.no_progress, resume=a.resume)
     print(format_summary(m.summary(), cfg.output.url or _url_of(m, cfg.output.root, cfg.output.storage_options)))
     return 0
