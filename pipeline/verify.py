@@ -160,7 +160,9 @@ def _completions(store: CacheStore, m: Manifest, rep: VerifyReport) -> dict[tupl
         missing = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views) if (s, v) not in done]
         for s, v in missing:
             rep.problems.append(f"{layout.unit_record_path(s, v)}: missing or unreadable in a complete cache")
-        if not missing and done:
+        # the totals can be recomputed only from records that name the manifest's arrays (a mismatch is
+        # reported above, per record)
+        if not missing and done and all(set(r.array_sha256) == set(m.arrays) for r in done.values()):
             from .plan import summarize  # the job's own totals, recomputed from the completion records
 
             st = summarize(m, list(done.values()), None)

@@ -118,15 +118,24 @@ def reference(digits, tiny_teacher, ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_cache(digits, tiny_teacher, tmp_path_factory):
-    """``reference``'s cache (same config, same bytes), built in this process without Ray."""
+def small_digits(tmp_path_factory) -> dict:
+    """The digits split 20/80 instead: 359 training samples in 4 tars (the Ray-free tests stream them often)."""
+    from pipeline.digits import write_digits
+
+    return write_digits(str(tmp_path_factory.mktemp("small_digits")), val_fraction=0.8)
+
+
+@pytest.fixture(scope="session")
+def small_cache(small_digits, tiny_teacher, tmp_path_factory):
+    """``reference``'s config over ``small_digits``, built in this process without Ray (the in-process build
+    writes what the Ray job writes: ``tests/pipeline/test_job.py::test_in_process_build_is_byte_identical``)."""
     from pipeline.job import build_cache_in_process
     from storage_schemas.config import CacheConfig
 
     out = tmp_path_factory.mktemp("small") / "cache.zarr"
-    cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
-    m = build_cache_in_process(cfg)
-    return {"cfg": cfg, "manifest": m, "path": out}
+    cfg = CacheConfig.model_validate(cache_config(small_digits, tiny_teacher, str(out)))
+    m = build_cache_in_process(cfg, log=lambda s: None)
+    return {"cfg": cfg, "manifest": m, "path": out, "digits": small_digits}
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marker added here must count

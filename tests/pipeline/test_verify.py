@@ -89,6 +89,17 @@ def test_a_record_that_disagrees_with_the_manifest_is_reported(copy):
     assert any(layout.unit_record_path(0, 0) in p and "sha256" in p for p in problems)  # also off its checksum
 
 
+def test_a_manifest_naming_another_array_is_reported_not_a_crash(copy):
+    """A manifest that still parses but whose array table was altered (a renamed array): every record
+    disagrees with it, and verify says so instead of failing on the totals it cannot recompute."""
+    m = json.loads((copy / layout.MANIFEST).read_text())
+    m["arrays"]["lbbel"] = m["arrays"].pop("label")
+    (copy / layout.MANIFEST).write_text(json.dumps(m))
+    problems = check(copy).problems
+    assert any("does not match" in p for p in problems)  # the sidecar
+    assert any("records arrays" in p and "s000000-v0000" in p for p in problems)
+
+
 def test_cli_exit_codes(copy, capsys):
     assert cli(["verify", str(copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True

@@ -54,7 +54,7 @@ def random_epoch(small_cache) -> list[Sample]:
 
 def test_replay_at_teacher_size_is_the_view_the_teacher_saw(random_epoch, small_cache):
     m = small_cache["manifest"]
-    assert len(random_epoch) == m.dataset.num_samples == 1437
+    assert len(random_epoch) == m.dataset.num_samples == small_cache["digits"]["counts"]["train"] == 359
     x = torch.stack([s.x for s in random_epoch])
     fp = input_fingerprint(x, m.config.targets.fingerprint_size).float().numpy()
     stored = np.stack([s.rows[A.VIEW_FINGERPRINT] for s in random_epoch]).astype(np.float32)
