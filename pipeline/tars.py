@@ -1,5 +1,8 @@
 """Reading the input: ImageNet-style WebDataset tars behind any fsspec URL (DESIGN.md, Inputs).
 
+(About 420 lines, kept in one module: URL expansion, the tar stream with its end check, grouping,
+the index pass and sample parsing share one key rule and one bad-input policy, and are read together.)
+
 A tar flows through small generator stages, each testable on its own:
 
     _members   tar members ``(name, bytes)`` streamed through fsspec; the end-of-archive is checked
@@ -20,7 +23,7 @@ Conventions:
 - image: the first of ``jpg, jpeg, png, webp`` present. The content is sniffed, not trusted to
   the extension (ImageNet holds a PNG and CMYK files named .JPEG), but only raster formats that
   PIL decodes in-process are accepted (never EPS, which would run Ghostscript).
-- colour: always 8-bit RGB (``to_rgb``). Transparency is composited over black, i.e. the
+- colour: always 8-bit RGB (``pipeline.images.to_rgb``). Transparency is composited over black, i.e. the
   premultiplied colour, so fully transparent pixels carry no hidden colour whatever the encoder
   left there. 16-bit greyscale is scaled (65535 -> 255), not clipped. ICC profiles and EXIF
   orientation are not applied, as timm's and torchvision's loaders do not apply them either:
@@ -36,12 +39,10 @@ from __future__ import annotations
 import collections
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import struct
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -57,6 +58,8 @@ from webdataset.tariterators import base_plus_ext
 from storage_schemas.errors import ConfigError, InputDataError, NotFoundError
 from storage_schemas.views import ViewRecord
 
+from .images import DECODE_ERRORS, IMAGE_FORMATS, decode_image
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,10 +67,6 @@ log = logging.getLogger(__name__)
 
 OnBad = Literal["error", "skip"]
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Formats PIL may decode: sniffed content, in-process decoders only.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_DECODE_ERRORS = (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, struct.error,
-                  Image.DecompressionBombError)
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 _GLOB = re.compile(r"[*?\[]")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
@@ -396,7 +395,7 @@ def _parse(url: str, key: str, group: dict[str, bytes | None], num_classes: int 
     except UnidentifiedImageError as exn:  # its text holds a memory address: not stable, not useful
         raise BadSampleError(url, key, f"{key}.{ext} is not a decodable image: content is none of "
                                        f"{', '.join(IMAGE_FORMATS)}") from exn
-    except _DECODE_ERRORS as exn:
+    except DECODE_ERRORS as exn:
         raise BadSampleError(url, key, f"{key}.{ext} is not a decodable image: {exn}") from exn
     return image, label, meta
 
@@ -423,36 +422,3 @@ def _meta(url: str, key: str, data: bytes | None) -> dict[str, Any] | None:
     if not isinstance(meta, dict):
         raise BadSampleError(url, key, f"{key}.json is not a JSON object")
     return meta
-
-
-# ---------------------------------------------------------------------------------------- images
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes (content sniffed among ``IMAGE_FORMATS``) fully, as 8-bit RGB."""
-    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    img.load()  # decode now: a corrupt file fails here, in the sample it belongs to
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB ``[H, W, 3]``.
-
-    - alpha (RGBA, LA, PA, or a palette/colour-key ``transparency``): composited over black,
-      ``round(c * a / 255)``;
-    - 16-bit greyscale (I;16*, and I as PIL opens 16-bit PNGs): ``round(v * 255 / 65535)``,
-      values outside 0..65535 clipped;
-    - L, P, 1, CMYK (multiplicative, no ICC), YCbCr: PIL's conversion.
-    """
-    mode = img.mode
-    if mode == "RGB" and "transparency" not in img.info:
-        return img
-    if mode == "I" or mode.startswith("I;16"):
-        v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        grey = ((v * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
-    if mode in ("RGBA", "LA", "PA") or (mode in ("L", "P", "RGB") and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
-        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
-        return Image.fromarray(rgb.astype(np.uint8))
-    return img.convert("RGB")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.images import decode_image
 from pipeline.tars import (
     BadSampleError,
     BadTarError,
     TarIndex,
     dataset_fingerprint,
-    decode_image,
     expand_urls,
     index_tar,
     iter_samples,
