@@ -87,7 +87,8 @@ def _dataset(tars: list[TarIndex]) -> DatasetInfo:
 def plan_manifest(cfg: CacheConfig, tars: list[TarIndex], probe: TeacherProbe, tpp: TPPInfo | None) -> Manifest:
     """The ``building`` manifest: layout of every array from the one table in storage_schemas."""
     teacher, lg = probe.teacher, cfg.targets.logits
-    logits = LogitsInfo(mode=lg.mode, k=min(lg.k, teacher.num_classes), num_classes=teacher.num_classes) if lg else None
+    logits = LogitsInfo(mode=lg.mode, k=min(lg.k, teacher.num_classes), num_classes=teacher.num_classes,
+                        rest_logmass=lg.mode == "topk") if lg else None
     specs = A.cache_arrays(cfg.views, codecs_of(logits, probe.taps), cfg.targets.fingerprint_size)
     S = A.rows_per_shard(max(t.count for t in tars), cfg.job.chunk_rows)
     chunk = min(cfg.job.chunk_rows, S)

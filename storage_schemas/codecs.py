@@ -9,9 +9,12 @@ is one class here, registered with :func:`token_codec` (taps) or in ``LOGITS_COD
 tests; the cache config accepts it by its registered name.
 
 - logits, top-k (``topk``): the k largest raw logits (fp16, descending), their class indices
-  (int16 while C ≤ 32767) and the fp32 logsumexp over *all* classes, so ``p_c = exp(z_c − lse)``
+  (int16 while C ≤ 32767), the fp32 logsumexp over *all* classes, so ``p_c = exp(z_c − lse)``
   is the teacher's softmax at T = 1 on every kept class (FKD/TinyViT keep top-k probabilities;
-  raw logits + lse also rebuild other temperatures over the kept classes).
+  raw logits + lse also rebuild other temperatures over the kept classes), and (schema ≥ 1.4) the
+  log of the probability mass on the classes *not* kept, computed from the fp32 logits: 4 bytes
+  that make k kept classes + one rest bucket exact at T = 1. Rebuilt from the fp16 kept values
+  instead, ``1 − Σ p`` loses the rest of a peaked teacher (top-1 ≈ 0.94, top-10 ≈ 0.99) to rounding.
 - logits, full (``full``): all C raw logits, fp16.
 - tap tokens ``[N, D]``: ``fp16``, or ``int8`` with one fp32 scale per token (symmetric absmax,
   ``x ≈ q · scale``, ``scale = max|x| / 127``).
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
 LOGITS_TOPK_VALUES = "logits_topk_values"  # [R, V, k] fp16 raw logits, descending
 LOGITS_TOPK_INDICES = "logits_topk_indices"  # [R, V, k] int16|int32 class indices
 LOGITS_LOGSUMEXP = "logits_logsumexp"  # [R, V] fp32, logsumexp over all classes (T=1)
+LOGITS_REST_LOGMASS = "logits_rest_logmass"  # [R, V] fp32, log of the mass on the classes not kept (T=1)
+# ``logits_rest_logmass`` when no class is left out (k = C): log 0, as the most negative float32 (finite, so
+# that ``verify``'s finiteness check and any reader's exp() need no special case).
+NO_REST = -3.4028234663852886e38
 LOGITS_FULL = "logits_full"  # [R, V, C] fp16 raw logits
 FEATURE_PREFIX = "feat_"  # tap NAME: feat_NAME [R, V, N, D]; int8 also feat_NAME_scale [R, V, N]
 LOGITS_TARGET = "logits"
@@ -126,6 +133,7 @@ class LogitsInfo(BaseModel):
     mode: Literal["topk", "full"]
     k: int
     num_classes: int
+    rest_logmass: bool = False  # top-k: the mass on the unkept classes is stored (schema ≥ 1.4)
 
     def codec(self) -> Codec:
         return LOGITS_CODECS[self.mode](self)
@@ -138,11 +146,13 @@ def index_dtype(num_classes: int) -> str:
 @dataclass
 class TopK:
     """Decoded top-k logits of B views: ``values`` [B, k] raw logits, ``indices`` [B, k] int64,
-    ``logsumexp`` [B] over all classes, all fp32."""
+    ``logsumexp`` [B] over all classes, all fp32; ``rest_logmass`` [B], the log of the teacher's mass on
+    the classes not kept (None for caches written before schema 1.4)."""
 
     values: torch.Tensor
     indices: torch.Tensor
     logsumexp: torch.Tensor
+    rest_logmass: torch.Tensor | None = None
 
     @property
     def log_probs(self) -> torch.Tensor:
@@ -154,12 +164,13 @@ class TopKLogits(Codec):
     target = LOGITS_TARGET
 
     def __init__(self, info: LogitsInfo) -> None:
-        self.k, self.num_classes = min(info.k, info.num_classes), info.num_classes
+        self.k, self.num_classes, self.rest = min(info.k, info.num_classes), info.num_classes, info.rest_logmass
 
     def arrays(self) -> list[ArraySpec]:
+        rest = [ArraySpec(LOGITS_REST_LOGMASS, "float32", (), 0.0, self.target)] if self.rest else []
         return [ArraySpec(LOGITS_TOPK_VALUES, "float16", (self.k,), 0.0, self.target),
                 ArraySpec(LOGITS_TOPK_INDICES, index_dtype(self.num_classes), (self.k,), 0, self.target),
-                ArraySpec(LOGITS_LOGSUMEXP, "float32", (), 0.0, self.target)]
+                ArraySpec(LOGITS_LOGSUMEXP, "float32", (), 0.0, self.target), *rest]
 
     def encode(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], FidelityAcc]:
         """Fidelity compares the teacher's probabilities rebuilt from what is stored with the fp32 softmax
@@ -173,13 +184,20 @@ class TopKLogits(Codec):
         rebuilt = torch.zeros_like(x).scatter_(-1, indices, (stored.float() - lse.unsqueeze(-1)).exp())
         rows = {LOGITS_TOPK_VALUES: stored, LOGITS_TOPK_INDICES: indices.to(getattr(torch, index_dtype(self.num_classes))),
                 LOGITS_LOGSUMEXP: lse}
+        if self.rest:
+            if self.k < self.num_classes:  # logsumexp over the unkept logits, relative to all: log Σ_unkept p
+                unkept = x.scatter(-1, indices, float("-inf"))
+                rows[LOGITS_REST_LOGMASS] = torch.logsumexp(unkept, -1) - lse
+            else:
+                rows[LOGITS_REST_LOGMASS] = torch.full_like(lse, NO_REST)
         return rows, fidelity(x.softmax(-1), rebuilt)
 
     def decode(self, rows: Mapping[str, torch.Tensor]) -> TopK:
         import torch
 
+        rest = rows[LOGITS_REST_LOGMASS].float() if self.rest else None
         return TopK(values=rows[LOGITS_TOPK_VALUES].float(), indices=rows[LOGITS_TOPK_INDICES].to(torch.int64),
-                    logsumexp=rows[LOGITS_LOGSUMEXP].float())
+                    logsumexp=rows[LOGITS_LOGSUMEXP].float(), rest_logmass=rest)
 
     def describe(self) -> str:
         return f"fp16 logits top-{self.k} + indices + fp32 logsumexp"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .errors import CacheError
 
-SCHEMA_VERSION = "1.3"  # 1.1: checksums.json + manifest.json.sha256; 1.2: identity + history; 1.3: teacher.num_levels
+SCHEMA_VERSION = "1.4"  # 1.1: checksums + manifest sidecar; 1.2: identity + history; 1.3: teacher.num_levels;
+#                        1.4: logits_rest_logmass (top-k)
 
 
 class IncompatibleSchemaError(CacheError):

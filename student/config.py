@@ -84,10 +84,13 @@ class OptimOptions(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     momentum: float = Field(0.9, ge=0)
-    sched: str = Field("cosine", description="timm scheduler name")
+    sched: str = Field("cosine", description="timm scheduler name: cosine, multistep, step, …")
     epochs: int = Field(10, ge=1)
     warmup_epochs: int = Field(1, ge=0)
+    warmup_lr: float = Field(1e-5, ge=0, description="learning rate the warmup starts from (timm)")
     min_lr: float = Field(1e-6, ge=0)
+    decay_milestones: list[int] = Field([90, 180, 270], description="multistep: epochs where lr *= decay_rate")
+    decay_rate: float = Field(0.1, gt=0)
     clip_grad: float | None = Field(None, gt=0)
 
 

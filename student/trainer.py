@@ -113,7 +113,8 @@ class Trainer:
         per_rank = self.dataset.num_samples(cfg.data.num_workers)
         self.steps_per_epoch = max(1, math.ceil(per_rank / cfg.data.batch_size))
         self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=o.sched, num_epochs=o.epochs,
-                                                warmup_epochs=o.warmup_epochs, min_lr=o.min_lr,
+                                                warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
+                                                decay_milestones=o.decay_milestones, decay_rate=o.decay_rate,
                                                 step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
         self.ema = ModelEmaV3(student, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)

@@ -24,10 +24,12 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from pipeline.teacher import num_feature_levels
 from pipeline.tpp import TailInputStats, TeacherTail
+from storage_schemas.codecs import LogitsInfo
 from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.taps import TapInfo, TapSpec, find_serving
@@ -128,6 +130,7 @@ class StudentInfo:
     final_tokens: tuple[int, int]
     prefix_tokens: int = 0
     vit_like: bool = False  # final features are tokens [B, P + N, D] (ViT, DeiT, EVA, Mixer)
+    layernorm2d: bool = False  # normalises its maps with LayerNorm2d (ConvNeXt), not BatchNorm
 
     @property
     def num_levels(self) -> int:
@@ -206,6 +209,7 @@ def student_info(model: nn.Module, input_size: int | tuple[int, int]) -> Student
         final_tokens=(int(tokens.shape[1]), int(tokens.shape[2])),
         prefix_tokens=prefix,
         vit_like=final.ndim == 3,
+        layernorm2d=any(isinstance(m, LayerNorm2d) for m in model.modules()),
     )
 
 
@@ -228,12 +232,13 @@ class TeacherContext:
     num_levels: int | None = None
     tail: TeacherTail | None = None
     tail_stats: TailInputStats | None = None
+    logits: LogitsInfo | None = None  # how the cache stores logits (None: none, or not known here)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None,
                       tail_stats: TailInputStats | None = None) -> TeacherContext:
         return cls(num_classes=manifest.teacher.num_classes, taps=list(manifest.features),
-                   num_levels=manifest.num_levels, tail=tail, tail_stats=tail_stats)
+                   num_levels=manifest.num_levels, tail=tail, tail_stats=tail_stats, logits=manifest.logits)
 
     def tap(self, spec: TapSpec, who: str) -> TapInfo:
         """The cached tap at the point ``spec`` names (see :meth:`~storage_schemas.taps.TapInfo.serves`)."""

@@ -23,14 +23,16 @@ from pydantic import Field
 
 from student.targets import TeacherTargets
 
-from .base import KDMethod, MethodOptions, Needs, StudentOutput, register
-from .kd import bucket_logits, logit_buckets, xlogy_sum
+from .base import KDMethod, MethodOptions, Needs, StudentInfo, StudentOutput, TeacherContext, register
+from .kd import bucket_logits, check_topk, logit_buckets, xlogy_sum
 
 
 class NKDOptions(MethodOptions):
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, ge=0, description="weight of the non-target term")
+    allow_topk_temperature: bool = Field(
+        False, description="temperature ≠ 1 from top-k logits: take the unkept logits as equal (approximate)")
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -43,6 +45,10 @@ class NKD(KDMethod):
     """NKD: target term at T = 1 plus γ T² · CE between the non-target distributions."""
 
     Options = NKDOptions
+
+    def __init__(self, opts: NKDOptions, student: StudentInfo, teacher: TeacherContext) -> None:
+        super().__init__(opts, student, teacher)
+        check_topk(teacher, opts.temperature, opts.allow_topk_temperature, "nkd")
 
     @classmethod
     def requires(cls, opts: NKDOptions) -> Needs:

@@ -7,12 +7,20 @@ two levels of a staged CNN/Swin student, and blocks ``min(⌈3L/4⌉−1, L−2)
 isotropic ViT/Mixer student with L blocks, e.g. 8 and 11 for 12 blocks, i.e. the ends of
 its 3rd and 4th quarter, as a 4-stage pyramid would split it).
 
-- CAP (:class:`CrossAttentionProjector`): student map → 3×3 conv + BN + ReLU, + learnable
+- CAP (:class:`CrossAttentionProjector`): student map → 3×3 conv + BN + ReLU (LayerNorm2d instead
+  of BN for ConvNeXt students, as the official ``fmd_convnext.py``), + learnable
   positional embedding (C_s, H, W); every position is a key/value token. Queries: learnable
   (H_q·W_q, C_t) at s3, the TPP path output at s4 (both through Linear + ReLU first, the
   official ``proj_pos``; ``query_proj``). One cross-attention layer, Q: C_t→C_t, K/V:
   C_s→C_t, logits × head_dim^-0.5 × ``softmax_scale`` (5.0), output projection, no residual;
   then LayerNorm and FFN C_t→4C_t→C_t (ReLU) with identity shortcut. Output [B, H_q·W_q, C_t].
+  Heads (:func:`official_heads`): the official configs' counts — CNN students of a Swin-L teacher 16
+  (s3) / 24 (s4), Swin-B 8/16, Swin-S 3/6, keyed by the teacher's s3/s4 widths; isotropic token
+  students (ViT, DeiT; Mixer by analogy: no official Mixer config was released) 8/8, ``fmd.py``'s
+  default; any other teacher width // 64 (rounded down to a divisor). ``num_heads`` overrides.
+- Student features: ``forward_intermediates`` without norm, except s4 of an isotropic student
+  (ViT, Mixer) when it is the last block: that one is taken after the student's final norm, as the
+  official ViT/Mixer backbones append it, so the final norm learns from ScaleKD too.
 - DFM: ``L = α0 Σ‖n(S) − n(T)‖²/B + α1 Σ‖n(S − mean_hw S) − n(T − mean_hw T)‖²/B``, n = L2
   normalisation over channels per position; α = (0.08, 0.06). The official frequency view
   (DCT, zero the DC term, inverse DCT) is exactly the spatial-mean removal used here.
@@ -67,6 +75,7 @@ from .base import (
     tap_spec_value,
     tap_tokens,
 )
+from .projectors import CrossAttentionProjector, official_heads
 
 VIEWS = ("spat", "freq")
 
@@ -84,60 +93,14 @@ def dfm_frequency(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 DFM = {"spat": dfm_spatial, "freq": dfm_frequency}
 
 
-def default_heads(dim: int, head_dim: int = 64) -> int:
-    """Largest head count ≤ dim // head_dim (at least 1) that divides ``dim``."""
-    h = max(1, dim // head_dim)
-    while dim % h:
-        h -= 1
-    return h
-
-
-class CrossAttentionProjector(nn.Module):
-    """ScaleKD CAP: student map [B, C_s, H, W] (+ queries [B, N_q, C_t]) → [B, N_q, C_t]."""
-
-    def __init__(self, student_shape: tuple[int, int, int], dim: int, num_queries: int, *, num_heads: int,
-                 softmax_scale: float, learn_query: bool, query_proj: bool = True) -> None:
-        super().__init__()
-        cs, h, w = student_shape
-        if dim % num_heads:
-            raise ConfigError(f"ScaleKD CAP: num_heads {num_heads} does not divide the teacher width {dim}")
-        self.num_queries, self.num_heads = num_queries, num_heads
-        self.scale = (dim // num_heads) ** -0.5 * softmax_scale
-        self.proj_student = nn.Sequential(nn.Conv2d(cs, cs, 3, padding=1), nn.BatchNorm2d(cs), nn.ReLU())
-        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, cs, h, w), std=0.02))
-        self.query = nn.Parameter(torch.randn(num_queries, dim)) if learn_query else None
-        self.query_proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU()) if query_proj else nn.Identity()
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(cs, dim), nn.Linear(cs, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        B = x.shape[0]
-        kv = (self.proj_student(x) + self.pos_embed).flatten(2).transpose(1, 2)  # [B, H*W, C_s]
-        if query is None:
-            if self.query is None:
-                raise ValueError("ScaleKD CAP: this projector takes its queries from the TPP path; none given")
-            query = self.query.expand(B, -1, -1)
-        if query.shape[1] != self.num_queries:
-            raise ValueError(f"ScaleKD CAP: expected {self.num_queries} queries, got {query.shape[1]}")
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, h, N, d]
-
-        q, k, v = heads(self.q(self.query_proj(query))), heads(self.k(kv)), heads(self.v(kv))
-        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).flatten(2)
-        a = self.norm(self.proj(a))
-        return a + self.ffn(a)
-
-
 class ScaleKDOptions(MethodOptions):
     alpha: tuple[float, float] = Field((0.08, 0.06), description="(spatial, frequency) DFM weights")
     target_tap: TapSpec = TapSpec(name="final", index=-1, norm=True)
     student_indices: tuple[int, int] | None = Field(None, description="s3, s4; None: see module docstring")
     tpp: bool = Field(True, description="teacher parameter perception through the cached frozen tail")
     softmax_scale: float = Field(5.0, gt=0, description="5.0 in every official CNN/MLP/ViT student config")
-    num_heads: int | None = Field(None, ge=1, description="None: width // 64 (rounded down to a divisor)")
+    num_heads: int | tuple[int, int] | None = Field(
+        None, description="CAP heads, one count or (s3, s4); None: the official counts (see the module docstring)")
     query_proj: bool = Field(True, description="Linear + ReLU on the queries (official proj_pos)")
     cap_norm_init: Literal["default", "tail_stats"] = Field(
         "default", description="s3 CAP output LayerNorm init: default (official) or tail_stats (see module docstring)")
@@ -182,13 +145,22 @@ class ScaleKD(KDMethod):
             n3, c3 = spec_in.grid[0] * spec_in.grid[1], spec_in.dim
         self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
 
-        def cap(index: int, dim: int, n: int, learn_query: bool) -> CrossAttentionProjector:
-            return CrossAttentionProjector(student.shapes[index], dim, n, num_heads=opts.num_heads or default_heads(dim),
-                                           softmax_scale=opts.softmax_scale, learn_query=learn_query,
-                                           query_proj=opts.query_proj)
+        h = opts.num_heads
+        self.heads = official_heads(student, c3, ct) if h is None else (h, h) if isinstance(h, int) else tuple(h)
+        # s4 of an isotropic student that is its last block: after the final norm (the official backbones)
+        self.s4_normed = student.vit_like and student.isotropic and self.s4_index == student.num_levels - 1
+        c4, *self.s4_hw = student.shapes[self.s4_index]
+        if self.s4_normed and student.final_tokens != (self.s4_hw[0] * self.s4_hw[1], c4):
+            raise ConfigError(f"ScaleKD: the student's final tokens {student.final_tokens} do not form its last "
+                              f"block's map {student.shapes[self.s4_index]}")
 
-        self.s3 = nn.ModuleDict({v: cap(self.s3_index, c3, n3, True) for v in VIEWS})
-        self.s4 = nn.ModuleDict({v: cap(self.s4_index, ct, nt, not opts.tpp) for v in VIEWS})
+        def cap(index: int, dim: int, n: int, heads: int, learn_query: bool) -> CrossAttentionProjector:
+            return CrossAttentionProjector(student.shapes[index], dim, n, num_heads=heads,
+                                           softmax_scale=opts.softmax_scale, learn_query=learn_query,
+                                           query_proj=opts.query_proj, layernorm2d=student.layernorm2d)
+
+        self.s3 = nn.ModuleDict({v: cap(self.s3_index, c3, n3, self.heads[0], True) for v in VIEWS})
+        self.s4 = nn.ModuleDict({v: cap(self.s4_index, ct, nt, self.heads[1], not opts.tpp) for v in VIEWS})
         if opts.cap_norm_init == "tail_stats":
             self.init_cap_norm(teacher.tail_stats, c3)
 
@@ -218,7 +190,13 @@ class ScaleKD(KDMethod):
         return Needs(taps=(opts.target_tap,), tpp=opts.tpp)
 
     def student_indices(self) -> tuple[int, ...]:
-        return self.s3_index, self.s4_index
+        return (self.s3_index,) if self.s4_normed else (self.s3_index, self.s4_index)
+
+    def s4_map(self, out: StudentOutput) -> torch.Tensor:
+        """The student's s4 map [B, C, H, W]: its final tokens after the final norm when ``s4_normed``."""
+        if not self.s4_normed:
+            return out.features[self.s4_index]
+        return out.final_tokens.transpose(1, 2).unflatten(-1, self.s4_hw)
 
     def run_tail(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N3, C3] s3 CAP output → [B, Nt, Ct] through the frozen tail, differentiable in ``x``."""
@@ -229,7 +207,7 @@ class ScaleKD(KDMethod):
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         t = tap_tokens(targets, self.target)
-        s3, s4 = out.features[self.s3_index], out.features[self.s4_index]
+        s3, s4 = out.features[self.s3_index], self.s4_map(out)
         losses = {}
         for i, v in enumerate(VIEWS):
             y3 = self.s3[v](s3)

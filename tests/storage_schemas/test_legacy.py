@@ -140,9 +140,11 @@ def test_legacy_cache_trains(legacy, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_todays_job_writes_the_same_bytes(legacy, name, tmp_path):
-    """Every stored object but the manifest (timestamps, versions) and what hashes it is byte-identical;
-    the completion records differ in their timing only, the manifest in its volatile fields only. Built in
-    process (``tests/pipeline/test_job.py`` shows the Ray job writes what the in-process build writes)."""
+    """Every object an old cache holds is written again byte for byte, except the manifest (timestamps,
+    versions) and what hashes it; the completion records differ in their timing only. Since schema 1.4 a
+    top-k cache also stores the teacher's rest mass (``logits_rest_logmass``): the only new objects, and the
+    only new entries in the records and the manifest. Built in process (``tests/pipeline/test_job.py`` shows
+    the Ray job writes what the in-process build writes)."""
     from pipeline.job import build_cache_in_process
 
     old = manifest(legacy, name)
@@ -152,15 +154,24 @@ def test_todays_job_writes_the_same_bytes(legacy, name, tmp_path):
     src = legacy / f"{name}.zarr"
     a = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
     b = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert a.keys() == b.keys() and len(a) > 40
+    rest = "logits_rest_logmass"
+    added = {k for k in b.keys() - a.keys()}
+    assert a.keys() <= b.keys() and len(a) > 40
+    assert all(k.split("/")[0] == rest for k in added) and bool(added) == (old.logits.mode == "topk")
     timed = {layout.MANIFEST, layout.MANIFEST_SHA256, layout.CHECKSUMS}
     assert [k for k in a if k not in timed and not k.startswith(layout.UNITS_DIR) and a[k] != b[k]] == []
     for k in (k for k in a if k.startswith(layout.UNITS_DIR)):
         ra, rb = json.loads(a[k]), json.loads(b[k])
+        for f in ("array_sha256", "array_bytes"):
+            rb[f].pop(rest, None)
         assert {f for f in ra if ra[f] != rb[f]} <= {"seconds"}, k
     ma, mb = (json.loads(x[layout.MANIFEST]) for x in (a, b))
-    assert {f for f in ma.keys() | mb.keys() if ma.get(f) != mb.get(f)} - VOLATILE <= {"config", "teacher", "stats"}
+    assert {f for f in ma.keys() | mb.keys() if ma.get(f) != mb.get(f)} - VOLATILE <= {
+        "config", "teacher", "stats", "logits", "arrays"}
     assert {k for k in ma["config"] if ma["config"][k] != mb["config"][k]} == {"output"}
     assert mb["teacher"] == {**ma["teacher"], "num_levels": 3}
-    assert {k for k in ma["stats"] if ma["stats"][k] != mb["stats"][k]} <= {"seconds", "samples_per_second"}
-    assert new.identity == old.identity
+    assert mb["logits"] == {**ma["logits"], "rest_logmass": old.logits.mode == "topk"}
+    assert {k: v for k, v in mb["arrays"].items() if k != rest} == ma["arrays"]
+    assert {k for k in ma["stats"] if ma["stats"][k] != mb["stats"][k]} <= {
+        "seconds", "samples_per_second", "bytes_total", "bytes_per_target", "bytes_per_view"}
+    assert new.identity == old.identity  # the targets asked for are the same

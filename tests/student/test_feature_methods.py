@@ -203,7 +203,7 @@ def test_cap_outputs_the_teacher_grid_and_width(kind, teacher_case):
     assert tuple(y3.shape) == (2, tin.grid[0] * tin.grid[1], tin.dim)  # tail input, no prefix
     z = m.run_tail(y3)
     assert tuple(z.shape) == (2, final.tokens, final.dim) and list(tout.grid) == list(final.grid)
-    y4 = m.s4["spat"](out.features[m.s4_index], z)
+    y4 = m.s4["spat"](m.s4_map(out), z)
     assert tuple(y4.shape) == (2, final.tokens, final.dim)
     x_t = torch.nn.functional.interpolate(x, size=32) if size != 32 else x
     losses = m(out, teacher_final(teacher, x_t), torch.zeros(2))

@@ -94,7 +94,8 @@ def test_needs_are_known_from_options_before_building():
     assert Needs(taps=(B0,)) | Needs(taps=(TapSpec(name="other", index=0),)) == Needs(taps=(B0,))  # one point, one tap
     ctx = TeacherContext(num_classes=C, num_levels=3, taps=[*TEACHER_FEATURES, feat("s4", 2)])
     methods = build_methods("ce+kd+nkd+vitkd+scalekd", opts, VIT_INFO, ctx)
-    assert [m.student_indices() for m in methods] == [(), (), (), (0, 1), (2, 3)]  # scalekd: isotropic, 4 blocks
+    # scalekd: isotropic, 4 blocks: s3 = block 2, s4 = the final features after the norm (not an intermediate)
+    assert [m.student_indices() for m in methods] == [(), (), (), (0, 1), (2,)]
 
 
 def test_options_refuse_a_tap_given_by_name_only():
