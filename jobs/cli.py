@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "teacher's outputs on unmixed views only, and the teacher's output on a mixed "
                                    "image is not a mix of those.",
                        epilog="examples:\n  kdcache train jobs/configs/train_demo_vitkd.yaml --set optim.epochs=5\n"
-                              "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_resnet50.yaml")
+                              "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_swinl_resnet50.yaml")
     t.add_argument("config", help="YAML config (sections cache, student, methods, method_options, data, optim)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--online-teacher", metavar="CHECKPOINT", default=None,

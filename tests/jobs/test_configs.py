@@ -75,3 +75,13 @@ def test_train_config_is_served_by_its_cache_config(path):
     assert not needs.tpp or cache.targets.tpp is not None, f"{cache_path.name} has no TPP pack"
     classes = train.student.model_kwargs.get("num_classes")
     assert classes == teacher.num_classes, f"student predicts {classes} classes, the teacher {teacher.num_classes}"
+
+
+def test_every_config_the_help_and_readme_cite_exists():
+    import re
+
+    root = Path(__file__).parents[2]
+    cited = set()
+    for doc in (root / "README.md", root / "jobs" / "cli.py", *ALL):
+        cited |= set(re.findall(r"jobs/configs/([\w.-]+\.yaml)", doc.read_text()))
+    assert cited and sorted(c for c in cited if not (root / "jobs" / "configs" / c).exists()) == []
