@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +14,7 @@ from .errors import CacheError
 from .identity import cache_identity, lineage_key
 from .taps import TapInfo, TapSpec, find_serving
 from .tpp_spec import TPPSpec
-from .version import SCHEMA_VERSION, check_compatible
+from .version import SCHEMA_VERSION, check_compatible, newer_minor
 
 
 class _Model(BaseModel):
@@ -234,5 +236,35 @@ class Manifest(_Model):
         if not isinstance(raw, dict) or "schema_version" not in raw:
             raise CacheError(f"{where}: not a kdcache manifest (no schema_version)")
         check_compatible(str(raw["schema_version"]), where)
+        if newer_minor(str(raw["schema_version"])):  # a later minor only adds optional fields: ignore them
+            raw = known_fields(cls, raw)
         return cls.model_validate(raw)
 
+
+
+def known_fields(model: type[BaseModel], data: Any) -> Any:
+    """``data`` (JSON for ``model``) with every key ``model`` does not know dropped, at every depth: how this
+    reader reads a manifest of a later minor version (its models refuse unknown keys otherwise, which is
+    right for the versions they were written for)."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for name, f in model.model_fields.items():
+        key = next((k for k in (f.alias, name) if k is not None and k in data), None)
+        if key is not None:
+            out[key] = _known(f.annotation, data[key])
+    return out
+
+
+def _known(annotation: Any, value: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return known_fields(annotation, value)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return known_fields(models[0], value) if models and isinstance(value, dict) else value
+    if origin is list and isinstance(value, list):
+        return [_known(args[0], v) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return {k: _known(args[1], v) for k, v in value.items()}
+    return value

@@ -2,7 +2,9 @@
 
 A cache records ``"MAJOR.MINOR"``. A reader knows one major version: it reads any
 minor of that major (minors only add optional fields or arrays, which an older reader
-ignores), and refuses every other major with a message that says what to do.
+ignores: ``Manifest.parse`` drops the fields of a later minor it does not know, while at its own
+version an unknown field is refused as damage), and refuses every other major with a message that
+says what to do. Readers before schema 1.4 did not drop them, so they refuse caches of 1.3 and later.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ def parse_version(version: str) -> tuple[int, int]:
             "or was not written by kdcache"
         ) from e
     return major, minor
+
+
+def newer_minor(found: str) -> bool:
+    """Whether ``found`` (a compatible version) is a later minor than this reader's: it may hold optional
+    fields this reader does not know, which it ignores."""
+    return parse_version(found) > parse_version(SCHEMA_VERSION)
 
 
 def check_compatible(found: str, where: str = "cache") -> None:

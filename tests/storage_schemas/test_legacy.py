@@ -175,3 +175,24 @@ def test_todays_job_writes_the_same_bytes(legacy, name, tmp_path):
     assert {k for k in ma["stats"] if ma["stats"][k] != mb["stats"][k]} <= {
         "seconds", "samples_per_second", "bytes_total", "bytes_per_target", "bytes_per_view"}
     assert new.identity == old.identity  # the targets asked for are the same
+
+
+def test_a_later_minor_with_fields_this_reader_does_not_know_is_read(legacy):
+    """A manifest of schema 1.<later> may add optional fields anywhere; this reader ignores them (and still
+    refuses unknown fields at its own version, where they mean damage)."""
+    raw = json.loads((legacy / "topk_fp16.zarr" / layout.MANIFEST).read_text())
+    want = Manifest.parse(json.dumps(raw), "same")
+    later = json.loads(json.dumps(raw))
+    later["schema_version"] = "1.99"
+    later["new_top_level"] = {"a": 1}
+    later["teacher"]["new_teacher_field"] = 3
+    later["config"]["targets"]["new_option"] = True
+    later["config"]["views"]["crop"]["new_crop_field"] = 0.5
+    later["features"][0]["new_tap_field"] = "x"
+    later["arrays"]["label"]["new_array_field"] = [1]
+    later["tpp"]["spec"]["input"]["new_spec_field"] = 1
+    got = Manifest.parse(json.dumps(later), "later")
+    assert got.model_dump(exclude={"schema_version"}) == want.model_dump(exclude={"schema_version"})
+    raw["teacher"]["new_teacher_field"] = 3
+    with pytest.raises(ValueError, match="new_teacher_field"):
+        Manifest.parse(json.dumps(raw), "same version, unknown field")
