@@ -34,7 +34,8 @@ def format_summary(s: dict, url: str) -> str:
         f"identity   {s.get('identity', '-')}",
         f"status     {s['status']} ({s['units']['complete']}/{s['units']['total']} units), schema {s['schema_version']}",
         f"teacher    {t['model']} @ {t['input_size']}px, {t['num_classes']} classes, "
-        f"weights {t['weights_sha256'][:12]}…, top-1 on cached views {top1}",
+        f"weights {t['weights_sha256'][:12]}…, {'drop-path on (train mode)' if t.get('stochastic_depth') else 'eval mode'}"
+        f", top-1 on cached views {top1}",
         f"data       {s['num_samples']} samples in {s['num_shards']} shards × {s['num_views']} views, "
         f"{s['skipped']} skipped",
         f"size       {mb(s['bytes_total'])} in all, {mb(s['bytes_per_view'])} per view",

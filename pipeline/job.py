@@ -77,7 +77,7 @@ def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
         model=cfg.teacher.model, model_kwargs=cfg.teacher.model_kwargs,
         weights_sha256=teacher.weights_sha256, input_size=teacher.input_size, mean=teacher.mean,
         std=teacher.std, num_classes=teacher.num_classes, num_prefix_tokens=teacher.num_prefix_tokens,
-        num_levels=teacher.num_levels,
+        num_levels=teacher.num_levels, stochastic_depth=cfg.teacher.stochastic_depth,
     )
     tail = None
     if cfg.targets.tpp is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -24,6 +25,8 @@ from storage_schemas.config import TeacherConfig
 from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.taps import TapInfo, TapSpec
+
+from .stochastic_depth import StochasticDepth
 
 RANDOM_INIT_SEED = 0  # a teacher with neither checkpoint nor pretrained weights is seeded, so reruns agree
 
@@ -101,6 +104,10 @@ class Teacher:
         taps: feature taps; ``norm=True`` taps are the final features after the final norm.
         keep_prefix_tokens: keep cls/register tokens at the front of ViT-like taps.
         tail_input_index: block/stage whose output feeds the TPP tail (``pipeline.tpp``).
+
+    With ``cfg.stochastic_depth`` the drop-path modules run as in the official recipes' train-mode
+    teacher, each view's decisions seeded by its (seed, tar, position, view): every call then names
+    its views (``pipeline.stochastic_depth``).
     """
 
     @classmethod
@@ -148,6 +155,7 @@ class Teacher:
         self.taps = [self._resolve(t) for t in taps]
         self.tail_input_index = tail_input_index
         self.autocast_dtype = self._autocast_dtype(cfg.precision)
+        self.stochastic_depth = StochasticDepth(self.model, f"teacher {cfg.model}") if cfg.stochastic_depth else None
 
     @staticmethod
     def _create(cfg: TeacherConfig) -> torch.nn.Module:
@@ -182,9 +190,19 @@ class Teacher:
         return torch.bfloat16
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> TeacherOutput:
-        """``x`` [B, 3, H, W] normalised → logits, taps and TPP tail input, all fp32."""
+    def __call__(self, x: torch.Tensor, views: Sequence[tuple[int, int, int, int]] | None = None) -> TeacherOutput:
+        """``x`` [B, 3, H, W] normalised → logits, taps and TPP tail input, all fp32.
+
+        ``views``: (recipe seed, tar, position, view) of each row, which seeds its drop-path decisions
+        when the teacher runs with stochastic depth (required then, unused otherwise).
+        """
         x = x.to(self.device, non_blocking=True)
+        sd = contextlib.nullcontext()
+        if self.stochastic_depth is not None:
+            if views is None or len(views) != len(x):
+                raise ValueError(f"teacher {self.cfg.model} runs with stochastic depth: give the (seed, tar, "
+                                 f"position, view) of each of the {len(x)} rows")
+            sd = self.stochastic_depth.masks(self.stochastic_depth.view_masks(views))
         wanted = sorted({t.index for t in self.taps if not t.norm} | (
             {self.tail_input_index} if self.tail_input_index is not None else set()))
         kwargs = {"indices": wanted or [self.num_levels - 1], "norm": False, "output_fmt": "NCHW"}
@@ -195,7 +213,7 @@ class Teacher:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with amp:
+        with amp, sd:
             final, inters = self.model.forward_intermediates(x, **kwargs)
             logits = self.model.forward_head(final)
         by_index = {}
@@ -226,7 +244,7 @@ class Teacher:
     def tap_infos(self, dtype: str) -> list[TapInfo]:
         """Every tap resolved, stored as ``dtype`` (a token codec), shapes from one forward of a zero image."""
         x = torch.zeros(1, 3, self.input_size, self.input_size)
-        out = self(x)
+        out = self(x, [(0, 0, 0, 0)])
         grids = self._grids(x)
         prefix = self.num_prefix_tokens if self.keep_prefix_tokens else 0
         return [TapInfo(name=t.name, index=t.index, norm=t.norm, tokens=out.features[t.name].shape[1],

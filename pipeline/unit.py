@@ -149,7 +149,7 @@ class UnitRunner:
             good = [s for s in batch if s.image is not None]
             if good:
                 x = torch.stack([s.x for s in good])
-                acc.add(good, x, self.teacher(x))
+                acc.add(good, x, self.teacher(x, [(self.cfg.views.seed, s.tar, s.position, view) for s in good]))
         shas, sizes = self.store.write_unit(self.m, tar, view, acc.arrays())
         done = acc.completion(view, shas, sizes, time.time() - t0)
         self.store.write_unit_record(done)  # last: its presence means the unit is complete

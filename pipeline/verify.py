@@ -233,7 +233,7 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
     rng = np.random.default_rng(12345)
     units = [(s, v) for s in range(len(m.dataset.shards)) for v in range(m.num_views)]
     per_unit = max(1, -(-samples // len(units)))
-    xs, want = [], {n: [] for n in names}
+    xs, keys, want = [], [], {n: [] for n in names}
     for k in rng.permutation(len(units)):
         if len(xs) >= samples:
             break
@@ -246,13 +246,14 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
                 rec = decode_view(rows, sample.position)
                 xs.append(apply_view(sample.image, rec, recipe, size=teacher.input_size, mean=teacher.mean,
                                      std=teacher.std))
+                keys.append((recipe.seed, s, sample.position, v))
                 for n in names:
                     want[n].append(rows[n][sample.position])
     if not xs:
         rep.problems.append("teacher comparison: no valid cached view to replay")
         return
     with torch.no_grad():
-        live = to_numpy(encode_targets(teacher(torch.stack(xs)), codecs)[0])
+        live = to_numpy(encode_targets(teacher(torch.stack(xs), keys), codecs)[0])
     for n in names:
         got, ref = live[n].reshape(len(xs), -1), np.stack(want[n]).reshape(len(xs), -1)
         if got.dtype.kind in "iu":

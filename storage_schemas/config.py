@@ -59,11 +59,18 @@ class TeacherConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
     )
+    stochastic_depth: bool = Field(
+        False, exclude_if=lambda on: not on,  # off: the config dumps as before schema 1.5
+        description="run the teacher's drop-path (model_kwargs.drop_path_rate) as the official ScaleKD and "
+        "cls_KD trainers do (their teacher is in train mode), seeded per view; off: eval mode, as VanillaKD")
 
     @model_validator(mode="after")
     def _weights(self) -> TeacherConfig:
         if self.checkpoint and self.pretrained:
             raise ValueError("give either teacher.checkpoint or teacher.pretrained=true, not both")
+        if self.stochastic_depth and not float(self.model_kwargs.get("drop_path_rate") or 0) > 0:
+            raise ValueError("teacher.stochastic_depth: true needs the teacher's drop-path rate: set "
+                             "teacher.model_kwargs.drop_path_rate (official: Swin-L 0.1, DeiT-III S/B/L 0.05/0.2/0.45)")
         return self
 
 

@@ -30,8 +30,12 @@ def _key(obj: Any) -> str:
 
 
 def teacher_key(teacher: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a teacher (a ``TeacherInfo`` dump) that decide its outputs."""
-    return {k: list(teacher[k]) if isinstance(teacher[k], tuple) else teacher[k] for k in TEACHER_FIELDS}
+    """The fields of a teacher (a ``TeacherInfo`` dump) that decide its outputs. ``stochastic_depth`` (schema
+    1.5) counts only when on, so every cache of an eval-mode teacher keeps the identity it had before."""
+    key = {k: list(teacher[k]) if isinstance(teacher[k], tuple) else teacher[k] for k in TEACHER_FIELDS}
+    if teacher.get("stochastic_depth"):
+        key["stochastic_depth"] = True
+    return key
 
 
 def recipe_dict(views: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class TeacherInfo(_Model):
     num_classes: int
     num_prefix_tokens: int = 0
     num_levels: int | None = None  # forward_intermediates levels (blocks/stages); schema ≥ 1.3
+    # drop-path on, seeded per view (pipeline.stochastic_depth); schema ≥ 1.5, written only when on
+    stochastic_depth: bool = Field(False, exclude_if=lambda on: not on)
 
 
 class ShardInfo(_Model):
@@ -216,7 +218,7 @@ class Manifest(_Model):
             "units": {"complete": self.units_complete, "total": self.units_total},
             "teacher": {"model": self.teacher.model, "weights_sha256": self.teacher.weights_sha256,
                         "input_size": self.teacher.input_size, "num_classes": self.teacher.num_classes,
-                        "top1": st.teacher_top1},
+                        "stochastic_depth": self.teacher.stochastic_depth, "top1": st.teacher_top1},
             "dataset_fingerprint": self.dataset.fingerprint,
             "targets": targets,
             "skipped": st.num_skipped,

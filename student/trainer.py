@@ -170,7 +170,10 @@ class Trainer:
         the very extraction and decoding the cache went through (same code, same rounding)."""
         if self.teacher is None:
             return batch.targets
-        rows, _ = encode_targets(self.teacher(batch.x_teacher), self.manifest.codecs())
+        seed = self.manifest.config.views.seed
+        views = [(seed, t, p, v) for t, p, v in zip(batch.tars.tolist(), batch.positions.tolist(), batch.views.tolist(),
+                                                    strict=True)]
+        rows, _ = encode_targets(self.teacher(batch.x_teacher, views), self.manifest.codecs())
         return TeacherTargets.decode(rows, self.manifest, device=self.device, taps=self.taps)
 
     def train_step(self, batch) -> dict[str, float]:

@@ -233,12 +233,14 @@ class TeacherContext:
     tail: TeacherTail | None = None
     tail_stats: TailInputStats | None = None
     logits: LogitsInfo | None = None  # how the cache stores logits (None: none, or not known here)
+    stochastic_depth: bool = False  # the cache's teacher ran its drop-path (teacher.stochastic_depth)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, tail: TeacherTail | None = None,
                       tail_stats: TailInputStats | None = None) -> TeacherContext:
         return cls(num_classes=manifest.teacher.num_classes, taps=list(manifest.features),
-                   num_levels=manifest.num_levels, tail=tail, tail_stats=tail_stats, logits=manifest.logits)
+                   num_levels=manifest.num_levels, tail=tail, tail_stats=tail_stats, logits=manifest.logits,
+                   stochastic_depth=manifest.teacher.stochastic_depth)
 
     def tap(self, spec: TapSpec, who: str) -> TapInfo:
         """The cached tap at the point ``spec`` names (see :meth:`~storage_schemas.taps.TapInfo.serves`)."""

@@ -54,10 +54,12 @@ import math
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from pipeline.stochastic_depth import StochasticDepth
 from pipeline.tpp import TailInputStats, TeacherTail
 from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.layout import TPP_STATS
@@ -104,6 +106,8 @@ class ScaleKDOptions(MethodOptions):
     query_proj: bool = Field(True, description="Linear + ReLU on the queries (official proj_pos)")
     cap_norm_init: Literal["default", "tail_stats"] = Field(
         "default", description="s3 CAP output LayerNorm init: default (official) or tail_stats (see module docstring)")
+    seed: int = Field(0, description="seeds the TPP tail's drop-path in training (caches of a teacher.stochastic_depth "
+                      "teacher)")
 
     _taps = field_validator("target_tap", mode="before")(tap_spec_value)
 
@@ -144,6 +148,10 @@ class ScaleKD(KDMethod):
                                          f"the target tap {target.name!r} is {list(target.grid)} x {ct}")
             n3, c3 = spec_in.grid[0] * spec_in.grid[1], spec_in.dim
         self.__dict__["_tail"] = tail if opts.tpp else None  # unregistered: see module docstring
+        # The official teacher is in train mode, its tail's drop-path too, when the cache's teacher was
+        # (teacher.stochastic_depth): the same rates, masks drawn per step as in pipeline.stochastic_depth.
+        self.__dict__["_tail_sd"] = (StochasticDepth(tail, "the TPP tail", required=False)
+                                     if opts.tpp and teacher.stochastic_depth else None)
 
         h = opts.num_heads
         self.heads = official_heads(student, c3, ct) if h is None else (h, h) if isinstance(h, int) else tuple(h)
@@ -198,12 +206,21 @@ class ScaleKD(KDMethod):
             return out.features[self.s4_index]
         return out.final_tokens.transpose(1, 2).unflatten(-1, self.s4_hw)
 
-    def run_tail(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N3, C3] s3 CAP output → [B, Nt, Ct] through the frozen tail, differentiable in ``x``."""
+    def run_tail(self, x: torch.Tensor, draw: int = 0) -> torch.Tensor:
+        """[B, N3, C3] s3 CAP output → [B, Nt, Ct] through the frozen tail, differentiable in ``x``; with a
+        stochastic-depth teacher, in training, its drop-path masks are draw ``draw`` of this step."""
         p = next(self.tail.parameters())
         if p.device != x.device:
             self.tail.to(x.device)
-        return self.tail(x.to(p.dtype)).to(x.dtype)
+        sd = self.__dict__["_tail_sd"]
+        if sd is None or not sd.modules or not self.training:
+            return self.tail(x.to(p.dtype)).to(x.dtype)
+        # each call its own draw (``draw``: the DFM view), as each train-mode forward of the official tail
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        g = torch.Generator(device=x.device)
+        g.manual_seed((((self.opts.seed * 1_000_003 + rank) * 1_000_003 + self.step) * len(VIEWS) + draw) % (2**63))
+        with sd.masks(sd.random_masks(x.shape[0], g)):
+            return self.tail(x.to(p.dtype)).to(x.dtype)
 
     def forward(self, out: StudentOutput, targets: TeacherTargets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         t = tap_tokens(targets, self.target)
@@ -212,7 +229,7 @@ class ScaleKD(KDMethod):
         for i, v in enumerate(VIEWS):
             y3 = self.s3[v](s3)
             if self.tail is not None:
-                y3 = self.run_tail(y3)
+                y3 = self.run_tail(y3, i)
             y4 = self.s4[v](s4, y3 if self.tail is not None else None)
             losses[f"loss_scalekd_s3_{v}"] = self.opts.alpha[i] * DFM[v](y3, t)
             losses[f"loss_scalekd_s4_{v}"] = self.opts.alpha[i] * DFM[v](y4, t)

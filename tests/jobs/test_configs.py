@@ -47,6 +47,7 @@ PAIRS = {
     "train_demo_vitkd.yaml": "demo.yaml",
     "train_scalekd_swinl_resnet50.yaml": "scalekd_swin_large_traditional.yaml",
     "train_scalekd_swinl_resnet50d_advanced.yaml": "scalekd_swin_large.yaml",
+    "train_scalekd_swinl_deitb_advanced.yaml": "scalekd_swin_large_deit.yaml",
     "train_vanillakd_beitv2_resnet50.yaml": "vanillakd_beitv2_logits.yaml",
     "train_vitkd_deit3b_deits.yaml": "vitkd_deit3_base.yaml",
 }

@@ -81,3 +81,67 @@ def test_convnext_students_get_layernorm2d_in_the_projector():
                                                                                LayerNorm2d)
     resnet = build_methods("scalekd", {}, student_info(timm.create_model("resnet18", num_classes=C), 64), ctx)[0]
     assert isinstance(resnet.s3["spat"].proj_student[1], torch.nn.BatchNorm2d)
+
+
+def test_the_tpp_tail_of_a_stochastic_depth_teacher_drops_paths_in_training_only():
+    """With a cache of a ``teacher.stochastic_depth`` teacher the frozen tail runs its drop-path in training
+    (the official teacher is in train mode); checked against the tail's block written out by hand."""
+    from dataclasses import replace
+
+    from tests.student.test_feature_methods import VIT_T
+
+    case = (VIT_T[0], {**VIT_T[1], "drop_path_rate": 0.5})
+    teacher, tail, ctx = teacher_setup(case)
+    student = timm.create_model("resnet18", num_classes=C)
+    info = student_info(student, 32)
+    plain = build_methods("scalekd", {}, info, ctx)[0]
+    m = build_methods("scalekd", {"scalekd": {"seed": 3}}, info, replace(ctx, stochastic_depth=True))[0]
+    x = torch.randn(64, tail.spec.input.grid[0] * tail.spec.input.grid[1], tail.spec.input.dim)
+    with torch.no_grad():
+        reference = tail(x)
+        torch.testing.assert_close(plain.train().run_tail(x), reference)  # an eval-mode teacher's cache
+        torch.testing.assert_close(m.eval().run_tail(x), reference)  # evaluation: no drop-path
+        m.train().set_step(5)
+        a, b = m.run_tail(x, 0), m.run_tail(x, 1)
+        torch.testing.assert_close(m.run_tail(x, 0), a)  # a step's draw repeats (resume)
+        m.set_step(6)
+        assert not torch.allclose(m.run_tail(x, 0), a)
+    assert not torch.allclose(a, b)
+    # by hand: the tail is the teacher's last block (rate 0.5) + final norm; per sample each branch is kept
+    # (scaled by 1/0.5) or dropped, so each output row is one of four values
+    (blk,) = tail.blocks.values()
+    with torch.no_grad():
+        branches = []
+        for k1 in (0.0, 2.0):
+            for k2 in (0.0, 2.0):
+                h = x + k1 * blk.ls1(blk.attn(blk.norm1(x)))
+                branches.append(tail.norm(h + k2 * blk.ls2(blk.mlp(blk.norm2(h)))))
+    err = torch.stack([(a - c).abs().amax((1, 2)) for c in branches])  # [4, B]
+    assert bool((err.min(0).values < 1e-5).all())
+    counts = torch.bincount(err.argmin(0), minlength=4)
+    assert bool((counts > 0).all()), counts  # 64 samples: every combination drawn (p = 1/4 each)
+
+
+def test_the_shipped_vit_student_is_the_official_one():
+    """train_scalekd_swinl_deitb_advanced.yaml's student, at a small width: no cls token, the final norm on the
+    tokens, then global average pooling (mmcls VisionTransformer(with_cls_token=False) + GAP neck); ScaleKD
+    taps blocks 8 and 11, block 11 after that norm, with 8/8 CAP heads."""
+    from pathlib import Path
+
+    from jobs.config_io import load_config
+    from student.config import TrainConfig
+
+    path = Path(__file__).parents[2] / "jobs" / "configs" / "train_scalekd_swinl_deitb_advanced.yaml"
+    kw = {**load_config(TrainConfig, path).student.model_kwargs, "num_classes": C}
+    torch.manual_seed(0)
+    student = timm.create_model("vit_base_patch16_224", **kw, img_size=32, patch_size=8, embed_dim=32,
+                                num_heads=2).eval()
+    assert student.num_prefix_tokens == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # by hand: blocks, final LayerNorm on every token, mean over tokens, linear head
+        h = student.blocks(student._pos_embed(student.patch_embed(x)))
+        by_hand = student.head(student.norm(h).mean(1))
+        torch.testing.assert_close(student(x), by_hand)
+    teacher, tail, ctx = teacher_setup(SWIN_T)
+    m = build_methods("scalekd", {}, student_info(student, 32), ctx)[0]
+    assert (m.s3_index, m.s4_index) == (8, 11) and m.s4_normed and m.heads == (8, 8)
