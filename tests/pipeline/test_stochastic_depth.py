@@ -124,3 +124,27 @@ def test_a_cache_of_a_stochastic_depth_teacher_is_its_own_and_verifies(small_dig
     rep = verify_cache(CacheStore(str(tmp_path / "sd.zarr"), read_only=True),
                        teacher_checkpoint=tiny_teacher["checkpoint"], samples=24, progress=False)
     assert rep.ok, rep.problems
+    # the trainer's online teacher reproduces the cached drop-path targets of the same views (and an eval-mode
+    # cache's are far from them)
+    from student.config import OnlineTeacher, TrainConfig
+    from student.trainer import Trainer
+
+    def trainer(cache: str, out: str, online: bool) -> Trainer:
+        cfg = TrainConfig.model_validate({
+            "cache": {"url": cache}, "methods": "ce+kd", "output": str(tmp_path / out),
+            "student": {"model": "resnet18", "model_kwargs": {"num_classes": 10}, "input_size": 32,
+                        "mean": [0.5] * 3, "std": [0.5] * 3},
+            "data": {"batch_size": 64, "val_urls": small_digits["val"]}, "optim": {"epochs": 1}})
+        if online:
+            cfg.online_teacher = OnlineTeacher(checkpoint=tiny_teacher["checkpoint"], views="cached")
+        t = Trainer(cfg, progress=False)
+        t.dataset.set_epoch(0)
+        return t
+
+    cached, online = trainer(str(tmp_path / "sd.zarr"), "c", False), trainer(str(tmp_path / "sd.zarr"), "o", True)
+    a, b = next(iter(cached.dataset.loader(64))), next(iter(online.dataset.loader(64)))
+    assert a.keys == b.keys
+    live = online.targets(b).logits
+    torch.testing.assert_close(live, a.targets.logits, atol=2e-2, rtol=1e-2)  # fp16 storage
+    c = next(iter(trainer(str(tmp_path / "ev.zarr"), "e", False).dataset.loader(64)))
+    assert c.keys == a.keys and (c.targets.logits - live).abs().amax() > 0.1
