@@ -27,7 +27,10 @@ its 3rd and 4th quarter, as a 4-stage pyramid would split it).
   Target: the teacher's final tokens after the final norm (teacher tap ``{index: -1, norm: true}``).
 - TPP: the s3 CAP output (the tail's input width and grid, grid tokens without prefix) goes
   through the teacher's frozen tail (``pipeline.tpp.TeacherTail``), gets both DFM losses
-  against the target and is the query of the s4 CAP (not detached).
+  against the target and is the query of the s4 CAP (not detached). The official teacher is in
+  train mode, so its tail's drop-path is on; for a cache of a ``teacher.stochastic_depth`` teacher
+  the tail here drops paths too while training (same rates, masks seeded by (``seed``, rank,
+  step, DFM view): a resume repeats them), never in evaluation.
 - ``cap_norm_init``: ``"default"`` (LayerNorm weight 1, bias 0, as the official code) or
   ``"tail_stats"``, which initialises the output LayerNorm of both s3 CAPs (whose output feeds
   the frozen tail) with weight = the per-channel std and bias = the mean of the tail's input
@@ -45,7 +48,8 @@ The frozen tail is held in the instance ``__dict__`` rather than registered as a
 it never appears in ``parameters()``, ``state_dict()`` or ``modules()``, so neither the
 optimizer nor checkpoints see it (it comes from the cache), while autograd still
 differentiates through it into the CAPs and the student. It is moved to the input's device
-on first use; its parameters have ``requires_grad=False`` and it always runs in eval mode.
+on first use; its parameters have ``requires_grad=False`` and it stays in eval mode (its
+drop-path, when on, is driven by ``pipeline.stochastic_depth``, not by the module's mode).
 """
 
 from __future__ import annotations
