@@ -346,10 +346,14 @@ def _user_error(e: BaseException) -> str | None:
 
     seen = 0
     while e is not None and seen < 10:
+        seen += 1
+        cause = getattr(e, "cause", None)  # a Ray task's error: the exception raised in the task
+        if isinstance(cause, BaseException) and cause is not e:
+            e = cause  # (a RayTaskError also *is* that type, but its str() is Ray's traceback)
+            continue
         if isinstance(e, KDCacheError):
             return str(e)
-        e = getattr(e, "cause", None) or e.__cause__
-        seen += 1
+        e = e.__cause__
     return None
 
 

@@ -9,11 +9,13 @@ after a crash produces the same bytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import ray
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from storage_schemas import layout
 from storage_schemas.config import CacheConfig
-from storage_schemas.errors import ConfigError, InputDataError
+from storage_schemas.errors import ConfigError, InputDataError, KDCacheError, from_portable, portable
 from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
 
@@ -34,6 +36,8 @@ from .store import CacheStore
 from .tars import TarIndex, dataset_fingerprint, expand_urls, index_tar
 from .teacher import Teacher
 from .unit import UnitRunner
+
+T = TypeVar("T")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -53,14 +57,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[TarIndex]:
     """Count the samples of every tar in parallel on Ray."""
-    remote = ray.remote(num_cpus=1)(index_tar)
+    remote = ray.remote(num_cpus=1)(returning_errors(index_tar))
     fut = {i: remote.remote(u, cfg.input.storage_options, cfg.input.on_bad_sample) for i, u in enumerate(urls)}
     out: dict[int, TarIndex] = {}
     with tqdm(total=len(urls), desc="index tars", unit="tar", disable=not progress) as bar:
         while fut:
             ready, _ = ray.wait(list(fut.values()), num_returns=1)
             i = next(k for k, v in fut.items() if v == ready[0])
-            out[i] = ray.get(fut.pop(i))
+            out[i] = result(ray.get(fut.pop(i)))
             bar.update(1)
     return [out[i] for i in range(len(urls))]
 
@@ -106,9 +110,42 @@ class UnitActor:
         self.runner = UnitRunner(url, secrets, num_threads=num_threads, manifest=Manifest.model_validate_json(manifest))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        recs = [self.runner(int(t), int(v)) for t, v in zip(batch["tar"], batch["view"], strict=True)]
-        return {"tar": np.array([r.tar for r in recs]), "view": np.array([r.view for r in recs]),
-                "valid": np.array([r.valid for r in recs]), "seconds": np.array([r.seconds for r in recs])}
+        """One row per unit; a unit that fails on something the user can fix (bad input with
+        ``on_bad_sample: error``) returns its error as a row (see :func:`storage_schemas.errors.portable`)
+        instead of raising, having written nothing, so the driver can say it in one line."""
+        rows = []
+        for t, v in zip(batch["tar"], batch["view"], strict=True):
+            try:
+                r = self.runner(int(t), int(v))
+                rows.append((r.tar, r.view, r.valid, r.seconds, "", ""))
+            except KDCacheError as e:
+                rows.append((int(t), int(v), 0, 0.0, *portable(e)))
+        cols = ("tar", "view", "valid", "seconds", "error_kind", "error")
+        return {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols)}
+
+
+def returning_errors(fn: Callable[..., T]) -> Callable[..., T | tuple[str, str]]:
+    """``fn`` for a Ray task: an error the user can fix is returned (as :func:`portable` strings), not raised,
+    so that :func:`result` raises it in the driver as it was, not as a Ray traceback."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KDCacheError as e:
+            return _Failed(*portable(e))
+    return run
+
+
+class _Failed(NamedTuple):
+    kind: str
+    message: str
+
+
+def result(value):
+    """A :func:`returning_errors` task's value, its error raised here."""
+    if isinstance(value, _Failed):
+        raise from_portable(value.kind, value.message)
+    return value
 
 
 def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, int]], progress: bool,
@@ -136,6 +173,8 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
         )
     with tqdm(total=len(pending), desc="cache units", unit="unit", disable=not progress) as bar:
         for row in ds.iter_rows():
+            if row["error"]:
+                raise from_portable(str(row["error_kind"]), str(row["error"]))
             bar.update(1)
             bar.set_postfix(tar=int(row["tar"]), view=int(row["view"]))
             if on_unit:
@@ -184,9 +223,9 @@ def _run_in_root(cfg: CacheConfig, urls: list[str], address: str | None, progres
     root = cfg.output.root
     assert root is not None
     init_ray(address)
-    probing = ray.remote(num_cpus=1)(probe_teacher).remote(cfg)  # loads the teacher while the tars are indexed
+    probing = ray.remote(num_cpus=1)(returning_errors(probe_teacher)).remote(cfg)  # loads the teacher while the tars are indexed
     tars = index_dataset(cfg, urls, progress)
-    probe = ray.get(probing)
+    probe = result(ray.get(probing))
     identity, lineage = requested_identity(cfg, probe, tars)
     entries = catalog.discover(root, cfg.output.storage_options, missing_ok=True)
     choice = catalog.choose(entries, identity=identity, lineage=lineage, urls=urls, num_views=cfg.views.num_views,
@@ -293,7 +332,7 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
     t0 = time.time()
     tars = tars or index_dataset(cfg, urls, progress)
     m = start(store, cfg, existing, change, tars,
-              lambda: probe or ray.get(ray.remote(num_cpus=1)(probe_teacher).remote(cfg)), log)
+              lambda: probe or result(ray.get(ray.remote(num_cpus=1)(returning_errors(probe_teacher)).remote(cfg))), log)
     pending = pending_units(store, m)
     if pending:
         run_units(cfg, m, store.url, pending, progress)

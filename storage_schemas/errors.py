@@ -31,3 +31,24 @@ class CacheMismatchError(CacheError, ValueError):
 
 class NotFoundError(KDCacheError, FileNotFoundError):
     """A file, folder, input tar or cache that the user named does not exist."""
+
+
+_KINDS = {c.__name__: c for c in (KDCacheError, ConfigError, InputDataError, CacheError, CacheMismatchError,
+                                  NotFoundError)}
+
+
+def portable(e: KDCacheError) -> tuple[str, str]:
+    """``e`` as (kind, message) strings, to cross a process boundary intact.
+
+    Ray pickles an exception raised in a task or actor by its ``args`` only and wraps it
+    (``RayTaskError``, Ray Data's ``UserCodeException: UDF failed to process a data block``), so
+    its chain and any subclass with its own ``__init__`` arrive mangled or as a traceback; a
+    returned pair of strings arrives as it left. ``kind`` is the nearest type of this module.
+    """
+    kind = next(c.__name__ for c in type(e).__mro__ if c.__name__ in _KINDS and c.__module__ == __name__)
+    return kind, str(e)
+
+
+def from_portable(kind: str, message: str) -> KDCacheError:
+    """The error :func:`portable` described, to raise on this side."""
+    return _KINDS.get(kind, KDCacheError)(message)

@@ -91,3 +91,30 @@ def test_empty_shard_is_cached_as_empty_and_trains(bad_shards, tiny_teacher, ray
     ds = CacheDataset(str(tmp_path / "c.zarr"), size=16, mean=(0.5,) * 3, std=(0.5,) * 3, logits=False)
     seen = sorted((s.tar, s.position) for s in ds)
     assert seen == [(0, p) for p in range(6)] + [(1, 0), (1, 3)]
+
+
+@pytest.mark.parametrize("case", ["bad sample in a unit", "duplicate key in the index pass"])
+def test_bad_input_ends_the_cli_with_one_line(case, bad_shards, tiny_teacher, tmp_path):
+    """What the shell shows (issue 16): exit 2 and one last line ``kdcache cache: error: TAR: key KEY: …``,
+    whether the error was raised in a Ray Data actor (a unit) or a Ray task (the index pass), no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    urls, key = bad_shards, "broken"
+    if case.startswith("duplicate"):
+        write_tar(tmp_path / "dup-000000.tar", sample("d00", 1) + sample("d01", 2) + sample("d00", 3))
+        urls, key = str(tmp_path / "dup-000000.tar"), "d00"
+    d = cache_config({"train": urls}, tiny_teacher, str(tmp_path / "cli.zarr"))
+    d["targets"]["tpp"] = None
+    d["job"]["cpus_per_actor"] = 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    kdcache = str(Path(sys.executable).with_name("kdcache"))
+    r = subprocess.run([kdcache, "cache", str(tmp_path / "c.yaml"), "--no-progress"], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert last.startswith("kdcache cache: error: ") and f"key {key}" in last and ".tar" in last, last
+    assert "Traceback" not in r.stderr and "\x1b[" not in last and "ray::" not in last, r.stderr[-3000:]
