@@ -26,6 +26,9 @@ def mb(n: float | None) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n:.0f} B"
 
 
+SHOW_SKIPPED = 10  # skipped samples listed by name in the text summary
+
+
 def format_summary(s: dict, url: str) -> str:
     t = s["teacher"]
     top1 = "-" if t["top1"] is None else f"{t['top1']:.2f}%"
@@ -40,6 +43,10 @@ def format_summary(s: dict, url: str) -> str:
         f"{s['skipped']} skipped",
         f"size       {mb(s['bytes_total'])} in all, {mb(s['bytes_per_view'])} per view",
     ]
+    shown = s.get("skipped_samples", [])[:SHOW_SKIPPED]
+    lines += [f"skipped    {k['tar']}: key {k['key']}: {k['reason']}" for k in shown]
+    if s["skipped"] > len(shown):
+        lines.append(f"skipped    … {s['skipped'] - len(shown)} more (inspect --json lists them all)")
     if s.get("samples_per_second"):
         lines.append(f"throughput {s['samples_per_second']:.1f} views/s")
     for h in s.get("history", []):

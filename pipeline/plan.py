@@ -177,6 +177,6 @@ def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) ->
         bytes_per_target=per_target,
         bytes_per_view={t: b / max(valid, 1) for t, b in per_target.items()} | {"total": total / max(valid, 1)},
         fidelity={k: v.summary() for k, v in fid.items()},
-        teacher_top1=100.0 * sum(r.correct for r in done) / max(valid, 1),
+        teacher_top1=100.0 * sum(r.correct for r in done) / valid if valid else None,  # none: no view to score
         samples_per_second=(valid / seconds) if seconds else None, seconds=seconds,
     )

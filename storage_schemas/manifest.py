@@ -222,6 +222,7 @@ class Manifest(_Model):
             "dataset_fingerprint": self.dataset.fingerprint,
             "targets": targets,
             "skipped": st.num_skipped,
+            "skipped_samples": [{"key": k.key, "tar": k.url, "reason": k.reason} for k in st.skipped],
             "truncated_shards": [{"url": s.url, "reason": s.truncated} for s in self.dataset.shards if s.truncated],
             "bytes_total": st.bytes_total + (self.tpp.bytes if self.tpp else 0),
             "bytes_per_view": st.bytes_per_view.get("total"),

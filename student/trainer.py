@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -210,13 +211,14 @@ class Trainer:
             self.model.train()
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", unit="step",
                        disable=not self.progress or self.rank != 0)
-            t0, seen = time.time(), 0
+            t0, seen, loss_sum, steps = time.time(), 0, 0.0, 0
             join = self.ddp.join() if self.world > 1 else contextlib.nullcontext()
             with join:
                 for batch in self.dataset.loader(self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers,
                                                  device=self.device):
                     logs = self.train_step(batch)
                     seen += len(batch.labels)
+                    loss_sum, steps = loss_sum + float(logs["loss"]), steps + 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{logs['loss']:.3f}")
                     if self.step % self.cfg.log_every == 0:
@@ -229,6 +231,10 @@ class Trainer:
             if self.cfg.data.val_urls:
                 result |= {f"val_{k}": v for k, v in self.evaluate().items()}
             self.log(result)
+            if self.rank == 0:  # one line per epoch, also without progress bars (batch jobs' logs)
+                val = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""
+                tqdm.write(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss {loss_sum / max(steps, 1):.4f}, "
+                           f"{result['samples_per_s']:.1f} samples/s{val}", file=sys.stderr)
             self.epoch = epoch + 1
             self.save(self.out / "last.pt", epoch_done=True)
         if self.rank == 0:

@@ -83,3 +83,37 @@ def test_inspect_refuses_non_cache_and_partial(tmp_path, capsys):
     (tmp_path / layout.MANIFEST).write_text('{"schema_version": "3.0"}')
     assert main(["inspect", str(tmp_path)]) == 2
     assert "Upgrade kdcache" in capsys.readouterr().err
+
+
+def test_train_without_progress_bars_prints_a_line_per_epoch(small_cache, tmp_path):
+    """A batch job's log (``--no-progress``): one line per epoch on stderr, the final metrics as JSON on stdout."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import TINY_VIT
+
+    cfg = {"cache": {"url": str(small_cache["path"])}, "methods": "ce+kd", "output": str(tmp_path / "run"),
+           "student": {k: TINY_VIT[k] for k in ("model", "model_kwargs", "input_size", "mean", "std")},
+           "data": {"batch_size": 128, "val_urls": small_cache["digits"]["val"]}, "optim": {"epochs": 2}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    kdcache = str(Path(sys.executable).with_name("kdcache"))
+    r = subprocess.run([kdcache, "train", str(tmp_path / "t.yaml"), "--no-progress"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"], r.stderr[-3000:]
+    final = json.loads(r.stdout)
+    assert f"val top-1 {final['val_top1']:.2f}%" in lines[-1] and "samples/s" in lines[-1]
+
+
+def test_a_cache_without_a_valid_view_has_no_teacher_accuracy(small_cache):
+    """0 cached views: inspect shows '-' for the teacher's top-1, not 0.00 %."""
+    from jobs.report import format_summary
+    from pipeline.plan import summarize
+
+    m = small_cache["manifest"]
+    empty = m.model_copy(update={"stats": summarize(m, [], None)})
+    assert empty.summary()["teacher"]["top1"] is None
+    assert "top-1 on cached views -" in format_summary(empty.summary(), "c.zarr")
+    assert "top-1 on cached views -" not in format_summary(m.summary(), "c.zarr")

@@ -56,6 +56,15 @@ def test_bad_samples_skipped_and_recorded(bad_shards, tiny_teacher, ray_local, t
         assert rows[A.VALID].tolist() == [1, 0, 0, 1] and rows[A.LABEL].tolist() == [3, -1, -1, 5]
     assert m.stats.num_valid_rows == (6 + 2) * m.num_views
     assert np.isclose(m.summary()["num_samples"], 10)
+    # inspect names them: --json as (key, tar, reason), the text summary one line each
+    from jobs.report import format_summary
+
+    listed = m.summary()["skipped_samples"]
+    assert [(k["key"], k["tar"].rsplit("/", 1)[-1]) for k in listed] == [("broken", "in-000001.tar"),
+                                                                          ("nolabel", "in-000001.tar")]
+    assert listed[1]["reason"] == skipped["nolabel"]
+    text = format_summary(m.summary(), "c.zarr")
+    assert "in-000001.tar: key broken: " in text and "in-000001.tar: key nolabel: " in text
 
 
 def test_truncated_tar_error_or_recorded(bad_shards, tiny_teacher, ray_local, tmp_path):
