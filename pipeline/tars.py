@@ -98,9 +98,10 @@ class BadTarError(InputDataError):
 class _Damaged(Exception):
     """Internal: the tar ends early or is corrupt (becomes BadTarError or TarIndex.truncated)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, cut_member: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.cut_member = cut_member  # the member whose data the damage cuts into, if any
 
 
 TarDamaged = _Damaged  # public name for readers outside this module (pipeline.export_wds)
@@ -239,16 +240,20 @@ def _members(fs: Any, path: str, *, read_data: bool = True) -> Iterator[tuple[st
     compression = "gzip" if path.endswith(".tgz") else "infer"
     with fs.open(path, "rb", compression=compression) as raw:
         src = _TailWindow(raw)
+        last: tuple[str, int] | None = None  # the member being read or last yielded, and where its data ends
         try:
             tar = tarfile.open(fileobj=src, mode="r|")
             for info in tar:
                 if not info.isreg() or ("/" not in info.name and _META.match(info.name)):
                     continue
+                last = (info.name, info.offset_data + info.size)
                 data = tar.extractfile(info).read() if read_data else None
                 yield info.name, data
                 tar.members = []  # stream mode keeps every TarInfo otherwise (webdataset does the same)
         except _TAR_ERRORS as exn:
-            raise _Damaged(f"tar corrupt or cut short (read {src.pos} bytes): {exn}") from exn
+            # the same member is named whether its data was being read (sample pass) or skipped (index pass)
+            cut = last[0] if last is not None and last[1] > src.pos else None
+            raise _Damaged(f"tar corrupt or cut short (read {src.pos} bytes): {exn}", cut_member=cut) from exn
         end = tar.offset  # first byte after the last member's (padded) data
         block = src.block(end, tarfile.BLOCKSIZE)
         if block is None or len(block) < tarfile.BLOCKSIZE:
@@ -273,32 +278,41 @@ def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample:
     Written here rather than with webdataset's ``group_by_keys``, which reports a duplicate
     member only through an exception's text and lets a key that comes back later in the tar
     through as a second sample. Here both are ``BadSampleError`` (``'error'``) or dropped
-    keeping the first (``'skip'``). A sample is yielded only once the next key starts, so a
-    ``_Damaged`` from ``members`` drops the sample it cut into.
+    keeping the first (``'skip'``). A sample is yielded once the next key starts; when ``members``
+    ends with ``_Damaged`` the sample in progress is yielded if the damage cuts none of its members
+    and it has an image and a label (its members all end before the damage), else it is dropped with
+    the damaged tail. The index pass and the sample pass decide alike, so their keys agree.
     """
     key: str | None = None
     group: dict[str, bytes | None] = {}
     dropping = False  # the current key was already seen: 'skip' drops this later run of it
     seen: set[str] = set()
     position = 0
-    for name, data in members:
-        prefix, ext = base_plus_ext(name)
-        if prefix is None:  # no extension: belongs to no sample
-            continue
-        ext = ext.lower()
-        if prefix != key:
-            if key is not None and not dropping:
-                yield position, key, group
-                position += 1
-            key, group, dropping = prefix, {}, prefix in seen
-            if dropping:
-                _bad(url, prefix, "duplicate key: its members are not adjacent in the tar, or it occurs twice",
-                     on_bad_sample)
-            seen.add(prefix)
-        if ext in group:
-            _bad(url, key, f"duplicate member {name}", on_bad_sample)
-            continue
-        group[ext] = data
+    try:
+        for name, data in members:
+            prefix, ext = base_plus_ext(name)
+            if prefix is None:  # no extension: belongs to no sample
+                continue
+            ext = ext.lower()
+            if prefix != key:
+                if key is not None and not dropping:
+                    yield position, key, group
+                    position += 1
+                key, group, dropping = prefix, {}, prefix in seen
+                if dropping:
+                    _bad(url, prefix, "duplicate key: its members are not adjacent in the tar, or it occurs twice",
+                         on_bad_sample)
+                seen.add(prefix)
+            if ext in group:
+                _bad(url, key, f"duplicate member {name}", on_bad_sample)
+                continue
+            group[ext] = data
+    except _Damaged as exn:
+        cut = base_plus_ext(exn.cut_member)[0] if exn.cut_member else None
+        usable = "cls" in group and any(e in group for e in IMAGE_EXTS)
+        if key is not None and not dropping and cut != key and usable:
+            yield position, key, group
+        raise
     if key is not None and not dropping:
         yield position, key, group
 

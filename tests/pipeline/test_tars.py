@@ -237,8 +237,21 @@ def _cut_cases() -> dict[str, tuple[Callable[[bytes], bytes], int]]:
         end = member_spans(data)[3][1]
         return data[:end] + b"\x07" * 512 + data[end + 512:]
 
-    return {"at_member_boundary": (at_member_boundary, 1), "mid_member": (mid_member, 1),
-            "bad_header": (bad_header, 1), "empty_file": (lambda d: b"", 0)}
+    # b's members all end before the damage in the first and third case: b is kept (issue 16, item 4)
+    return {"at_member_boundary": (at_member_boundary, 2), "mid_member": (mid_member, 1),
+            "bad_header": (bad_header, 2), "empty_file": (lambda d: b"", 0)}
+
+
+def test_a_sample_whose_extra_member_is_cut_goes_with_the_damage(tmp_path):
+    """b has its image and label, but the cut falls in its JSON member: b is dropped by both passes alike."""
+    members = sample("a", 0) + sample("b", 1) + [("b.json", b'{"note": "' + b"x" * 3000 + b'"}')] + sample("c", 2)
+    data = tar_bytes(members)
+    url = str(tmp_path / "s.tar")
+    with open(url, "wb") as f:
+        f.write(data[: member_spans(data)[4][0] + 100])  # inside b.json's data
+    index = index_tar(url, on_bad_sample="skip")
+    assert index.keys == ["a"] and index.truncated
+    assert [s.key for s in iter_samples(url, on_bad_sample="skip", keys=index.keys)] == ["a"]
 
 
 @pytest.mark.parametrize("case", sorted(_cut_cases()))
@@ -248,7 +261,6 @@ def test_damaged_tar(tmp_path, case):
     url = str(tmp_path / "s.tar")
     with open(url, "wb") as f:
         f.write(cut(data))
-    # b's members are all there, but whether it is complete cannot be known once c never starts
     with pytest.raises(BadTarError, match=f"^{re.escape(url)}: tar (cut short|corrupt)"):
         index_tar(url)
     with pytest.raises(BadTarError, match=f"^{re.escape(url)}: tar"):
