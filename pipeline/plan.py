@@ -23,9 +23,11 @@ from storage_schemas.identity import cache_identity, lineage_key, recipe_dict
 from storage_schemas.manifest import (
     ArrayInfo,
     DatasetInfo,
+    DroppedMembers,
     HistoryEntry,
     Manifest,
     ShardInfo,
+    SkippedSample,
     Stats,
     TeacherInfo,
     TPPInfo,
@@ -80,7 +82,8 @@ def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[TarInde
 
 
 def _dataset(tars: list[TarIndex]) -> DatasetInfo:
-    return DatasetInfo(shards=[ShardInfo(url=t.url, size=t.size, count=len(t.keys), truncated=t.truncated)
+    return DatasetInfo(shards=[ShardInfo(url=t.url, size=t.size, count=len(t.keys), truncated=t.truncated,
+                                         dropped=[DroppedMembers(key=k, reason=r) for k, r in t.dropped])
                                for t in tars], fingerprint=dataset_fingerprint(tars))
 
 
@@ -159,7 +162,10 @@ def plan_change(existing: Manifest, cfg: CacheConfig, urls: list[str], url: str)
 
 def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) -> Stats:
     """The manifest's totals from the units' completion records."""
-    skipped = {(s.tar, s.key): s for r in done for s in r.skipped}
+    skipped = {(s.tar, s.key, ""): s for r in done for s in r.skipped}
+    for i, sh in enumerate(m.dataset.shards):  # dropped while the tars were indexed, whether or not a unit ran
+        skipped |= {(i, d.key, d.reason): SkippedSample(shard=i, url=sh.url, key=d.key, reason=d.reason)
+                    for d in sh.dropped}
     fid: dict[str, FidelityAcc] = {}
     for r in done:
         for k, acc in r.fidelity.items():

@@ -46,7 +46,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -113,6 +113,7 @@ class TarIndex:
     size: int  # bytes, from the file system
     keys: list[str]  # sample keys in tar order; position = index in this list
     truncated: str | None = None  # why the tar was cut short (on_bad_sample='skip' only)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of members dropped in 'skip' mode
 
     @property
     def count(self) -> int:
@@ -271,14 +272,14 @@ def raw_groups(url: str, fs: Any, path: str, on_bad_sample: OnBad = "error"
     yield from _group(url, _members(fs, path), on_bad_sample)
 
 
-def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample: OnBad
-           ) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
+def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample: OnBad,
+           dropped: list[tuple[str, str]] | None = None) -> Iterator[tuple[int, str, dict[str, bytes | None]]]:
     """Group members into samples ``(position, key, {ext: data})`` by webdataset's key rule.
 
     Written here rather than with webdataset's ``group_by_keys``, which reports a duplicate
     member only through an exception's text and lets a key that comes back later in the tar
     through as a second sample. Here both are ``BadSampleError`` (``'error'``) or dropped
-    keeping the first (``'skip'``). A sample is yielded once the next key starts; when ``members``
+    keeping the first (``'skip'``), appending ``(key, reason)`` to ``dropped`` so that the drop is recorded. A sample is yielded once the next key starts; when ``members``
     ends with ``_Damaged`` the sample in progress is yielded if the damage cuts none of its members
     and it has an image and a label (its members all end before the damage), else it is dropped with
     the damaged tail. The index pass and the sample pass decide alike, so their keys agree.
@@ -301,10 +302,10 @@ def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample:
                 key, group, dropping = prefix, {}, prefix in seen
                 if dropping:
                     _bad(url, prefix, "duplicate key: its members are not adjacent in the tar, or it occurs twice",
-                         on_bad_sample)
+                         on_bad_sample, dropped)
                 seen.add(prefix)
             if ext in group:
-                _bad(url, key, f"duplicate member {name}", on_bad_sample)
+                _bad(url, key, f"duplicate member {name}", on_bad_sample, dropped)
                 continue
             group[ext] = data
     except _Damaged as exn:
@@ -317,10 +318,13 @@ def _group(url: str, members: Iterator[tuple[str, bytes | None]], on_bad_sample:
         yield position, key, group
 
 
-def _bad(url: str, key: str, reason: str, on_bad_sample: OnBad) -> None:
+def _bad(url: str, key: str, reason: str, on_bad_sample: OnBad, dropped: list[tuple[str, str]] | None) -> None:
     if on_bad_sample == "error":
         raise BadSampleError(url, key, reason)
     log.warning("%s: key %s: %s (dropped, keeping the first)", url, key, reason)
+    entry = (key, f"{reason} (dropped, the first kept)")
+    if dropped is not None and entry not in dropped:
+        dropped.append(entry)
 
 
 def _check_policy(on_bad_sample: str) -> None:
@@ -338,15 +342,16 @@ def index_tar(url: str, storage_options: dict | None = None, on_bad_sample: OnBa
     size = fs.size(path)
     keys: list[str] = []
     truncated = None
+    dropped: list[tuple[str, str]] = []
     try:
-        for _, key, _ in _group(url, _members(fs, path, read_data=False), on_bad_sample):
+        for _, key, _ in _group(url, _members(fs, path, read_data=False), on_bad_sample, dropped):
             keys.append(key)
     except _Damaged as exn:
         if on_bad_sample == "error":
             raise BadTarError(url, exn.reason) from exn
         log.warning("%s: %s; keeping the %d complete samples before it", url, exn.reason, len(keys))
         truncated = exn.reason
-    return TarIndex(url=url, size=size, keys=keys, truncated=truncated)
+    return TarIndex(url=url, size=size, keys=keys, truncated=truncated, dropped=dropped)
 
 
 def dataset_fingerprint(tars: list[TarIndex]) -> str:

@@ -35,11 +35,19 @@ class TeacherInfo(_Model):
     stochastic_depth: bool = Field(False, exclude_if=lambda on: not on)
 
 
+class DroppedMembers(_Model):
+    key: str
+    reason: str
+
+
 class ShardInfo(_Model):
     url: str
     size: int  # bytes
     count: int  # samples
     truncated: str | None = None  # why the tar ends early (on_bad_sample: skip); samples after it are lost
+    # members of a key dropped by on_bad_sample: skip (a repeated key, a repeated member): schema ≥ 1.5, written
+    # only when there are some
+    dropped: list[DroppedMembers] = Field(default_factory=list, exclude_if=lambda d: not d)
 
 
 class DatasetInfo(_Model):

@@ -344,3 +344,37 @@ def test_colour_through_a_shard(tmp_path):
     url = write_tar(tmp_path / "s.tar", [("k.cls", b"0"), ("k.png", data)])
     (s,) = iter_samples(url)
     np.testing.assert_array_equal(np.asarray(s.image), np.array(expected, dtype=np.uint8))
+
+
+def test_skip_mode_records_what_it_drops(tmp_path):
+    """A repeated key or member: error mode refuses it, skip mode keeps the first and records the drop with the
+    same reason (issue 16, item 3)."""
+    url = write_tar(tmp_path / "d.tar", sample("a", 0) + sample("b", 1) + sample("a", 2) + [("b.cls", b"3")])
+    with pytest.raises(BadSampleError, match="key a: duplicate key"):
+        index_tar(url)
+    index = index_tar(url, on_bad_sample="skip")
+    assert index.keys == ["a", "b"]
+    assert [k for k, _ in index.dropped] == ["a", "b"]  # a's second run, then b's lone label after it
+    assert index.dropped[0][1].startswith("duplicate key: its members are not adjacent")
+    url2 = write_tar(tmp_path / "m.tar", sample("a", 0) + [("a.cls", b"5")] + sample("b", 1))
+    index = index_tar(url2, on_bad_sample="skip")
+    assert index.keys == ["a", "b"] and index.dropped == [("a", "duplicate member a.cls (dropped, the first kept)")]
+    assert [s.label for s in iter_samples(url2, on_bad_sample="skip")] == [0, 1]  # the first a.cls
+
+
+def test_a_cache_records_the_dropped_members_as_skipped(tiny_teacher, tmp_path):
+    """Through the caching job (in process): the repeated key's drop is in the manifest's skipped samples and in
+    ``inspect``, with the reason error mode gives."""
+    from jobs.report import format_summary
+    from pipeline.job import build_cache_in_process
+    from storage_schemas.config import CacheConfig
+    from tests.conftest import cache_config
+
+    url = write_tar(tmp_path / "in-000000.tar", sample("a", 0) + sample("b", 1) + sample("a", 2) + sample("c", 3))
+    d = cache_config({"train": url}, tiny_teacher, str(tmp_path / "c.zarr"), input__on_bad_sample="skip",
+                     views__num_views=1, targets__tpp=None)
+    m = build_cache_in_process(CacheConfig.model_validate(d), log=lambda s: None)
+    assert m.dataset.shards[0].count == 3 and m.stats.num_valid_rows == 3
+    assert [(s.key, s.reason.split(":")[0]) for s in m.stats.skipped] == [("a", "duplicate key")]
+    assert m.summary()["skipped_samples"][0]["reason"].endswith("(dropped, the first kept)")
+    assert "in-000000.tar: key a: duplicate key" in format_summary(m.summary(), "c.zarr")
