@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -353,8 +354,15 @@ def _user_error(e: BaseException) -> str | None:
             continue
         if isinstance(e, KDCacheError):
             return str(e)
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:  # the machine's state, not a bug of ours
+            where = e.filename or "a file"
+            return (f"{where}: {e.strerror or e}: kdcache cannot write or read there; choose a URL this user can "
+                    "write to (output.url, output.root, the train output) or free space")
         e = e.__cause__
     return None
+
+
+_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 if __name__ == "__main__":

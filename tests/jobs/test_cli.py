@@ -117,3 +117,27 @@ def test_a_cache_without_a_valid_view_has_no_teacher_accuracy(small_cache):
     assert empty.summary()["teacher"]["top1"] is None
     assert "top-1 on cached views -" in format_summary(empty.summary(), "c.zarr")
     assert "top-1 on cached views -" not in format_summary(m.summary(), "c.zarr")
+
+
+def test_an_output_this_user_cannot_write_is_one_line(small_cache, tmp_path):
+    """Issue 16, item 5: a place the user may not write (/sys: EPERM even for root) ends with one line, exit 2."""
+    from pathlib import Path
+
+    import yaml
+
+    from tests.conftest import TINY_VIT, cache_config
+
+    digits = small_cache["digits"]
+    teacher = {**TINY_VIT, "checkpoint": small_cache["cfg"].teacher.checkpoint}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cache_config(digits, teacher, "/sys/kdcache-test/c.zarr")))
+    train = {"cache": {"url": str(small_cache["path"])}, "methods": "ce", "output": "/sys/kdcache-test/run",
+             "student": {k: TINY_VIT[k] for k in ("model", "model_kwargs", "input_size", "mean", "std")},
+             "optim": {"epochs": 1}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(train))
+    kdcache = str(Path(sys.executable).with_name("kdcache"))
+    for cmd, cfg in (("cache", "c.yaml"), ("train", "t.yaml")):
+        r = subprocess.run([kdcache, cmd, str(tmp_path / cfg), "--no-progress"], capture_output=True, text=True,
+                           timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+        assert lines[0].startswith(f"kdcache {cmd}: error: /sys/kdcache-test") and "choose a URL" in lines[0]
