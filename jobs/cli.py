@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdcache", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true",
+                   help="on an internal error (exit status 1), show its traceback (or set KDCACHE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("data", help="write a bundled real data set as WebDataset shards",
@@ -334,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except Exception as e:  # one place that turns known failures into one clear line
         msg = _user_error(e)
-        if msg is None:
+        if msg is not None:  # the user can fix it: exit status 2
+            print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
+            return 2
+        if args.debug or os.environ.get("KDCACHE_DEBUG", "") not in ("", "0"):
             raise
-        print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        # a bug: exit status 1, the traceback on demand
+        print(f"kdcache {args.command}: internal error: {type(e).__name__}: {e} (a bug in kdcache: rerun with "
+              "--debug or KDCACHE_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
+        return 1
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -12,6 +12,9 @@ import os
 import pytest
 import torch
 
+# A kdcache subprocess that fails on a bug shows its traceback in the test's report (user errors stay one line).
+os.environ.setdefault("KDCACHE_DEBUG", "1")
+
 TINY_VIT = {"model": "vit_tiny_patch16_224",
             "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2,
                              "num_classes": 10},

@@ -141,3 +141,23 @@ def test_an_output_this_user_cannot_write_is_one_line(small_cache, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
         assert lines[0].startswith(f"kdcache {cmd}: error: /sys/kdcache-test") and "choose a URL" in lines[0]
+
+
+def test_an_internal_error_is_one_line_and_its_traceback_is_on_demand(monkeypatch, capsys):
+    """A bug (not a KDCacheError): exit status 1 and one line; the traceback with --debug or KDCACHE_DEBUG=1."""
+    import jobs.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    monkeypatch.delenv("KDCACHE_DEBUG", raising=False)
+    assert main(["inspect", "somewhere.zarr"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdcache inspect: internal error: RuntimeError: boom")
+    assert "--debug" in err[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "inspect", "somewhere.zarr"])
+    monkeypatch.setenv("KDCACHE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["inspect", "somewhere.zarr"])
