@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from storage_schemas import layout
 from storage_schemas.config import CacheConfig
-from storage_schemas.errors import ConfigError, InputDataError, KDCacheError, from_portable, portable
+from storage_schemas.errors import (
+    CacheError,
+    ConfigError,
+    InputDataError,
+    KDCacheError,
+    from_portable,
+    portable,
+)
 from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
 
@@ -45,11 +52,18 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=True)
+    except (ConnectionError, TimeoutError, RuntimeError) as e:  # Ray's ways of saying it could not start or attach
+        if address:
+            raise ConfigError(f"Ray at {address} (--address or RAY_ADDRESS): cannot attach: {e}; check that the "
+                              "cluster is up and reachable from here, or unset RAY_ADDRESS to run locally") from e
+        raise CacheError(f"a local Ray instance did not start: {e}; on a loaded machine rerun when it is quieter, "
+                         "or run `ray stop` first if an old instance is in the way") from e
 
 
 # --- index pass ------------------------------------------------------------------------

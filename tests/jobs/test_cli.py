@@ -161,3 +161,31 @@ def test_an_internal_error_is_one_line_and_its_traceback_is_on_demand(monkeypatc
     monkeypatch.setenv("KDCACHE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         main(["inspect", "somewhere.zarr"])
+
+
+@pytest.mark.parametrize("address", [None, "10.255.255.1:6379"])
+def test_ray_that_cannot_start_or_attach_is_one_line(address, small_cache, tmp_path, monkeypatch, capsys):
+    """Ray failing to start (a loaded machine: 'The current node timed out during startup') or to attach: one
+    line naming what to do, exit 2 (ray.init made to fail as Ray does; starting it for real here takes minutes)."""
+    import ray
+    import yaml
+
+    from tests.conftest import TINY_VIT, cache_config
+
+    def failing_init(*args, **kwargs):
+        raise (ConnectionError("could not connect to the GCS") if kwargs.get("address") != "local"
+               else RuntimeError("The current node timed out during startup."))
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    teacher = {**TINY_VIT, "checkpoint": small_cache["cfg"].teacher.checkpoint}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cache_config(small_cache["digits"], teacher,
+                                                                 str(tmp_path / "c.zarr"))))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["cache", str(tmp_path / "c.yaml"), "--no-progress"] + (["--address", address] if address else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if address:
+        assert err.startswith(f"kdcache cache: error: Ray at {address} (--address or RAY_ADDRESS): cannot attach")
+    else:
+        assert err.startswith("kdcache cache: error: a local Ray instance did not start: The current node timed out")
