@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_error(e: BaseException) -> str | None:
     """The message of an error the user can act on — one of the project's own types
     (:class:`storage_schemas.errors.KDCacheError`), possibly raised inside a Ray task — else None."""
-    from storage_schemas.errors import KDCacheError
+    from storage_schemas.errors import KDCacheError, storage_error
 
     seen = 0
     while e is not None and seen < 10:
@@ -362,15 +361,10 @@ def _user_error(e: BaseException) -> str | None:
             continue
         if isinstance(e, KDCacheError):
             return str(e)
-        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:  # the machine's state, not a bug of ours
-            where = e.filename or "a file"
-            return (f"{where}: {e.strerror or e}: kdcache cannot write or read there; choose a URL this user can "
-                    "write to (output.url, output.root, the train output) or free space")
+        if storage_error(e) is not None:  # the machine's state, not a bug of ours
+            return str(storage_error(e))
         e = e.__cause__
     return None
-
-
-_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 if __name__ == "__main__":

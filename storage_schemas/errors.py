@@ -8,6 +8,8 @@ the built-in type keep working.
 
 from __future__ import annotations
 
+import errno
+
 
 class KDCacheError(Exception):
     """Base of every error a user can act on; its message names what is wrong, where, and what to do."""
@@ -52,3 +54,17 @@ def portable(e: KDCacheError) -> tuple[str, str]:
 def from_portable(kind: str, message: str) -> KDCacheError:
     """The error :func:`portable` described, to raise on this side."""
     return _KINDS.get(kind, KDCacheError)(message)
+
+
+# the state of the machine or the bucket, not a bug: permissions, a read-only file system, no space, quota
+STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_error(e: BaseException, where: str | None = None) -> CacheError | None:
+    """A :class:`CacheError` saying what to do for an ``OSError`` the user can fix (see ``STORAGE_ERRNOS``), else
+    None; ``where`` names the place when the error does not (Zarr's writes do not)."""
+    if not isinstance(e, OSError) or e.errno not in STORAGE_ERRNOS:
+        return None
+    return CacheError(f"{e.filename or where or 'a file'}: {e.strerror or e}: kdcache cannot write or read there; "
+                      "choose a URL this user can write to (output.url, output.root, the train output) or free "
+                      "space (a caching job then continues where it stopped when rerun)")

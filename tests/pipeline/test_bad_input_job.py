@@ -127,3 +127,45 @@ def test_bad_input_ends_the_cli_with_one_line(case, bad_shards, tiny_teacher, tm
     assert r.returncode == 2, r.stderr[-3000:]
     assert last.startswith("kdcache cache: error: ") and f"key {key}" in last and ".tar" in last, last
     assert "Traceback" not in r.stderr and "\x1b[" not in last and "ray::" not in last, r.stderr[-3000:]
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, digits, tmp_path):
+    """Issue 16: the writer's disk fills up mid-job (a 1 MB tmpfs): one line naming the cache, exit 2, no unit
+    recorded that is not whole; with space again the rerun finishes the cache and it verifies."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        d = cache_config(digits, tiny_teacher, str(disk / "c.zarr"))
+        d["job"]["cpus_per_actor"] = 1
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+        kdcache = str(Path(sys.executable).with_name("kdcache"))
+
+        def cache() -> subprocess.CompletedProcess:
+            return subprocess.run([kdcache, "cache", str(tmp_path / "c.yaml"), "--no-progress"], capture_output=True,
+                                  text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+
+        r = cache()
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert last.startswith("kdcache cache: error: ") and "No space left on device" in last, last
+        assert "Traceback" not in r.stderr
+        store = CacheStore(str(disk / "c.zarr"), read_only=True)
+        m = store.read_manifest(allow_partial=True)
+        assert m.status == "building" and len(store.completed_units()) < m.units_total
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        r = cache()
+        assert r.returncode == 0, r.stderr[-3000:]
+        from pipeline.verify import verify_cache
+
+        assert verify_cache(CacheStore(str(disk / "c.zarr"), read_only=True), progress=False).ok
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
