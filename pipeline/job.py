@@ -31,7 +31,6 @@ from storage_schemas.errors import (
     KDCacheError,
     from_portable,
     portable,
-    storage_error,
 )
 from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
@@ -135,11 +134,7 @@ class UnitActor:
                 rows.append((r.tar, r.view, r.valid, r.seconds, "", ""))
             except KDCacheError as e:
                 rows.append((int(t), int(v), 0, 0.0, *portable(e)))
-            except OSError as e:  # no space, no permission: the unit wrote no record, a rerun redoes it
-                err = storage_error(e, where=f"{self.runner.store.url} (unit: tar {int(t)}, view {int(v)})")
-                if err is None:
-                    raise
-                rows.append((int(t), int(v), 0, 0.0, *portable(err)))
+
         cols = ("tar", "view", "valid", "seconds", "error_kind", "error")
         return {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols)}
 

@@ -26,6 +26,7 @@ import torch
 
 from storage_schemas import arrays as A
 from storage_schemas.codecs import FidelityAcc
+from storage_schemas.errors import storage_error
 from storage_schemas.manifest import Manifest, SkippedSample, UnitCompletion
 
 from .stages import batched, prefetch_map
@@ -138,6 +139,18 @@ class UnitRunner:
         return dataclasses.replace(s, view=view, record=rec, x=x)
 
     def __call__(self, tar: int, view: int) -> UnitCompletion:
+        """Cache unit (``tar``, ``view``): its arrays, then its completion record. A write the store refuses
+        (no space, no permission, a quota) is a :class:`~storage_schemas.errors.CacheError` naming the unit; the
+        unit then has no record and a rerun redoes it."""
+        try:
+            return self._run(tar, view)
+        except OSError as e:
+            err = storage_error(e, where=f"{self.store.url} (unit: tar {tar}, view {view})")
+            if err is None:
+                raise
+            raise err from e
+
+    def _run(self, tar: int, view: int) -> UnitCompletion:
         t0 = time.time()
         acc = UnitRows(self.m, tar, self.teacher)
         viewed = prefetch_map(partial(self.with_view, view=view), self.samples(tar), workers=self.threads,

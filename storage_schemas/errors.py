@@ -63,7 +63,8 @@ STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC
 def storage_error(e: BaseException, where: str | None = None) -> CacheError | None:
     """A :class:`CacheError` saying what to do for an ``OSError`` the user can fix (see ``STORAGE_ERRNOS``), else
     None; ``where`` names the place when the error does not (Zarr's writes do not)."""
-    if not isinstance(e, OSError) or e.errno not in STORAGE_ERRNOS:
+    # s3fs raises S3's AccessDenied (a bucket policy, a quota) as PermissionError without an errno
+    if not isinstance(e, OSError) or not (e.errno in STORAGE_ERRNOS or isinstance(e, PermissionError)):
         return None
     return CacheError(f"{e.filename or where or 'a file'}: {e.strerror or e}: kdcache cannot write or read there; "
                       "choose a URL this user can write to (output.url, output.root, the train output) or free "

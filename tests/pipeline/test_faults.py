@@ -20,10 +20,13 @@ import numpy as np
 import pytest
 
 from pipeline.store import CacheStore
+from storage_schemas.errors import CacheError
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+          b"<Message>The bucket is over its quota.</Message></Error>")
 
 
 class FaultProxy:
@@ -43,10 +46,16 @@ class FaultProxy:
         self.thread.start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.enabled = True
+        self.refuse_writes_after: int | None = None  # a bucket over its quota: writes refused after this many
+        self.writes = 0
 
-    def draw(self) -> str | None:
+    def draw(self, method: str) -> str | None:
         with self.lock:
             self.requests += 1
+            if method in ("PUT", "POST"):
+                self.writes += 1
+                if self.refuse_writes_after is not None and self.writes > self.refuse_writes_after:
+                    return "denied"
             if not self.enabled or self.rng.random() >= self.rate:
                 return None
             fault = self.rng.choice(["503", "reset", "lost"])
@@ -83,15 +92,16 @@ class FaultProxy:
 
             def _proxy(self) -> None:
                 body = self._body()
-                fault = proxy.draw()
+                fault = proxy.draw(self.command)
                 if fault == "reset":
                     return self._drop()
-                if fault == "503":
-                    self.send_response(503)
+                if fault in ("503", "denied"):
+                    status, text = (503, SLOW_DOWN) if fault == "503" else (403, DENIED)
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    self.wfile.write(text)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
                 if body:
@@ -169,3 +179,34 @@ def test_the_job_survives_object_store_faults_byte_for_byte(small_cache, moto_s3
     for (tar, pos, view), s in seen.items():
         np.testing.assert_array_equal(s.rows["feat_final"], ref[tar, view]["feat_final"][pos])
     assert sum(proxy.faults.values()) > before  # the reads met faults too
+
+
+def test_a_bucket_that_refuses_writes_stops_the_job_clearly(small_cache, moto_s3, faulty_s3):
+    """The bucket starts refusing writes (403, as over a quota) mid-job: the job stops with an error the CLI
+    shows as one line naming the cache and the unit, and no unit is recorded that is not whole."""
+    from jobs.cli import _user_error
+    from pipeline.job import build_cache_in_process
+
+    proxy, opts = faulty_s3
+    proxy.enabled = False  # only the refusal here
+    url = f"s3://{moto_s3['bucket']}/refused/cache.zarr"
+    cfg = small_cache["cfg"].model_copy(deep=True)
+    cfg.output.url, cfg.output.storage_options = url, opts
+    proxy.refuse_writes_after = 100  # a build writes ~155 objects: the start and some units get through
+    with pytest.raises(CacheError) as e:
+        build_cache_in_process(cfg, log=lambda s: None)
+    line = _user_error(e.value)
+    assert line is not None and "refused/cache.zarr" in line and "over its quota" in line, line
+    store = CacheStore(url, opts, read_only=True)
+    m = store.read_manifest(allow_partial=True)
+    assert m.status == "building" and len(store.completed_units()) < m.units_total
+    # every unit recorded as complete is whole: its rows are the fault-free build's (the rerun that finishes
+    # is test_bad_input_job.py::test_a_full_disk_is_one_line_and_the_rerun_finishes, through the Ray job)
+    proxy.refuse_writes_after = None
+    clean = CacheStore(str(small_cache["path"]), read_only=True)
+    done = store.completed_units()
+    assert done, "the refusal came before any unit completed: raise refuse_writes_after"
+    for tar, view in sorted(done):
+        got, want = store.read_unit(m, tar, view), clean.read_unit(small_cache["manifest"], tar, view)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"unit {tar}/{view} {k}")
