@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, ValidationError
 from timm.layers import LayerNorm2d
 from torch import nn
@@ -282,6 +283,14 @@ class KDMethod(nn.Module):
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
+
+    def step_generator(self, device: torch.device | str, draw: int = 0, draws: int = 1) -> torch.Generator:
+        """A generator for draw ``draw`` (of ``draws``) of this step, seeded by (the options' ``seed``,
+        distributed rank, ``step``, ``draw``): a run and its resume draw the same."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        g = torch.Generator(device=device)
+        g.manual_seed((((self.opts.seed * 1_000_003 + rank) * 1_000_003 + self.step) * draws + draw) % (2**63))
+        return g
 
     @classmethod
     def requires(cls, opts: MethodOptions) -> Needs:

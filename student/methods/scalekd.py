@@ -58,7 +58,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
@@ -220,9 +219,7 @@ class ScaleKD(KDMethod):
         if sd is None or not sd.modules or not self.training:
             return self.tail(x.to(p.dtype)).to(x.dtype)
         # each call its own draw (``draw``: the DFM view), as each train-mode forward of the official tail
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        g = torch.Generator(device=x.device)
-        g.manual_seed((((self.opts.seed * 1_000_003 + rank) * 1_000_003 + self.step) * len(VIEWS) + draw) % (2**63))
+        g = self.step_generator(x.device, draw, len(VIEWS))
         with sd.masks(sd.random_masks(x.shape[0], g)):
             return self.tail(x.to(p.dtype)).to(x.dtype)
 

@@ -23,7 +23,6 @@ masks; without it, the method counts its own training forwards.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -109,9 +108,7 @@ class ViTKD(KDMethod):
 
     def random_mask(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
         """[B, N] bool, True on the ``N − int(N (1 − λ))`` masked tokens of each sample."""
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        g = torch.Generator(device=device)
-        g.manual_seed(((self.opts.seed * 1_000_003 + rank) * 1_000_003 + self.step) % (2**63))
+        g = self.step_generator(device)
         keep = int(tokens * (1 - self.opts.mask_ratio))
         order = torch.rand(batch, tokens, generator=g, device=device).argsort(1)
         return torch.ones(batch, tokens, dtype=torch.bool, device=device).scatter(1, order[:, :keep], False)
