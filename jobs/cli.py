@@ -361,8 +361,9 @@ def _user_error(e: BaseException) -> str | None:
             continue
         if isinstance(e, KDCacheError):
             return str(e)
-        if storage_error(e) is not None:  # the machine's state, not a bug of ours
-            return str(storage_error(e))
+        err = storage_error(e)
+        if err is not None:  # the machine's state, not a bug of ours
+            return str(err)
         e = e.__cause__
     return None
 

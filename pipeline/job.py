@@ -105,6 +105,11 @@ def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
     return TeacherProbe(teacher=info, taps=teacher.tap_infos(cfg.targets.feature_dtype), tail=tail)
 
 
+def probe_remotely(cfg: CacheConfig) -> ray.ObjectRef:
+    """:func:`probe_teacher` as a Ray task (its user errors returned: read it with :func:`result`)."""
+    return ray.remote(num_cpus=1)(returning_errors(probe_teacher)).remote(cfg)
+
+
 def write_tpp_pack(store: CacheStore, probe: TeacherProbe) -> TPPInfo | None:
     if probe.tail is None:
         return None
@@ -127,14 +132,11 @@ class UnitActor:
         """One row per unit; a unit that fails on something the user can fix (bad input with
         ``on_bad_sample: error``) returns its error as a row (see :func:`storage_schemas.errors.portable`)
         instead of raising, having written nothing, so the driver can say it in one line."""
-        rows = []
+        run, rows = returning_errors(self.runner), []
         for t, v in zip(batch["tar"], batch["view"], strict=True):
-            try:
-                r = self.runner(int(t), int(v))
-                rows.append((r.tar, r.view, r.valid, r.seconds, "", ""))
-            except KDCacheError as e:
-                rows.append((int(t), int(v), 0, 0.0, *portable(e)))
-
+            r = run(int(t), int(v))
+            rows.append((int(t), int(v), 0, 0.0, *r) if isinstance(r, _Failed)
+                        else (r.tar, r.view, r.valid, r.seconds, "", ""))
         cols = ("tar", "view", "valid", "seconds", "error_kind", "error")
         return {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols)}
 
@@ -189,7 +191,7 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
     with tqdm(total=len(pending), desc="cache units", unit="unit", disable=not progress) as bar:
         for row in ds.iter_rows():
             if row["error"]:
-                raise from_portable(str(row["error_kind"]), str(row["error"]))
+                result(_Failed(str(row["error_kind"]), str(row["error"])))
             bar.update(1)
             bar.set_postfix(tar=int(row["tar"]), view=int(row["view"]))
             if on_unit:
@@ -238,7 +240,7 @@ def _run_in_root(cfg: CacheConfig, urls: list[str], address: str | None, progres
     root = cfg.output.root
     assert root is not None
     init_ray(address)
-    probing = ray.remote(num_cpus=1)(returning_errors(probe_teacher)).remote(cfg)  # loads the teacher while the tars are indexed
+    probing = probe_remotely(cfg)  # loads the teacher while the tars are indexed
     tars = index_dataset(cfg, urls, progress)
     probe = result(ray.get(probing))
     identity, lineage = requested_identity(cfg, probe, tars)
@@ -347,7 +349,7 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
     t0 = time.time()
     tars = tars or index_dataset(cfg, urls, progress)
     m = start(store, cfg, existing, change, tars,
-              lambda: probe or result(ray.get(ray.remote(num_cpus=1)(returning_errors(probe_teacher)).remote(cfg))), log)
+              lambda: probe or result(ray.get(probe_remotely(cfg))), log)
     pending = pending_units(store, m)
     if pending:
         run_units(cfg, m, store.url, pending, progress)
