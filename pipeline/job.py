@@ -10,6 +10,7 @@ after a crash produces the same bytes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitComplet
 
 from . import catalog
 from . import tpp as tpp_mod
+from .crash_points import crash_point
 from .lease import Lease
 from .plan import TeacherProbe, grown_manifest, now, plan_change, plan_manifest, requested_identity, summarize
 from .store import CacheStore
@@ -60,8 +62,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                      log_to_driver=True)
     except (ConnectionError, TimeoutError, RuntimeError) as e:  # Ray's ways of saying it could not start or attach
         if address:
+            # Ray turns token authentication on for an explicit address only when RAY_AUTH_MODE says so, while
+            # `ray start` turns it on whenever ~/.ray/auth_token exists: the usual reason a local attach fails
+            auth = ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, or "
+                    "the token in ~/.ray/auth_token)") if not os.environ.get("RAY_AUTH_MODE") else ""
             raise ConfigError(f"Ray at {address} (--address or RAY_ADDRESS): cannot attach: {e}; check that the "
-                              "cluster is up and reachable from here, or unset RAY_ADDRESS to run locally") from e
+                              f"cluster is up and reachable from here, or unset RAY_ADDRESS to run locally{auth}") from e
         raise CacheError(f"a local Ray instance did not start: {e}; on a loaded machine rerun when it is quieter, "
                          "or run `ray stop` first if an old instance is in the way") from e
 
@@ -259,7 +265,8 @@ def _run_at_url(cfg: CacheConfig, urls: list[str], address: str | None, progress
     assert url is not None
     store = CacheStore(url, cfg.output.storage_options)
     existing = _existing(store)
-    if existing and existing.status == "complete" and plan_change(existing, cfg, urls, url) is None:
+    done = existing and existing.status == "complete" and plan_change(existing, cfg, urls, url) is None
+    if done and not store.exists(layout.LEASE):
         log(f"{url}: cache is complete ({existing.num_views} views × {len(existing.dataset.shards)} tars, "
             f"identity {(existing.identity or existing.content_identity())[:SHORT]}); nothing to do.")
         return existing
@@ -267,8 +274,21 @@ def _run_at_url(cfg: CacheConfig, urls: list[str], address: str | None, progress
         existing = _existing(store)  # again, now that no other job writes
         change = plan_change(existing, cfg, urls, url) if existing else None
         if existing and existing.status == "complete" and change is None:
-            return existing
+            return tidy_complete(store, existing, log)
         return _run_leased(cfg, store, existing, change, urls, address, progress, log, tars, probe)
+
+
+def tidy_complete(store: CacheStore, m: Manifest, log: Callable[[str], None]) -> Manifest:
+    """A complete cache whose job died after writing the complete manifest (its lease still held): the
+    manifest's sidecar rewritten if the job died before it, the temporary files of its last writes removed."""
+    data = store.read_bytes(layout.MANIFEST)
+    sidecar = store.read_bytes(layout.MANIFEST_SHA256).decode() if store.exists(layout.MANIFEST_SHA256) else ""
+    if sidecar.strip() != hashlib.sha256(data).hexdigest():
+        store.write_bytes(layout.MANIFEST_SHA256, hashlib.sha256(data).hexdigest().encode())
+        log(f"{store.url}: its job died between writing the complete manifest and its sha256; wrote that now")
+    store.remove_debris()
+    log(f"{store.url}: cache is complete; nothing to do.")
+    return m
 
 
 def _existing(store: CacheStore) -> Manifest | None:
@@ -290,6 +310,7 @@ def _grow(store: CacheStore, existing: Manifest, cfg: CacheConfig, tars: list[Ta
     for name, info in m.arrays.items():
         if list(g[name].shape) != info.shape:
             g[name].resize(tuple(info.shape))
+    crash_point("grow:resized")
     for i, t in enumerate(tars[old:], start=old):
         store.write_index(i, t.url, t.keys)
     return m
@@ -333,6 +354,8 @@ def finalise(store: CacheStore, m: Manifest, seconds: float | None) -> Manifest:
     if len(done) != m.units_total:
         raise RuntimeError(f"{store.url}: {len(done)}/{m.units_total} units recorded after the run; "
                            "rerun the same command to finish (it resumes).")
+    for rel in store.remove_debris():
+        logging.getLogger(__name__).info("%s: removed %s, left by a writer killed mid-write", store.url, rel)
     write_tpp_stats(store, done)
     if store.exists(layout.GROWTH):
         store.remove(layout.GROWTH)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -27,6 +28,8 @@ from storage_schemas import arrays as A
 from storage_schemas import layout
 from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest, UnitCompletion
+
+from .crash_points import crash_point
 
 
 class CacheNotReadyError(CacheError):
@@ -49,12 +52,16 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, name: str | None = None) -> None:
     """Write ``data`` to ``path`` whole or not at all: a local file through a temporary name and a rename
     (mode as a plain ``open`` would give), an object store in one PUT (atomic by itself). Every object
-    kdcache writes outside Zarr (cache objects, exports, checkpoints) goes through here."""
+    kdcache writes outside Zarr (cache objects, exports, checkpoints) goes through here. ``name`` (default:
+    the file name) names its :mod:`~pipeline.crash_points`."""
+    name = name or os.path.basename(path)
+    crash_point(f"write:{name}")
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
+        crash_point(f"wrote:{name}")
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
@@ -62,11 +69,23 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        crash_point(f"rename:{name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    crash_point(f"wrote:{name}")
+
+
+# A local file's temporary copy, which a writer killed between writing and renaming it leaves behind:
+# ``atomic_write``'s (mkstemp prefix) and Zarr LocalStore's (``NAME.<uuid4 hex>.partial``).
+_DEBRIS = re.compile(r"(^|/)\.tmp-[^/]*$|\.[0-9a-f]{32}\.partial$")
+
+
+def is_debris(rel: str) -> bool:
+    """Whether ``rel`` is a temporary file left by a writer killed mid-write (never part of a cache)."""
+    return _DEBRIS.search(rel) is not None
 
 
 class CacheStore:
@@ -91,12 +110,14 @@ class CacheStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.read_only:
             raise PermissionError(f"{self.url} is open read-only; refusing to write {rel}")
-        atomic_write(self.fs, self.path(rel), data)
+        atomic_write(self.fs, self.path(rel), data, name=rel)
 
     def remove(self, rel: str) -> None:
         if self.read_only:
             raise PermissionError(f"{self.url} is open read-only; refusing to remove {rel}")
+        crash_point(f"remove:{rel}")
         self.fs.rm(self.path(rel))
+        crash_point(f"removed:{rel}")
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -136,10 +157,20 @@ class CacheStore:
 
     # --- integrity ------------------------------------------------------------------
 
-    def objects(self) -> list[str]:
-        """Every object in the store, as paths relative to its root, sorted."""
+    def objects(self, *, debris: bool = False) -> list[str]:
+        """Every object in the store, as paths relative to its root, sorted; with ``debris``, only the
+        temporary files a killed writer left behind (see :func:`is_debris`), which are otherwise left out."""
         root = self.root.rstrip("/")
-        return sorted(p[len(root) + 1:] for p in self.fs.find(root) if p.startswith(root + "/"))
+        rels = (p[len(root) + 1:] for p in self.fs.find(root) if p.startswith(root + "/"))
+        return sorted(p for p in rels if is_debris(p) == debris)
+
+    def remove_debris(self) -> list[str]:
+        """Remove the temporary files of writers killed mid-write (the job calls it under its lease, when no
+        one else writes); returns them."""
+        found = self.objects(debris=True)
+        for rel in found:
+            self.fs.rm(self.path(rel))
+        return found
 
     def checksummed_objects(self) -> list[str]:
         """The objects ``checksums.json`` covers: all but array shards (in the unit records) and
@@ -209,6 +240,7 @@ class CacheStore:
             block = np.full((S, 1, *arr.shape[2:]), arr.fill_value, dtype=arr.dtype)
             block[: rows.shape[0], 0] = rows
             arr[tar * S:(tar + 1) * S, view:view + 1] = block
+            crash_point(f"shard:{name} t{tar} v{view}")
             stored = self.read_shard_object(m, name, tar, view)
             shas[name], sizes[name] = hashlib.sha256(stored).hexdigest(), len(stored)
         return shas, sizes

@@ -31,6 +31,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from pipeline.catalog import find_cache
+from pipeline.crash_points import crash_point
 from pipeline.store import CacheStore, atomic_write
 from pipeline.targets import encode_targets
 from pipeline.teacher import Teacher, resolve_input
@@ -121,6 +122,7 @@ class Trainer:
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
         self.out = Path(cfg.output)
         self.epoch, self.step = 0, 0
+        self.result: dict = {}  # the last finished epoch's figures (what final.json reports)
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda"
                     else contextlib.nullcontext())
 
@@ -202,7 +204,7 @@ class Trainer:
         final = self.out / "final.json"
         if self.epoch >= self.cfg.optim.epochs and final.exists():
             return json.loads(final.read_text())  # already trained: nothing to redo
-        result, t_fit = {}, time.time()
+        t_fit = time.time()
         for epoch in range(self.epoch, self.cfg.optim.epochs):
             if not resumed:
                 self.dataset.set_epoch(epoch)
@@ -217,6 +219,7 @@ class Trainer:
                 for batch in self.dataset.loader(self.cfg.data.batch_size, num_workers=self.cfg.data.num_workers,
                                                  device=self.device):
                     logs = self.train_step(batch)
+                    crash_point(f"train:step {self.step}")
                     seen += len(batch.labels)
                     loss_sum, steps = loss_sum + float(logs["loss"]), steps + 1
                     bar.update(1)
@@ -235,13 +238,12 @@ class Trainer:
                 val = f", val top-1 {result['val_top1']:.2f}%" if "val_top1" in result else ""
                 tqdm.write(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss {loss_sum / max(steps, 1):.4f}, "
                            f"{result['samples_per_s']:.1f} samples/s{val}", file=sys.stderr)
-            self.epoch = epoch + 1
+            self.epoch, self.result = epoch + 1, result
             self.save(self.out / "last.pt", epoch_done=True)
+        result = {**self.result, "train_seconds": time.time() - t_fit, "cache": self._cache_ref()}
         if self.rank == 0:
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
-            result["train_seconds"] = time.time() - t_fit
-            result["cache"] = self._cache_ref()
-            final.write_text(json.dumps(result, indent=1))
+            atomic_write(LocalFileSystem(), str(final), json.dumps(result, indent=1).encode())
         return result
 
     def evaluate(self) -> dict[str, float]:
@@ -270,6 +272,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "data": None if epoch_done else data,
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                "result": self.result,  # the last finished epoch's (final.json, if a kill comes before it)
                 "cache": self._cache_ref(weights=True)}
         buf = io.BytesIO()
         torch.save(ckpt, buf)
@@ -311,6 +314,7 @@ class Trainer:
         if self.ema is not None and ck["ema"] is not None:
             self.ema.module.load_state_dict(ck["ema"])
         self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+        self.result = dict(ck.get("result") or {})  # older checkpoints have none
         if ck["data"] is not None:
             self.dataset.load_state_dict(ck["data"])
             return True
