@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from pipeline.crash_points import AT, HOLD_AT, HOLD_UNTIL, MARKER, TRACE
-from pipeline.store import CacheStore
+from pipeline.store import CacheNotReadyError, CacheStore
 from storage_schemas import layout
 from tests.conftest import cache_config
 from tests.pipeline.test_job import _actor_pids, data_files
@@ -144,7 +144,14 @@ def test_cache_killed_at_a_crash_point_resumes_to_the_same_cache(cache_runs, cas
     assert marker.exists(), f"stage {stage}: {name}#{n} was never passed; stderr: {r.stderr[-2000:]}"
     # the driver dies with SIGKILL; an actor killed mid-unit is restarted by Ray and the job finishes
     assert r.returncode in (0, -signal.SIGKILL), r.stderr[-3000:]
+    if (out / layout.MANIFEST).exists() and '"status": "building"' in (out / layout.MANIFEST).read_text():
+        with pytest.raises(CacheNotReadyError, match="--allow-partial"):  # readers are told, not served half
+            CacheStore(str(out), read_only=True).read_manifest()
     time.sleep(2.5)  # a dead driver's lease expires (job.lease_ttl_s = 2)
+    if (out / layout.LEASE).exists():  # the driver died holding it: refused until the user says --resume
+        refused = run(cmd, env)
+        last = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 2 and "abandoned lease" in last and "--resume" in last, refused.stderr[-2000:]
     again = run(cmd + ["--resume"], env)
     assert again.returncode == 0, f"{name}#{n}: the rerun failed: {again.stderr[-3000:]}"
     want = root / f"stage{stage}.zarr"
