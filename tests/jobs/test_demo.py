@@ -86,7 +86,11 @@ def test_train_students_means_per_seed_logs_and_reuses_finished_runs(reference, 
     assert row["baseline_top1"] == statistics.mean(logged["ce"])
     assert row["kd_top1"] == statistics.mean(logged["ce+kd"])
     assert row["gain"] == row["kd_top1"] - row["baseline_top1"]
-    assert sorted(row["kd_per_seed"]) == sorted(logged["ce+kd"]) and row["seeds"] == [0, 1]
+    assert [s["seed"] for s in row["seeds"]] == [0, 1]
+    assert sorted(s["kd_top1"] for s in row["seeds"]) == sorted(logged["ce+kd"])
+    assert sorted(s["baseline_top1"] for s in row["seeds"]) == sorted(logged["ce"])
+    spread = max(statistics.stdev(logged["ce"]), statistics.stdev(logged["ce+kd"]))
+    assert row["beyond_noise"] == (row["gain"] > 2 * spread)
 
     stamps = {r: (r / "last.pt").stat().st_mtime_ns for r in runs}
     assert train_students(**kw) == [row]  # nothing retrained: same numbers, checkpoints untouched
@@ -95,5 +99,8 @@ def test_train_students_means_per_seed_logs_and_reuses_finished_runs(reference, 
     teacher = {"model": "vit", "top1": 90.0}
     table = format_table(teacher, {"bytes_total": 2e6, "bytes_per_view": 3e3, "num_views": 2}, [row])
     assert "tiny mixer" in table and f"{row['gain']:+.2f}" in table
+    assert f"{row['kd_top1']:.2f} ± {statistics.stdev(logged['ce+kd']):.2f}" in table
+    line = next(x for x in table.splitlines() if "tiny mixer" in x)
+    assert line.split(f"{row['gain']:+.2f}")[1].startswith("~" if not row["beyond_noise"] else " ")
     plot_results(teacher, [row], tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
