@@ -162,7 +162,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(a.workdir, quick=a.quick, force=a.force, address=a.address, seeds=a.seeds,
-             students=not a.no_students)
+             students=not a.no_students, train=a.train_teacher)
     return 0
 
 
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds; table = mean (default 0)")
     m.add_argument("--no-students", action="store_true", help="stop after the cache (steps 1-3)")
     m.add_argument("--force", action="store_true", help="redo everything: teacher, cache and students")
+    m.add_argument("--train-teacher", action="store_true",
+                   help="train the teacher here (the shipped one's recipe, jobs/assets/demo_teacher.json) instead of "
+                        "using the weights shipped with the package")
     m.add_argument("--address", default=None, help="Ray address (default: private local instance)")
     m.set_defaults(fn=cmd_demo)
     return p
