@@ -162,7 +162,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(a.workdir, quick=a.quick, force=a.force, address=a.address, seeds=a.seeds,
-             students=not a.no_students, train=a.train_teacher)
+             students=not a.no_students, train=a.train_teacher, jobs=a.jobs)
     return 0
 
 
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewer epochs and views, for smoke tests; teacher, cache and results go to WORKDIR/quick")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds; table = mean (default 0)")
     m.add_argument("--no-students", action="store_true", help="stop after the cache (steps 1-3)")
+    m.add_argument("--jobs", type=int, default=2,
+                   help="student runs trained at once, each in its own process with an equal share of the CPU "
+                        "threads (default 2: on 2 cores two 1-thread runs beat one 2-thread run; 1 = in this process)")
     m.add_argument("--force", action="store_true", help="redo everything: teacher, cache and students")
     m.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here (the shipped one's recipe, jobs/assets/demo_teacher.json) instead of "

@@ -101,7 +101,7 @@ def train_teacher(cfg: CacheConfig, workdir: Path, out: Path, epochs: int = TEAC
 
 
 def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address: str | None = None,
-             seeds: list[int] = (0,), students: bool = True, train: bool = False) -> dict:
+             seeds: list[int] = (0,), students: bool = True, train: bool = False, jobs: int = 2) -> dict:
     """The demo in ``workdir``; ``train``: train the teacher here instead of using the shipped one."""
     from pipeline.digits import write_digits
     from pipeline.job import run_cache_job
@@ -148,7 +148,7 @@ def run_demo(workdir: str, *, quick: bool = False, force: bool = False, address:
     if students:
         rows = train_students(cache_url=cfg.output.url, val_urls=f"{wd}/data/val-{{000000..000001}}.tar",
                               runs_dir=out / "runs", quick=quick, seeds=list(seeds),
-                              teacher_sha256=m.teacher.weights_sha256)
+                              teacher_sha256=m.teacher.weights_sha256, jobs=jobs)
     results = {
         "teacher": {"model": teacher["model"], "model_kwargs": teacher["model_kwargs"], "top1": teacher["top1"]},
         "cache": cache,

@@ -73,31 +73,69 @@ def run_config(config: dict, *, cache_url: str, val_urls: str, runs_dir: Path, e
     return {**cfg, "output": str(Path(runs_dir) / name)}
 
 
-def train_one(cfg: dict) -> dict:
+def train_one(cfg: dict, progress: bool = True, threads: int | None = None) -> dict:
+    import torch
+
     from student.config import TrainConfig
     from student.trainer import Trainer
 
-    result = Trainer(TrainConfig.model_validate(cfg)).fit()
+    if threads:
+        torch.set_num_threads(threads)
+    result = Trainer(TrainConfig.model_validate(cfg), progress=progress).fit()
     return {"top1": result["val_top1"], "top5": result.get("val_top5"),
             "train_seconds": result.get("train_seconds"), "output": cfg["output"]}
 
 
 def train_students(*, cache_url: str, val_urls: str, runs_dir: Path, quick: bool, seeds: list[int],
-                   teacher_sha256: str, spec: DemoStudents | None = None) -> list[dict]:
-    """Train every run of the line-up (KD and baseline) for every seed; one summary row per run."""
+                   teacher_sha256: str, spec: DemoStudents | None = None, jobs: int = 1) -> list[dict]:
+    """Train every run of the line-up (KD and baseline) for every seed; one summary row per run. ``jobs`` > 1
+    trains that many runs at once, each in its own process with an equal share of the CPU threads (small
+    models use several cores poorly, so on 2 cores two 1-thread runs finish sooner than two 2-thread runs in
+    turn); their progress bars are off, each run prints its epochs' lines."""
     spec = spec or load_students()
-    rows = []
+    todo = []  # (row index, kind, config), in the order the line-up lists them
     for i, run in enumerate(spec.runs):
-        epochs = run.epochs["quick" if quick else "full"]
         config = merge_config(spec.common, run.config)
-        res: dict[str, list[dict]] = {"kd": [], "baseline": []}
         for seed in seeds:
             for kind, c in (("baseline", baseline_of(config)), ("kd", config)):
-                cfg = run_config(c, cache_url=cache_url, val_urls=val_urls, runs_dir=runs_dir, epochs=epochs,
-                                 seed=seed, teacher_sha256=teacher_sha256)
-                print(f"[4/4] student {i + 1}/{len(spec.runs)}: {run.label}, {kind} ({cfg['methods']}), "
-                      f"seed {seed}, {epochs} epochs → {cfg['output']}", flush=True)
-                res[kind].append(train_one(cfg))
+                todo.append((i, kind, run_config(c, cache_url=cache_url, val_urls=val_urls, runs_dir=runs_dir,
+                                                 epochs=run.epochs["quick" if quick else "full"], seed=seed,
+                                                 teacher_sha256=teacher_sha256)))
+
+    def announce(i: int, kind: str, cfg: dict) -> None:
+        print(f"[4/4] student {spec.runs[i].label}, {kind} ({cfg['methods']}), seed {cfg['seed']}, "
+              f"{cfg['optim']['epochs']} epochs → {cfg['output']}", flush=True)
+
+    if jobs > 1:
+        import multiprocessing as mp
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or jobs) // jobs)
+        print(f"[4/4] {len(todo)} student runs, {jobs} at a time ({threads} thread{'s' * (threads > 1)} each)",
+              flush=True)
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(train_one, cfg, False, threads): n for n, (_, _, cfg) in enumerate(todo)}
+            results: list = [None] * len(todo)
+            for k, f in enumerate(as_completed(futures), 1):
+                n = futures[f]
+                results[n] = f.result()
+                i, kind, cfg = todo[n]
+                print(f"[4/4] {k}/{len(todo)} done: {spec.runs[i].label}, {kind}, seed {cfg['seed']}: "
+                      f"{results[n]['top1']:.2f}% val top-1 in {results[n]['train_seconds'] or 0:.0f} s", flush=True)
+    else:
+        results = []
+        for i, kind, cfg in todo:
+            announce(i, kind, cfg)
+            results.append(train_one(cfg))
+    rows = []
+    for i, run in enumerate(spec.runs):
+        config = merge_config(spec.common, run.config)
+        epochs = run.epochs["quick" if quick else "full"]
+        res: dict[str, list[dict]] = {"kd": [], "baseline": []}
+        for (j, kind, _), result in zip(todo, results, strict=True):
+            if j == i:
+                res[kind].append(result)
         base = [r["top1"] for r in res["baseline"]]
         kd = [r["top1"] for r in res["kd"]]
         gain, spread = statistics.mean(kd) - statistics.mean(base), max(_std(base), _std(kd))
