@@ -34,11 +34,18 @@ class DemoRun(_Strict):
     method: str
     epochs: dict[Literal["full", "quick"], int]
     config: dict[str, Any]
+    quick: dict[str, Any] = {}  # config keys that differ under --quick
 
 
 class DemoStudents(_Strict):
     common: dict[str, Any] = {}
+    quick: dict[str, Any] = {}  # common keys that differ under --quick
     runs: list[DemoRun]
+
+    def config(self, run: DemoRun, quick: bool) -> dict:
+        """``run``'s training config: common keys, the run's own, then under ``quick`` both quick overrides."""
+        c = merge_config(self.common, run.config)
+        return merge_config(merge_config(c, self.quick), run.quick) if quick else c
 
 
 def load_students(path: Path = STUDENTS) -> DemoStudents:
@@ -95,7 +102,7 @@ def train_students(*, cache_url: str, val_urls: str, runs_dir: Path, quick: bool
     spec = spec or load_students()
     todo = []  # (row index, kind, config), in the order the line-up lists them
     for i, run in enumerate(spec.runs):
-        config = merge_config(spec.common, run.config)
+        config = spec.config(run, quick)
         for seed in seeds:
             for kind, c in (("baseline", baseline_of(config)), ("kd", config)):
                 todo.append((i, kind, run_config(c, cache_url=cache_url, val_urls=val_urls, runs_dir=runs_dir,
@@ -130,7 +137,7 @@ def train_students(*, cache_url: str, val_urls: str, runs_dir: Path, quick: bool
             results.append(train_one(cfg))
     rows = []
     for i, run in enumerate(spec.runs):
-        config = merge_config(spec.common, run.config)
+        config = spec.config(run, quick)
         epochs = run.epochs["quick" if quick else "full"]
         res: dict[str, list[dict]] = {"kd": [], "baseline": []}
         for (j, kind, _), result in zip(todo, results, strict=True):

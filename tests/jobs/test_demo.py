@@ -33,14 +33,15 @@ def test_shipped_lineup_validates_and_covers_every_method(tmp_path):
     cache_taps = {t.name for t in load_config(CacheConfig, DEMO).targets.features}
     methods_seen = set()
     for run in spec.runs:
-        merged = {**spec.common, **run.config}
-        for c in (merged, baseline_of(merged)):
-            cfg = TrainConfig.model_validate(run_config(c, cache_url="x.zarr", val_urls="v.tar", runs_dir=tmp_path,
-                                                        epochs=run.epochs["full"], seed=0, teacher_sha256="ab"))
-            names = cfg.methods.split("+")
-            assert set(names) <= set(method_names())
-            timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
-        methods_seen |= set(merged["methods"].split("+"))
+        for mode in ("full", "quick"):
+            merged = spec.config(run, quick=mode == "quick")
+            for c in (merged, baseline_of(merged)):
+                cfg = TrainConfig.model_validate(run_config(c, cache_url="x.zarr", val_urls="v.tar", runs_dir=tmp_path,
+                                                            epochs=run.epochs[mode], seed=0, teacher_sha256="ab"))
+                names = cfg.methods.split("+")
+                assert set(names) <= set(method_names())
+                timm.create_model(cfg.student.model, **cfg.student.model_kwargs)
+            methods_seen |= set(merged["methods"].split("+"))
         assert run.epochs["quick"] <= run.epochs["full"]
     # the line-up: vanilla KD, ViTKD, ScaleKD on a CNN and on an MLP; the taps they read are cached
     assert {"kd", "vitkd", "scalekd"} <= methods_seen
