@@ -20,7 +20,7 @@ from pipeline.unit import UnitRunner
 from pipeline.views import apply_view, mix_views, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.config import CacheConfig
-from storage_schemas.views import MixRecord, ViewRecipe
+from storage_schemas.views import MixRecipe, MixRecord, ViewRecipe
 from tests.conftest import cache_config
 
 from .test_job import data_files, live_teacher
@@ -84,6 +84,10 @@ def test_mixed_rerun_is_byte_identical(mixed_cache, small_digits, tiny_teacher, 
     a, b = data_files(mixed_cache["path"]), data_files(tmp_path / "again.zarr")
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
     assert again.identity == mixed_cache["manifest"].identity
+    # the stored manifest reads back with its mix recipe and recomputes its identity
+    stored = CacheStore(str(tmp_path / "again.zarr"), read_only=True).read_manifest()
+    assert stored.config.views.mix == MixRecipe(**MIX) and stored.schema_version == "1.6"
+    assert stored.content_identity() == again.identity
 
 
 # --- the mixing stage on its own: bad and missing partners, memory ------------------------
