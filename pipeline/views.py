@@ -16,7 +16,8 @@ Resolution independence:
 Only the erasing noise is per output pixel, so it cannot be resolution independent.
 
 Mixed views (timm's ``Mixup``/CutMix, ``timm.data.mixup``): :func:`sample_mix` draws a view's λ, mode,
-CutMix box (fractions of a unit square, like erasing) and partner sample of the same tar; the caller
+CutMix box (fractions of a unit square, like erasing) and partner sample of the same tar and block of
+``views.mix.window`` positions (:func:`mix_block`); the caller
 replays the sample and its partner with :func:`apply_view` and mixes them with :func:`mix_views`.
 """
 
@@ -42,7 +43,8 @@ from storage_schemas.views import (
     ViewRecord,
 )
 
-__all__ = ["apply_view", "eval_view", "mix_box_pixels", "mix_views", "op_argument", "sample_mix", "sample_view"]
+__all__ = ["apply_view", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "op_argument", "sample_mix",
+           "sample_view"]
 
 _LEVEL_DENOM = 10.0  # timm's magnitude scale: level = magnitude / 10
 _MIX_STREAM = 0x6D6978  # "mix": fifth seed word of a view's mix generator, apart from its view generator
@@ -171,12 +173,19 @@ def _sample_cutmix_box(rng: np.random.Generator, mix: MixRecipe, lam: float) -> 
     return (_f32(x0), _f32(y0), _f32(x1 - x0), _f32(y1 - y0))
 
 
-def _draw_partner(rng: np.random.Generator, position: int, count: int, valid: Sequence[bool] | None) -> int:
-    """The first valid position in a seeded sequence of draws uniform over the tar's other positions."""
-    if count < 2 or (valid is not None and not any(v for q, v in enumerate(valid) if q != position)):
+def mix_block(position: int, count: int, window: int) -> range:
+    """The positions ``position``'s partner is drawn from: its aligned block ``[k·window, (k+1)·window)``,
+    ``k = position // window``, cut at the tar's ``count``."""
+    start = position // window * window
+    return range(start, min(start + window, count))
+
+
+def _draw_partner(rng: np.random.Generator, position: int, block: range, valid: Sequence[bool] | None) -> int:
+    """The first valid position in a seeded sequence of draws uniform over the other positions of ``block``."""
+    if len(block) < 2 or (valid is not None and not any(valid[q] for q in block if q != position)):
         return NO_PARTNER
-    while True:  # terminates: some other position is valid
-        q = int(rng.integers(0, count - 1))
+    while True:  # terminates: some other position of the block is valid
+        q = block.start + int(rng.integers(0, len(block) - 1))
         q += q >= position  # skip the sample itself
         if valid is None or valid[q]:
             return q
@@ -192,11 +201,14 @@ def sample_mix(
       (rounded to float32 as timm does), applied with ``prob``; as in timm a λ of exactly 1 is unmixed.
     - CutMix box: :func:`_sample_cutmix_box`; with ``correct_lam`` (always with ``cutmix_minmax``) λ is
       ``1 - w·h`` of the stored box, so the stored λ is the pasted area's complement at any resolution.
-    - partner: uniform over the *other* positions of the same tar (``0 <= partner < count``, never
-      ``position``), redrawn until it is valid; so it needs only ``count`` (the tar's number of samples)
-      when every position is valid, and ``valid`` (``valid[q]``: position ``q`` holds a usable sample,
-      ``len(valid) == count``) otherwise. It depends only on the validity of the positions it draws, up to
-      the first valid one. No valid other position: the view is unmixed.
+    - partner: uniform over the *other* positions of the sample's block (:func:`mix_block`: the aligned
+      ``mix.window`` positions around it, cut at ``count``; never ``position``), redrawn until it is valid;
+      so it needs only ``count`` (the tar's number of samples) when every position is valid, and ``valid``
+      (``valid[q]``: position ``q`` holds a usable sample, ``len(valid) == count``) otherwise. It depends only
+      on the validity of the positions it draws, up to the first valid one. No valid other position in the
+      block (e.g. a last block of one position): the view is unmixed. The block is timm's batch: timm pairs
+      images of one batch, and a block lets whoever replays the tar in order (the caching job, a streaming
+      student) hold one block of images at a time, not the whole tar.
 
     Drawn from a generator of its own, seeded by (recipe seed, tar, position, view, a mix tag): the mix does not
     depend on the image (nor do the other fields of the record on the mix), and mode, λ and box are drawn
@@ -225,7 +237,7 @@ def sample_mix(
         box = _sample_cutmix_box(rng, mix, lam)
         if mix.correct_lam or mix.cutmix_minmax is not None:
             lam = _f32(1.0 - box[2] * box[3])
-    partner = _draw_partner(rng, position, count, valid)
+    partner = _draw_partner(rng, position, mix_block(position, count, mix.window), valid)
     if partner == NO_PARTNER:
         return MixRecord()
     return MixRecord(partner=partner, mode="cutmix" if cutmix else "mixup", lam=lam, box=box)

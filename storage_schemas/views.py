@@ -160,6 +160,9 @@ class MixRecipe(_Strict):
     - ``prob``: probability that a view is mixed at all; ``switch_prob``: CutMix instead of Mixup when
       both are active.
     - ``correct_lam``: λ of a CutMix view is ``1 - box area`` (the box is clipped by the borders).
+    - ``window``: the partner is another sample of the same block of ``window`` positions of the tar (blocks
+      ``[k·window, (k+1)·window)``), as timm pairs images within one batch; so the caching job and a student
+      streaming the tar hold one block of images at a time, not the whole tar. Part of the cache's identity.
     """
 
     mixup_alpha: float = Field(0.0, ge=0)
@@ -168,6 +171,7 @@ class MixRecipe(_Strict):
     prob: float = Field(1.0, ge=0, le=1)
     switch_prob: float = Field(0.5, ge=0, le=1)
     correct_lam: bool = True
+    window: int = Field(128, ge=2)
 
     @field_validator("cutmix_minmax")
     @classmethod
@@ -238,7 +242,8 @@ def _check_box(v: tuple[float, float, float, float], what: str, eps: float = 1e-
 class MixRecord(_Strict):
     """How a view is mixed (timm ``Mixup``, one element): resolution independent.
 
-    ``partner`` is the position of the partner sample in the same tar (:data:`NO_PARTNER` when unmixed); the
+    ``partner`` is the position of the partner sample in the same tar and the same block of ``window`` positions
+    (:data:`NO_PARTNER` when unmixed); the
     partner is replayed by its own record of the same view index (``pipeline.views.mix_views``). ``lam`` is
     the applied λ, the weight of this sample's image and label: for CutMix after ``correct_lam``. ``box`` is the
     CutMix box ``(x0, y0, w, h)`` in fractions of the output image, pasted from the partner (zeros otherwise).

@@ -1,5 +1,6 @@
 """Mixed views (issue 14 item 1): the mix record is sampled as timm's ``Mixup`` draws its parameters, the partner
-is a valid other sample of the same tar, ``mix_views`` mixes as timm does, and the record round-trips the arrays.
+is a valid other sample of the same tar and block of ``window`` positions, ``mix_views`` mixes as timm does, and
+the record round-trips the arrays.
 
 timm's own code is the reference throughout: ``Mixup._params_per_elem`` and ``cutmix_bbox_and_lam`` for the
 distributions, ``Mixup._mix_elem`` for the mixed tensor.
@@ -12,7 +13,7 @@ import pytest
 import torch
 from timm.data import mixup as timm_mixup
 
-from pipeline.views import mix_box_pixels, mix_views, sample_mix, sample_view
+from pipeline.views import mix_block, mix_box_pixels, mix_views, sample_mix, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.identity import lineage_key
 from storage_schemas.views import NO_PARTNER, MixRecipe, MixRecord, ViewRecipe, ViewRecord
@@ -76,6 +77,9 @@ def test_recipe_validation():
     # timm forces CutMix's alpha to 1 when minmax is set
     assert MixRecipe(cutmix_minmax=(0.2, 0.8)).cutmix_beta == 1.0
     assert MixRecipe(cutmix_alpha=0.5).cutmix_beta == 0.5
+    with pytest.raises(ValueError, match="window"):
+        MixRecipe(mixup_alpha=1.0, window=1)
+    assert MixRecipe(mixup_alpha=1.0).window == 128
 
 
 def test_recipe_without_mix_keeps_dump_identity_and_arrays():
@@ -85,9 +89,13 @@ def test_recipe_without_mix_keeps_dump_identity_and_arrays():
     key = lineage_key({"model": "m", "model_kwargs": {}, "weights_sha256": "0", "input_size": 8, "mean": [0] * 3,
                        "std": [1] * 3}, plain.model_dump(mode="json"), {})
     mixed = ViewRecipe(mix={"mixup_alpha": 0.1}).model_dump(mode="json")
-    assert mixed["mix"]["mixup_alpha"] == 0.1
-    assert key != lineage_key({"model": "m", "model_kwargs": {}, "weights_sha256": "0", "input_size": 8,
-                               "mean": [0] * 3, "std": [1] * 3}, mixed, {})
+    assert mixed["mix"]["mixup_alpha"] == 0.1 and mixed["mix"]["window"] == 128
+    teacher = {"model": "m", "model_kwargs": {}, "weights_sha256": "0", "input_size": 8, "mean": [0] * 3,
+               "std": [1] * 3}
+    assert key != lineage_key(teacher, mixed, {})
+    # the window decides the partners, so it is part of the identity
+    other = ViewRecipe(mix={"mixup_alpha": 0.1, "window": 64}).model_dump(mode="json")
+    assert lineage_key(teacher, other, {}) != lineage_key(teacher, mixed, {})
     names = {s.name for s in A.cache_arrays(plain, [], 4)}
     assert not names & set(A.VIEW_MIX_ARRAYS)
     assert set(A.VIEW_MIX_ARRAYS) <= {s.name for s in A.cache_arrays(ViewRecipe(mix={"mixup_alpha": 0.1}), [], 4)}
@@ -163,45 +171,60 @@ def test_unmixed_views_have_no_partner_lam_or_box():
 # --- the partner --------------------------------------------------------------------------
 
 
-def test_partner_in_same_tar_never_itself_never_invalid():
-    recipe = _recipe(mixup_alpha=1.0)
-    rng = np.random.default_rng(0)
-    for count in (2, 3, 7, 50, 1250):
-        valid = rng.random(count) < 0.7
-        valid[:2] = True  # at least one other valid position for every sample
-        for position in range(min(count, 60)):
-            for view in range(5):
-                for mask in (None, valid):
-                    r = sample_mix(recipe, tar=3, position=position, view=view, count=count, valid=mask)
-                    assert r.mode == "mixup"
-                    assert 0 <= r.partner < count and r.partner != position
-                    assert mask is None or mask[r.partner]
+def test_mix_block():
+    assert mix_block(0, 1250, 128) == range(0, 128) and mix_block(127, 1250, 128) == range(0, 128)
+    assert mix_block(128, 1250, 128) == range(128, 256)
+    assert mix_block(1249, 1250, 128) == range(1152, 1250)  # the last block is cut at the tar's end
+    assert mix_block(128, 129, 128) == range(128, 129)
 
 
-def test_partner_is_uniform_over_the_valid_others():
-    recipe = _recipe(mixup_alpha=1.0)
-    count, position = 10, 4
+@pytest.mark.parametrize("count,window", [(2, 128), (3, 2), (7, 3), (50, 8), (1250, 128), (300, 1000)])
+def test_partner_in_same_block_never_itself_never_invalid(count, window):
+    """The partner is in the sample's aligned block of ``window`` positions (so in the same tar), never the
+    sample itself, never invalid; a block with no other valid position leaves the view unmixed."""
+    recipe = _recipe(mixup_alpha=1.0, window=window)
+    valid = np.random.default_rng(count).random(count) < 0.7
+    for position in range(count):
+        block = range(position // window * window, min((position // window + 1) * window, count))
+        for view in range(3):
+            for mask in (None, valid):
+                r = sample_mix(recipe, tar=3, position=position, view=view, count=count, valid=mask)
+                others = [q for q in block if q != position and (mask is None or mask[q])]
+                if not others:
+                    assert r == MixRecord()
+                    continue
+                assert r.mode == "mixup"
+                assert r.partner in block and 0 <= r.partner < count and r.partner != position
+                assert mask is None or mask[r.partner]
+
+
+@pytest.mark.parametrize("position", [4, 24, 45])
+def test_partner_is_uniform_over_the_valid_others_of_its_block(position):
+    recipe = _recipe(mixup_alpha=1.0, window=10)
+    count = 47  # the last block is 40..46
     valid = np.ones(count, bool)
-    valid[[1, 7]] = False
+    valid[[1, 7, 21, 23, 28, 33, 42]] = False
     partners = [sample_mix(recipe, tar=t, position=position, view=v, count=count, valid=valid).partner
                 for t in range(40) for v in range(50)]
     hist = np.bincount(partners, minlength=count)
-    assert hist[[1, 4, 7]].sum() == 0
-    allowed = hist[valid & (np.arange(count) != position)]
-    expected = len(partners) / len(allowed)
-    # chi-square with 6 degrees of freedom: 22.5 at p = 0.001
-    assert ((allowed - expected) ** 2 / expected).sum() < 22.5
+    block = np.zeros(count, bool)
+    block[position // 10 * 10:min(position // 10 * 10 + 10, count)] = True
+    allowed = block & valid & (np.arange(count) != position)
+    assert hist[~allowed].sum() == 0
+    expected = len(partners) / allowed.sum()
+    # chi-square with allowed - 1 (5 to 7) degrees of freedom: below 22.5 with p > 0.002 for each
+    assert ((hist[allowed] - expected) ** 2 / expected).sum() < 22.5
 
 
 def test_partner_needs_only_the_validity_of_what_it_draws():
     """With every position valid the partner is the first draw, so ``count`` suffices; a mask changes the
     partner only where it marks that draw invalid, and λ, mode and box never depend on it."""
-    recipe = _recipe(mixup_alpha=0.8, cutmix_alpha=1.0)
+    recipe = _recipe(mixup_alpha=0.8, cutmix_alpha=1.0, window=8)
     count = 30
     for position in range(count):
         free = sample_mix(recipe, tar=0, position=position, view=1, count=count)
         valid = np.ones(count, bool)
-        valid[(position + 1) % count] = False  # some other sample is bad
+        valid[position ^ 1] = False  # some other sample of its block is bad
         masked = sample_mix(recipe, tar=0, position=position, view=1, count=count, valid=valid)
         if valid[free.partner]:
             assert masked == free
@@ -215,6 +238,13 @@ def test_no_valid_partner_means_unmixed():
     for view in range(20):
         r = sample_mix(recipe, tar=0, position=2, view=view, count=4, valid=[False, False, True, False])
         assert r == MixRecord()
+    # valid others outside the block do not count
+    windowed = _recipe(cutmix_alpha=1.0, window=4)
+    valid = [True] * 4 + [False, True, False, False] + [True] * 4
+    assert all(sample_mix(windowed, tar=0, position=5, view=v, count=12, valid=valid) == MixRecord()
+               for v in range(20))
+    # nor does a last block of one position
+    assert all(sample_mix(windowed, tar=0, position=12, view=v, count=13) == MixRecord() for v in range(20))
     with pytest.raises(ValueError, match="outside"):
         sample_mix(recipe, tar=0, position=4, view=0, count=4)
     with pytest.raises(ValueError, match="validity"):
