@@ -6,6 +6,7 @@ sample's and its partner's views replayed with ``apply_view`` and mixed with ``m
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from pipeline.store import CacheStore
 from pipeline.targets import input_fingerprint
 from pipeline.tars import Sample, iter_samples
 from pipeline.unit import UnitRunner
-from pipeline.views import apply_view, mix_views, sample_view
+from pipeline.views import apply_view, mix_block, mix_views, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.config import CacheConfig
 from storage_schemas.views import MixRecipe, MixRecord, ViewRecipe
@@ -25,7 +26,7 @@ from tests.conftest import cache_config
 
 from .test_job import data_files, live_teacher
 
-MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.9}
+MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.9, "window": 32}  # ~90 samples a tar: 3 blocks each
 
 
 def _build(digits: dict, teacher: dict, out) -> tuple:
@@ -60,6 +61,7 @@ def test_mixed_targets_are_the_live_teacher_on_the_mixed_image(mixed_cache, tiny
                     continue
                 q = rec.mix.partner
                 assert q != pos and 0 <= q < len(samples) and rows[A.VALID][q] == 1  # same tar, never itself
+                assert q in mix_block(pos, len(samples), cfg.views.mix.window)
                 kw = dict(size=m.teacher.input_size, mean=m.teacher.mean, std=m.teacher.std)
                 x = mix_views(apply_view(s.image, rec, cfg.views, **kw),
                               apply_view(samples[q].image, A.decode_view(rows, q), cfg.views, **kw), rec.mix)[None]
@@ -93,8 +95,9 @@ def test_mixed_rerun_is_byte_identical(mixed_cache, small_digits, tiny_teacher, 
 # --- the mixing stage on its own: bad and missing partners, memory ------------------------
 
 
-def _stage(count: int):
-    recipe = ViewRecipe(randaugment=None, erase=None, mix={"mixup_alpha": 1.0, "cutmix_alpha": 1.0})
+def _stage(count: int, window: int = 128, prob: float = 1.0):
+    recipe = ViewRecipe(randaugment=None, erase=None, mix={"mixup_alpha": 1.0, "cutmix_alpha": 1.0,
+                                                             "window": window, "prob": prob})
     runner = UnitRunner.__new__(UnitRunner)  # the stage needs the recipe and the tar's count, no teacher
     runner.cfg = SimpleNamespace(views=recipe)
     runner.m = SimpleNamespace(dataset=SimpleNamespace(shards=[SimpleNamespace(count=count)]))
@@ -106,8 +109,9 @@ def _stage(count: int):
     return runner, views
 
 
-def test_stage_mixes_with_the_partners_own_view_in_any_order():
-    runner, views = _stage(12)
+@pytest.mark.parametrize("window", [4, 128])
+def test_stage_mixes_with_the_partners_own_view_in_any_order(window):
+    runner, views = _stage(12, window)
     out = {s.position: s for s in runner.mixed(iter(views.values()), 0, 0)}
     assert sorted(out) == list(range(12))
     for p, s in out.items():
@@ -117,8 +121,9 @@ def test_stage_mixes_with_the_partners_own_view_in_any_order():
         torch.testing.assert_close(s.x, want, rtol=0, atol=0)
 
 
-def test_stage_unmixes_views_whose_partner_is_bad_or_missing():
-    runner, views = _stage(12)
+@pytest.mark.parametrize("window", [5, 128])
+def test_stage_unmixes_views_whose_partner_is_bad_or_missing(window):
+    runner, views = _stage(12, window)
     partners = [v.record.mix.partner for v in views.values() if v.record.mix.mode != "none"]
     bad = Counter(q for q in partners if q < 10).most_common(1)[0][0]
     views[bad] = Sample(key=str(bad), position=bad, image=None, label=None, meta=None, skip_reason="broken")
@@ -133,3 +138,30 @@ def test_stage_unmixes_views_whose_partner_is_bad_or_missing():
             assert s.record.mix == MixRecord() and s.x is views[p].x  # unmixed, and the record says so
         else:
             assert s.record == views[p].record
+
+
+@pytest.mark.parametrize("window", [16, 64])
+def test_stage_holds_at_most_one_block_of_views(window):
+    """Partners stay in their block, so the stage never holds more than ``window`` own views (a 300-sample tar,
+    every view mixed): the bound the docstring of ``UnitRunner.mixed`` states."""
+    count = 300
+    runner, views = _stage(count, window)
+    assert all(v.record.mix.mode != "none" for v in views.values())
+    alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # own views not yet freed
+    peak = 0
+
+    def stream():
+        nonlocal peak
+        for p in range(count):
+            s = views.pop(p)  # the stream owns it from here: nothing outside the stage keeps it
+            alive[p] = s.x
+            yield s
+            del s
+            peak = max(peak, len(alive))
+
+    out = 0
+    for s in runner.mixed(stream(), 0, 0):
+        assert s.record.mix.mode != "none"
+        out += 1
+        del s
+    assert out == count and 0 < peak <= window
