@@ -172,7 +172,7 @@ def test_stage_holds_at_most_one_block_of_views(window):
     assert out == count and 0 < peak <= window
 
 
-# --- the tools on a mixed cache: train refuses ------------------------------------------
+# --- the tools on a mixed cache: train refuses, verify replays the mix -----------------
 
 
 def test_train_refuses_a_mixed_cache_through_the_cli(mixed_cache, tmp_path):
@@ -215,3 +215,17 @@ def test_online_teacher_is_not_refused_and_draws_fresh_views_unmixed(mixed_cache
     plain = sample_view(recipe.model_copy(update={"mix": None}), tar=0, position=s.position, view=7,
                         width=s.image.width, height=s.image.height)
     assert out.record == plain and out.x.shape == (3, 16, 16)
+
+
+def test_verify_replays_mixed_views(mixed_cache, tiny_teacher, monkeypatch):
+    from pipeline import views
+    from pipeline.verify import verify_cache
+
+    store = CacheStore(str(mixed_cache["path"]), read_only=True)
+    rep = verify_cache(store, teacher_checkpoint=tiny_teacher["checkpoint"], samples=32, progress=False)
+    assert rep.ok, rep.problems
+    assert rep.checked["teacher views replayed"] == 32
+    # the mix is what makes them agree: replayed unmixed, the live teacher differs from the cache
+    monkeypatch.setattr(views, "mix_views", lambda x, partner, mix: x)
+    rep = verify_cache(store, teacher_checkpoint=tiny_teacher["checkpoint"], samples=32, progress=False)
+    assert not rep.ok and any("differs" in p or "agrees" in p for p in rep.problems)
