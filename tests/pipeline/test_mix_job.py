@@ -7,6 +7,7 @@ sample's and its partner's views replayed with ``apply_view`` and mixed with ``m
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_stage_holds_at_most_one_block_of_views(window):
     assert out == count and 0 < peak <= window
 
 
-# --- the tools on a mixed cache: train refuses, verify replays the mix -----------------
+# --- the tools on a mixed cache: train refuses, verify replays the mix, inspect shows it --
 
 
 def test_train_refuses_a_mixed_cache_through_the_cli(mixed_cache, tmp_path):
@@ -229,3 +230,16 @@ def test_verify_replays_mixed_views(mixed_cache, tiny_teacher, monkeypatch):
     monkeypatch.setattr(views, "mix_views", lambda x, partner, mix: x)
     rep = verify_cache(store, teacher_checkpoint=tiny_teacher["checkpoint"], samples=32, progress=False)
     assert not rep.ok and any("differs" in p or "agrees" in p for p in rep.problems)
+
+
+def test_inspect_shows_the_mix_recipe(mixed_cache, small_cache):
+    from jobs.report import format_summary
+
+    s = mixed_cache["manifest"].summary()
+    assert s["mix"] == MixRecipe(**MIX).model_dump(mode="json")
+    text = format_summary(json.loads(json.dumps(s)), "c.zarr")  # as inspect --json would give it
+    line = next(x for x in text.splitlines() if x.startswith("mix "))
+    assert "mixup_alpha=0.8" in line and "cutmix_alpha=1.0" in line and "window=32" in line
+    plain = small_cache["manifest"].summary()
+    assert plain["mix"] is None
+    assert not any(x.startswith("mix ") for x in format_summary(plain, "c.zarr").splitlines())
