@@ -243,3 +243,11 @@ def test_inspect_shows_the_mix_recipe(mixed_cache, small_cache):
     plain = small_cache["manifest"].summary()
     assert plain["mix"] is None
     assert not any(x.startswith("mix ") for x in format_summary(plain, "c.zarr").splitlines())
+
+
+def test_supervised_run_refuses_mixed_views():
+    from student.config import DataOptions
+
+    with pytest.raises(ValueError, match="data.views.mix"):
+        DataOptions(train_urls="x.tar", views={"mix": {"mixup_alpha": 0.2}})
+    assert DataOptions(train_urls="x.tar", views={}).views.mix is None
