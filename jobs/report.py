@@ -43,6 +43,9 @@ def format_summary(s: dict, url: str) -> str:
         f"{s['skipped']} skipped",
         f"size       {mb(s['bytes_total'])} in all, {mb(s['bytes_per_view'])} per view",
     ]
+    if s.get("mix"):
+        lines.insert(5, "mix        " + ", ".join(f"{k}={v}" for k, v in s["mix"].items())
+                     + f" (views mixed in pairs within blocks of {s['mix']['window']} positions of a tar)")
     shown = s.get("skipped_samples", [])[:SHOW_SKIPPED]
     lines += [f"skipped    {k['tar']}: key {k['key']}: {k['reason']}" for k in shown]
     if s["skipped"] > len(shown):

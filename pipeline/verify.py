@@ -9,7 +9,7 @@ every object that is not an array shard (Zarr metadata, unit records, index, TPP
 - the records match the manifest: one per (tar, view), the tar's URL and sample count, valid =
   count − skipped, the rows flagged valid, labels within the classes, stats that add up;
 - with ``teacher``: N cached views are replayed at the teacher's input from their stored
-  records and pushed through the live teacher; its outputs, put through the cache's own codec,
+  records (a mixed view mixed with its partner's, as the job did) and pushed through the live teacher; its outputs, put through the cache's own codec,
   must match the stored rows.
 
 Problems are collected, not raised: one run lists every damaged object, each by its path.
@@ -214,13 +214,15 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
     """Replay ``samples`` cached views through the live teacher and compare with the stored rows.
 
     Views are taken from units in a seeded random order, a few per unit, replayed from their
-    stored records with the job's own code (``pipeline.views``) and encoded with its codec."""
+    stored records with the job's own code (``pipeline.views``) and encoded with its codec. A mixed
+    view (``views.mix``) is mixed with its partner replayed by the partner's own record of the same
+    unit (``mix_views``), as the caching job did: the teacher is compared on the mixed image."""
     import torch
 
     from .targets import encode_targets, to_numpy
     from .tars import iter_samples
     from .teacher import Teacher
-    from .views import apply_view
+    from .views import apply_view, mix_views
 
     try:
         teacher = Teacher.from_manifest(m, checkpoint)
@@ -241,14 +243,28 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
         rows = store.read_unit(m, s, v)
         valid = np.flatnonzero(rows[A.VALID].reshape(-1))
         pick = set(rng.choice(valid, size=min(per_unit, len(valid)), replace=False).tolist()) if len(valid) else set()
-        for sample in iter_samples(m.dataset.shards[s].url, input_storage_options, on_bad_sample="skip"):
-            if sample.position in pick and len(xs) < samples:
-                rec = decode_view(rows, sample.position)
-                xs.append(apply_view(sample.image, rec, recipe, size=teacher.input_size, mean=teacher.mean,
-                                     std=teacher.std))
-                keys.append((recipe.seed, s, sample.position, v))
-                for n in names:
-                    want[n].append(rows[n][sample.position])
+        records = {p: decode_view(rows, p) for p in pick}
+        need = pick | {r.mix.partner for r in records.values() if r.mix is not None and r.mix.mode != "none"}
+        images = {sample.position: sample.image
+                  for sample in iter_samples(m.dataset.shards[s].url, input_storage_options, on_bad_sample="skip")
+                  if sample.position in need and sample.image is not None}
+        kw = dict(size=teacher.input_size, mean=teacher.mean, std=teacher.std)
+        for p in sorted(pick):
+            if len(xs) >= samples or p not in images:
+                continue
+            rec = records[p]
+            x = apply_view(images[p], rec, recipe, **kw)
+            if rec.mix is not None and rec.mix.mode != "none":
+                q = rec.mix.partner
+                if q not in images:
+                    rep.problems.append(f"shard {s} view {v} position {p}: its mix partner, position {q}, "
+                                        "has no decodable sample in the tar")
+                    continue
+                x = mix_views(x, apply_view(images[q], decode_view(rows, q), recipe, **kw), rec.mix)
+            xs.append(x)
+            keys.append((recipe.seed, s, p, v))
+            for n in names:
+                want[n].append(rows[n][p])
     if not xs:
         rep.problems.append("teacher comparison: no valid cached view to replay")
         return

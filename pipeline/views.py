@@ -14,12 +14,17 @@ Resolution independence:
   translate, is relative to the output size (timm's ``TranslateXRel``/``YRel``);
 - erasing boxes are sampled in fractions of a unit square (see :func:`sample_view`).
 Only the erasing noise is per output pixel, so it cannot be resolution independent.
+
+Mixed views (timm's ``Mixup``/CutMix, ``timm.data.mixup``): :func:`sample_mix` draws a view's λ, mode,
+CutMix box (fractions of a unit square, like erasing) and partner sample of the same tar and block of
+``views.mix.window`` positions (:func:`mix_block`); the caller
+replays the sample and its partner with :func:`apply_view` and mixes them with :func:`mix_views`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,16 +33,21 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from storage_schemas.views import (
+    NO_PARTNER,
     EraseRecipe,
+    MixRecipe,
+    MixRecord,
     OpRecord,
     RandAugmentRecipe,
     ViewRecipe,
     ViewRecord,
 )
 
-__all__ = ["apply_view", "eval_view", "op_argument", "sample_view"]
+__all__ = ["apply_view", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "op_argument", "sample_mix",
+           "sample_view"]
 
 _LEVEL_DENOM = 10.0  # timm's magnitude scale: level = magnitude / 10
+_MIX_STREAM = 0x6D6978  # "mix": fifth seed word of a view's mix generator, apart from its view generator
 
 # Ops whose argument timm negates with probability 1/2 (``_randomly_negate``). Here the
 # sign is drawn at sampling time and carried by the stored magnitude.
@@ -143,8 +153,99 @@ def _sample_erase(rng: np.random.Generator, er: EraseRecipe) -> tuple:
     return tuple(boxes)
 
 
+def _sample_cutmix_box(rng: np.random.Generator, mix: MixRecipe, lam: float) -> tuple:
+    """timm ``rand_bbox`` / ``rand_bbox_minmax`` on a unit square: ``(x0, y0, w, h)`` fractions of the output.
+
+    timm samples in output pixels (unknown here): ``rand_bbox`` takes sides ``int(H·sqrt(1-λ))``, a centre
+    uniform over the pixels, and clips the box to the image; ``rand_bbox_minmax`` takes each side uniform
+    in ``[min, max)`` of the image side and a corner that keeps the box inside. These are the same draws in
+    fractions; up to pixel rounding (≤ 1 px per edge) the same distribution at every output size.
+    """
+    if mix.cutmix_minmax is not None:
+        lo, hi = mix.cutmix_minmax
+        h, w = rng.uniform(lo, hi), rng.uniform(lo, hi)  # timm: cut_h, then cut_w
+        y0, x0 = rng.uniform(0.0, 1.0 - h), rng.uniform(0.0, 1.0 - w)
+        return (_f32(x0), _f32(y0), _f32(w), _f32(h))
+    cut = math.sqrt(1.0 - lam)
+    cy, cx = rng.random(), rng.random()  # timm: cy, then cx
+    y0, y1 = max(cy - cut / 2, 0.0), min(cy + cut / 2, 1.0)
+    x0, x1 = max(cx - cut / 2, 0.0), min(cx + cut / 2, 1.0)
+    return (_f32(x0), _f32(y0), _f32(x1 - x0), _f32(y1 - y0))
+
+
+def mix_block(position: int, count: int, window: int) -> range:
+    """The positions ``position``'s partner is drawn from: its aligned block ``[k·window, (k+1)·window)``,
+    ``k = position // window``, cut at the tar's ``count``."""
+    start = position // window * window
+    return range(start, min(start + window, count))
+
+
+def _draw_partner(rng: np.random.Generator, position: int, block: range, valid: Sequence[bool] | None) -> int:
+    """The first valid position in a seeded sequence of draws uniform over the other positions of ``block``."""
+    if len(block) < 2 or (valid is not None and not any(valid[q] for q in block if q != position)):
+        return NO_PARTNER
+    while True:  # terminates: some other position of the block is valid
+        q = block.start + int(rng.integers(0, len(block) - 1))
+        q += q >= position  # skip the sample itself
+        if valid is None or valid[q]:
+            return q
+
+
+def sample_mix(
+    recipe: ViewRecipe, *, tar: int, position: int, view: int, count: int, valid: Sequence[bool] | None = None
+) -> MixRecord:
+    """Draw how view ``view`` of sample ``(tar, position)`` is mixed: timm ``Mixup._params_per_elem`` for one
+    element, then timm's ``cutmix_bbox_and_lam``, then a partner sample.
+
+    - mode and λ: with both alphas active CutMix with ``switch_prob``, λ ~ Beta(α, α) of the chosen mode
+      (rounded to float32 as timm does), applied with ``prob``; as in timm a λ of exactly 1 is unmixed.
+    - CutMix box: :func:`_sample_cutmix_box`; with ``correct_lam`` (always with ``cutmix_minmax``) λ is
+      ``1 - w·h`` of the stored box, so the stored λ is the pasted area's complement at any resolution.
+    - partner: uniform over the *other* positions of the sample's block (:func:`mix_block`: the aligned
+      ``mix.window`` positions around it, cut at ``count``; never ``position``), redrawn until it is valid;
+      so it needs only ``count`` (the tar's number of samples) when every position is valid, and ``valid``
+      (``valid[q]``: position ``q`` holds a usable sample, ``len(valid) == count``) otherwise. It depends only
+      on the validity of the positions it draws, up to the first valid one. No valid other position in the
+      block (e.g. a last block of one position): the view is unmixed. The block is timm's batch: timm pairs
+      images of one batch, and a block lets whoever replays the tar in order (the caching job, a streaming
+      student) hold one block of images at a time, not the whole tar.
+
+    Drawn from a generator of its own, seeded by (recipe seed, tar, position, view, a mix tag): the mix does not
+    depend on the image (nor do the other fields of the record on the mix), and mode, λ and box are drawn
+    before the partner, so they do not depend on ``count`` or ``valid`` either.
+    """
+    mix = recipe.mix
+    if mix is None:
+        raise ValueError("sample_mix: the view recipe has no mix")
+    if not 0 <= position < count:
+        raise ValueError(f"tar {tar}: position {position} is outside the tar's {count} samples")
+    if valid is not None and len(valid) != count:
+        raise ValueError(f"tar {tar}: {len(valid)} validity flags for {count} samples")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([recipe.seed, tar, position, view, _MIX_STREAM])))
+    if mix.mixup_alpha > 0 and mix.cutmix_beta > 0:
+        cutmix = bool(rng.random() < mix.switch_prob)
+        lam = rng.beta(mix.cutmix_beta, mix.cutmix_beta) if cutmix else rng.beta(mix.mixup_alpha, mix.mixup_alpha)
+    elif mix.mixup_alpha > 0:
+        cutmix, lam = False, rng.beta(mix.mixup_alpha, mix.mixup_alpha)
+    else:
+        cutmix, lam = True, rng.beta(mix.cutmix_beta, mix.cutmix_beta)
+    lam = _f32(lam)
+    if not rng.random() < mix.prob or lam == 1.0:  # timm: ``rand < prob`` mixes, ``lam != 1`` applies
+        return MixRecord()
+    box = (0.0, 0.0, 0.0, 0.0)
+    if cutmix:
+        box = _sample_cutmix_box(rng, mix, lam)
+        if mix.correct_lam or mix.cutmix_minmax is not None:
+            lam = _f32(1.0 - box[2] * box[3])
+    partner = _draw_partner(rng, position, mix_block(position, count, mix.window), valid)
+    if partner == NO_PARTNER:
+        return MixRecord()
+    return MixRecord(partner=partner, mode="cutmix" if cutmix else "mixup", lam=lam, box=box)
+
+
 def sample_view(
-    recipe: ViewRecipe, *, tar: int, position: int, view: int, width: int, height: int
+    recipe: ViewRecipe, *, tar: int, position: int, view: int, width: int, height: int,
+    count: int | None = None, valid: Sequence[bool] | None = None,
 ) -> ViewRecord:
     """Sample view ``view`` of sample ``(tar, position)`` whose source image is ``width x height``.
 
@@ -152,10 +253,14 @@ def sample_view(
     follows torchvision's ``RandomResizedCrop.get_params`` in source pixels; RandAugment
     and RandomErasing follow timm. Erasing boxes are fractions of the *output* image,
     sampled on a unit square (timm samples them in output pixels, which are unknown here);
-    up to pixel rounding this is the same distribution at every output size.
+    up to pixel rounding this is the same distribution at every output size. A recipe with
+    ``mix`` needs the tar's sample ``count`` (and ``valid``, see :func:`sample_mix`) for the partner.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"tar {tar} position {position}: image size {width}x{height} is empty")
+    if recipe.mix is not None and count is None:
+        raise ValueError(f"tar {tar} position {position}: the recipe mixes views, so sampling a view needs "
+                         "the tar's sample count (count=) to draw a partner")
     # SeedSequence mixes all four words: neighbouring keys give unrelated streams.
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([recipe.seed, tar, position, view])))
     crop = _sample_crop(rng, recipe, width, height)
@@ -164,7 +269,10 @@ def sample_view(
     erase = _sample_erase(rng, recipe.erase) if recipe.erase else ()
     # Noise is only needed for non-constant fills; a zero seed otherwise keeps rows compressible.
     noise_seed = int(rng.integers(0, 2**32)) if erase and recipe.erase.mode != "const" else 0
-    return ViewRecord(crop=crop, flip=flip, ops=ops, erase=erase, noise_seed=noise_seed)
+    mix = None
+    if recipe.mix is not None:
+        mix = sample_mix(recipe, tar=tar, position=position, view=view, count=count, valid=valid)
+    return ViewRecord(crop=crop, flip=flip, ops=ops, erase=erase, noise_seed=noise_seed, mix=mix)
 
 
 # --- application --------------------------------------------------------------------------
@@ -278,7 +386,8 @@ def apply_view(
     """Replay ``record`` on ``img``: a normalised float32 tensor ``[3, H, W]``, ``size`` = ``(H, W)`` or square.
 
     Deterministic; ``recipe`` supplies what records do not store (interpolation,
-    RandAugment fill and translate range, erasing fill mode).
+    RandAugment fill and translate range, erasing fill mode). A record's ``mix`` is not applied here:
+    that takes the partner's view too, see :func:`mix_views`.
     """
     out_h, out_w = _pair(size)
     if img.mode != "RGB":
@@ -303,6 +412,44 @@ def apply_view(
             raise ValueError(f"view record has erase boxes {record.erase} but the recipe has no erase")
         _erase(x, record, recipe.erase.mode)
     return x
+
+
+def mix_box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """A CutMix box in fractions → timm's pixel slice bounds ``(yl, yh, xl, xh)`` at ``height x width``.
+
+    Edges round to the nearest pixel line (each edge, not the size, so a box touching a border stays on it).
+    """
+    x0, y0, w, h = box
+    yl, yh = (min(max(round(v * height), 0), height) for v in (y0, y0 + h))
+    xl, xh = (min(max(round(v * width), 0), width) for v in (x0, x0 + w))
+    return yl, yh, xl, xh
+
+
+def mix_views(x: torch.Tensor, partner: torch.Tensor, mix: MixRecord | None) -> torch.Tensor:
+    """Mix a replayed view ``x`` with its partner's: timm ``Mixup`` for one element, at ``x``'s resolution.
+
+    ``x`` and ``partner`` are ``[..., C, H, W]`` outputs of :func:`apply_view` at the same size: ``x`` the view
+    this record belongs to, ``partner`` the partner sample (``mix.partner``, same tar) replayed by **its own**
+    record of the same view index. That is what timm mixes: each image of a batch augmented by its own
+    transform, then mixed with another image of the batch as that image is itself seen; here that image's view
+    is already cached in the same unit (tar, view), so the partner costs no record and no extra read.
+
+    mixup: ``λ·x + (1−λ)·partner`` in float32 as timm computes it; CutMix: ``x`` with the record's box
+    (:func:`mix_box_pixels`) pasted from ``partner``. An unmixed record (or none) returns ``x`` itself. Labels
+    mix with the stored ``mix.lam`` (for CutMix the box's fractional area, within a pixel row of the pasted
+    pixels at any size). Used by the caching job and the trainer alike, so both see the same mixed input.
+    """
+    if mix is None or mix.mode == "none":
+        return x
+    if x.shape != partner.shape:
+        raise ValueError(f"mix_views: view {tuple(x.shape)} and partner {tuple(partner.shape)} differ in shape")
+    if mix.mode == "mixup":
+        # timm: ``x * lam + x_partner * (1 - lam)`` with lam a float32 scalar, so 1 - lam is rounded to float32
+        return x * mix.lam + partner * float(np.float32(1.0) - np.float32(mix.lam))
+    yl, yh, xl, xh = mix_box_pixels(mix.box, x.shape[-2], x.shape[-1])
+    out = x.clone()
+    out[..., yl:yh, xl:xh] = partner[..., yl:yh, xl:xh]
+    return out
 
 
 def _erase(x: torch.Tensor, record: ViewRecord, mode: str) -> None:

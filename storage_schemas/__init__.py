@@ -6,7 +6,7 @@ from .errors import CacheError, CacheMismatchError, ConfigError, InputDataError,
 from .manifest import Manifest, TeacherInfo, UnitCompletion
 from .taps import TapInfo, TapSpec
 from .version import SCHEMA_VERSION, IncompatibleSchemaError, check_compatible
-from .views import OpRecord, ViewRecipe, ViewRecord
+from .views import MixRecipe, MixRecord, OpRecord, ViewRecipe, ViewRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -23,6 +23,8 @@ __all__ = [
     "KDCacheError",
     "LogitsInfo",
     "Manifest",
+    "MixRecipe",
+    "MixRecord",
     "OpRecord",
     "OutputConfig",
     "TapInfo",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .views import NO_OP, RAND_OPS, OpRecord, ViewRecipe, ViewRecord
+from .views import MIX_MODES, NO_OP, NO_PARTNER, RAND_OPS, MixRecord, OpRecord, ViewRecipe, ViewRecord
 
 LABEL = "label"  # [R, V] int32, class label (-1: no sample)
 VALID = "valid"  # [R, V] uint8, 1 where the row holds a cached sample
@@ -29,8 +29,15 @@ VIEW_OPS = "view_ops"  # [R, V, max_ops] int8 code into RAND_OPS, -1 = none
 VIEW_OP_MAGS = "view_op_mags"  # [R, V, max_ops] fp32 signed magnitude
 VIEW_ERASE = "view_erase"  # [R, V, max_erase, 4] fp32 boxes, w = 0 means none
 VIEW_NOISE_SEED = "view_noise_seed"  # [R, V] uint32
+# mixed views (schema >= 1.6, only when the recipe has ``mix``; a cache without them reads as unmixed)
+VIEW_MIX_PARTNER = "view_mix_partner"  # [R, V] int32 partner's position in the same tar, -1 = none
+VIEW_MIX_MODE = "view_mix_mode"  # [R, V] uint8 code into MIX_MODES (0 none, 1 mixup, 2 cutmix)
+VIEW_MIX_LAM = "view_mix_lam"  # [R, V] fp32 applied λ (weight of the sample's own image and label)
+VIEW_MIX_BOX = "view_mix_box"  # [R, V, 4] fp32 CutMix box (x0, y0, w, h) fractions of the output, else zeros
 VIEW_FINGERPRINT = "view_fingerprint"  # [R, V, 3*f*f] fp16, teacher input avg-pooled
-VIEW_RECORD_ARRAYS = (VIEW_CROP, VIEW_FLIP, VIEW_OPS, VIEW_OP_MAGS, VIEW_ERASE, VIEW_NOISE_SEED)  # -> ViewRecord
+VIEW_MIX_ARRAYS = (VIEW_MIX_PARTNER, VIEW_MIX_MODE, VIEW_MIX_LAM, VIEW_MIX_BOX)  # -> MixRecord
+VIEW_RECORD_ARRAYS = (VIEW_CROP, VIEW_FLIP, VIEW_OPS, VIEW_OP_MAGS, VIEW_ERASE, VIEW_NOISE_SEED,
+                      *VIEW_MIX_ARRAYS)  # -> ViewRecord
 
 CODEC_ZSTD_LEVEL = 3
 
@@ -77,6 +84,13 @@ def cache_arrays(recipe: ViewRecipe, codecs: Iterable[Any], fingerprint_size: in
         ]
     if recipe.max_erase:
         specs.append(ArraySpec(VIEW_ERASE, "float32", (recipe.max_erase, 4), 0.0, "view"))
+    if recipe.mix is not None:
+        specs += [
+            ArraySpec(VIEW_MIX_PARTNER, "int32", (), NO_PARTNER, "view"),
+            ArraySpec(VIEW_MIX_MODE, "uint8", (), 0, "view"),
+            ArraySpec(VIEW_MIX_LAM, "float32", (), 1.0, "view"),
+            ArraySpec(VIEW_MIX_BOX, "float32", (4,), 0.0, "view"),
+        ]
     for codec in codecs:
         specs += codec.arrays()
     return specs
@@ -105,9 +119,17 @@ def encode_views(records: list[ViewRecord | None], recipe: ViewRecipe) -> dict[s
         out[VIEW_OP_MAGS] = np.zeros((n, recipe.max_ops), np.float32)
     if recipe.max_erase:
         out[VIEW_ERASE] = np.zeros((n, recipe.max_erase, 4), np.float32)
+    if recipe.mix is not None:
+        out[VIEW_MIX_PARTNER] = np.full((n,), NO_PARTNER, np.int32)
+        out[VIEW_MIX_MODE] = np.zeros((n,), np.uint8)
+        out[VIEW_MIX_LAM] = np.ones((n,), np.float32)
+        out[VIEW_MIX_BOX] = np.zeros((n, 4), np.float32)
     for i, r in enumerate(records):
         if r is None:
             continue
+        if (r.mix is None) != (recipe.mix is None):
+            got = "lacks a mix but the recipe mixes" if r.mix is None else "has a mix but the recipe does not mix"
+            raise ValueError(f"view record {i} {got}")
         out[VIEW_CROP][i] = r.crop
         out[VIEW_FLIP][i] = r.flip
         out[VIEW_NOISE_SEED][i] = r.noise_seed
@@ -121,6 +143,11 @@ def encode_views(records: list[ViewRecord | None], recipe: ViewRecipe) -> dict[s
             out[VIEW_OP_MAGS][i, j] = op.magnitude
         for j, box in enumerate(r.erase):
             out[VIEW_ERASE][i, j] = box
+        if r.mix is not None:
+            out[VIEW_MIX_PARTNER][i] = r.mix.partner
+            out[VIEW_MIX_MODE][i] = MIX_MODES.index(r.mix.mode)
+            out[VIEW_MIX_LAM][i] = r.mix.lam
+            out[VIEW_MIX_BOX][i] = r.mix.box
     return out
 
 
@@ -138,10 +165,15 @@ def decode_view(rows: dict[str, np.ndarray], i: int | None = None) -> ViewRecord
     erase = ()
     if VIEW_ERASE in r:
         erase = tuple(tuple(float(x) for x in box) for box in r[VIEW_ERASE] if box[2] > 0)
+    mix = None  # a cache without the mix arrays (schema < 1.6, or a recipe without mix) is unmixed
+    if VIEW_MIX_MODE in r:
+        mix = MixRecord(partner=int(r[VIEW_MIX_PARTNER]), mode=MIX_MODES[int(r[VIEW_MIX_MODE])],
+                        lam=float(r[VIEW_MIX_LAM]), box=tuple(float(x) for x in r[VIEW_MIX_BOX]))
     return ViewRecord(
         crop=tuple(float(x) for x in r[VIEW_CROP]),
         flip=bool(r[VIEW_FLIP]),
         ops=ops,
         erase=erase,
         noise_seed=int(r[VIEW_NOISE_SEED]),
+        mix=mix,
     )

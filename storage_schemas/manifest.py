@@ -223,6 +223,8 @@ class Manifest(_Model):
             "num_samples": self.dataset.num_samples,
             "num_shards": len(self.dataset.shards),
             "num_views": self.num_views,
+            # the view mix recipe (schema >= 1.6), None when the views are not mixed
+            "mix": None if self.config.views.mix is None else self.config.views.mix.model_dump(mode="json"),
             "units": {"complete": self.units_complete, "total": self.units_total},
             "teacher": {"model": self.teacher.model, "weights_sha256": self.teacher.weights_sha256,
                         "input_size": self.teacher.input_size, "num_classes": self.teacher.num_classes,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from .errors import CacheError
 
-SCHEMA_VERSION = "1.5"  # 1.1: checksums + manifest sidecar; 1.2: identity + history; 1.3: teacher.num_levels;
-#                        1.4: logits_rest_logmass (top-k); 1.5: teacher.stochastic_depth, dataset.shards[].dropped
+SCHEMA_VERSION = "1.6"  # 1.1: checksums + manifest sidecar; 1.2: identity + history; 1.3: teacher.num_levels;
+#                        1.4: logits_rest_logmass (top-k); 1.5: teacher.stochastic_depth, dataset.shards[].dropped;
+#                        1.6: views.mix (Mixup/CutMix) and the view_mix_* arrays, written only when mixing
 
 
 class IncompatibleSchemaError(CacheError):

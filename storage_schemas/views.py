@@ -4,7 +4,8 @@ A view is data, not randomness: for each (sample, view index) a :class:`ViewReco
 sampled once and stored, so that the teacher at caching time and the student at any
 later time, at any resolution, apply the very same augmentation. Field semantics follow
 timm's ``create_transform`` training pipeline: RandomResizedCrop → horizontal flip →
-RandAugment (timm's op set and magnitude semantics) → normalise → RandomErasing.
+RandAugment (timm's op set and magnitude semantics) → normalise → RandomErasing, then
+optionally timm's ``Mixup``/CutMix with a partner sample of the same tar (:class:`MixRecipe`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ RAND_OPS_INCREASING: tuple[str, ...] = (
     "TranslateYRel",
 )
 NO_OP = -1  # code for an unused op slot in ``view_ops``
+# Mix modes; the position of a name is its code in the ``view_mix_mode`` array (storage contract, append only).
+MIX_MODES: tuple[str, ...] = ("none", "mixup", "cutmix")
+NO_PARTNER = -1  # ``MixRecord.partner`` of an unmixed view
 
 
 class _Strict(BaseModel):
@@ -143,6 +147,52 @@ class EraseRecipe(_Strict):
         return self
 
 
+class MixRecipe(_Strict):
+    """timm ``Mixup`` (``timm.data.mixup``) drawn per view, like its ``mode='elem'``: each view its own λ,
+    mode and box. Names and semantics are timm's; the defaults are those of timm's ``train.py`` flags
+    (``--mixup 0 --cutmix 0 --mixup-prob 1 --mixup-switch-prob 0.5``), so a recipe names what it mixes, e.g.
+    VanillaKD's A2 ``{mixup_alpha: 0.1, cutmix_alpha: 1.0}`` (see /work/shared/reference/methods.md).
+
+    - ``mixup_alpha`` / ``cutmix_alpha``: Beta(α, α) for λ; a mode is active when its α > 0.
+    - ``cutmix_minmax``: box sides drawn uniformly in ``[min, max)`` of the image sides instead of from λ;
+      as in timm it turns CutMix on with Beta(1, 1) whatever ``cutmix_alpha`` says, and λ is always
+      the pasted area's complement.
+    - ``prob``: probability that a view is mixed at all; ``switch_prob``: CutMix instead of Mixup when
+      both are active.
+    - ``correct_lam``: λ of a CutMix view is ``1 - box area`` (the box is clipped by the borders).
+    - ``window``: the partner is another sample of the same block of ``window`` positions of the tar (blocks
+      ``[k·window, (k+1)·window)``), as timm pairs images within one batch; so the caching job and a student
+      streaming the tar hold one block of images at a time, not the whole tar. Part of the cache's identity.
+    """
+
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    cutmix_minmax: tuple[float, float] | None = None
+    prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+    correct_lam: bool = True
+    window: int = Field(128, ge=2)
+
+    @field_validator("cutmix_minmax")
+    @classmethod
+    def _minmax(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 <= v[0] < v[1] <= 1):
+            raise ValueError(f"cutmix_minmax: expected 0 <= min < max <= 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _active(self) -> MixRecipe:
+        if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None):
+            raise ValueError("views.mix mixes nothing: set mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax "
+                             "(or leave views.mix out)")
+        return self
+
+    @property
+    def cutmix_beta(self) -> float:
+        """The α CutMix draws λ with: timm forces 1.0 when ``cutmix_minmax`` is set."""
+        return 1.0 if self.cutmix_minmax is not None else self.cutmix_alpha
+
+
 class ViewRecipe(_Strict):
     """How the views of a cache are sampled. Part of the cache's identity."""
 
@@ -152,6 +202,8 @@ class ViewRecipe(_Strict):
     hflip: float = Field(0.5, ge=0, le=1)
     randaugment: RandAugmentRecipe | None = RandAugmentRecipe()
     erase: EraseRecipe | None = EraseRecipe()
+    # schema >= 1.6; left out of the dump when off, so unmixed recipes keep their bytes and identities
+    mix: MixRecipe | None = Field(None, exclude_if=lambda m: m is None)
 
     @field_validator("randaugment", mode="before")
     @classmethod
@@ -181,12 +233,48 @@ class OpRecord(_Strict):
         return v
 
 
+def _check_box(v: tuple[float, float, float, float], what: str, eps: float = 1e-6) -> None:
+    x0, y0, w, h = v
+    if w < 0 or h < 0 or x0 < -eps or y0 < -eps or x0 + w > 1 + eps or y0 + h > 1 + eps:
+        raise ValueError(f"{what} box {list(v)} is not inside the unit square")
+
+
+class MixRecord(_Strict):
+    """How a view is mixed (timm ``Mixup``, one element): resolution independent.
+
+    ``partner`` is the position of the partner sample in the same tar and the same block of ``window`` positions
+    (:data:`NO_PARTNER` when unmixed); the
+    partner is replayed by its own record of the same view index (``pipeline.views.mix_views``). ``lam`` is
+    the applied λ, the weight of this sample's image and label: for CutMix after ``correct_lam``. ``box`` is the
+    CutMix box ``(x0, y0, w, h)`` in fractions of the output image, pasted from the partner (zeros otherwise).
+    """
+
+    partner: int = Field(NO_PARTNER, ge=NO_PARTNER)
+    mode: Literal["none", "mixup", "cutmix"] = "none"
+    lam: float = Field(1.0, ge=0, le=1)
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixRecord:
+        zero_box = self.box == (0.0, 0.0, 0.0, 0.0)
+        if self.mode == "none" and (self.partner != NO_PARTNER or self.lam != 1.0 or not zero_box):
+            raise ValueError(f"unmixed view with partner {self.partner}, lam {self.lam}, box {list(self.box)}")
+        if self.mode != "none" and self.partner == NO_PARTNER:
+            raise ValueError(f"{self.mode} view without a partner")
+        if self.mode == "mixup" and not zero_box:
+            raise ValueError(f"mixup view with a box {list(self.box)}")
+        if self.mode == "cutmix":
+            _check_box(self.box, "cutmix")
+        return self
+
+
 class ViewRecord(_Strict):
     """One sampled view, resolution independent.
 
     ``crop`` and ``erase`` boxes are ``(x0, y0, w, h)`` as fractions of the image they
     apply to (the source image for the crop, the output image for erasing). ``ops`` lists
     only the RandAugment ops that fired, in order. ``noise_seed`` seeds erasing noise.
+    ``mix`` is set when the recipe mixes (``mode`` ``none`` for a view that drew no mixing).
     """
 
     crop: tuple[float, float, float, float]
@@ -194,6 +282,7 @@ class ViewRecord(_Strict):
     ops: tuple[OpRecord, ...] = ()
     erase: tuple[tuple[float, float, float, float], ...] = ()
     noise_seed: int = Field(0, ge=0, lt=2**32)
+    mix: MixRecord | None = Field(None, exclude_if=lambda m: m is None)  # schema >= 1.6
 
     @field_validator("crop")
     @classmethod

@@ -58,6 +58,10 @@ class DataOptions(_Strict):
     @model_validator(mode="after")
     def _no_mixing(self) -> DataOptions:
         refuse_mixup(self.mixup, self.cutmix)
+        if self.views is not None and self.views.mix is not None:
+            # the data path replays one sample at a time: it cannot mix with a partner yet (issue 14, item 3)
+            raise ValueError("data.views.mix: training on mixed views is not implemented yet (issue 14, item 3): "
+                             "leave views.mix out of data.views")
         return self
 
 

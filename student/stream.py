@@ -114,7 +114,9 @@ def replay(s: Sample, recipe: ViewRecipe, *, size: int | tuple[int, int], mean: 
     teacher's input too (``x_teacher``). The view is the stored record (``Sample.rows``), or with
     ``fresh_view`` a new record drawn for that view index (never cached, reproducible)."""
     if fresh_view is not None:
-        record = sample_view(recipe, tar=s.tar, position=s.position, view=fresh_view, width=s.image.width,
+        # fresh views are drawn unmixed: mixing needs the partner's image, which this per-sample stage has not
+        # (issue 14, item 3); the online teacher sees the same unmixed view, so the pair stays consistent
+        record = sample_view(recipe.model_copy(update={"mix": None}), tar=s.tar, position=s.position, view=fresh_view, width=s.image.width,
                              height=s.image.height)
     else:
         record = A.decode_view(s.rows, None)

@@ -87,6 +87,21 @@ def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]
     return (student, *resolve_input(student, st.model_kwargs, st.input_size, st.mean, st.std))
 
 
+def refuse_mixed_views(url: str, m: Manifest, *, online: bool) -> None:
+    """Raise ConfigError for a cache of mixed views (``views.mix``, schema >= 1.6) unless the teacher runs online.
+
+    The cached targets of a mixed view are the teacher's on the mixed image, while the student's data path
+    replays views unmixed (replaying mixes and mixing labels is issue 14, item 3): training on them would
+    distil the mixed image's targets into the unmixed one's prediction. With ``--online-teacher`` the teacher
+    sees what the student sees, the stored views unmixed (or fresh unmixed views), so that stays consistent."""
+    mix = m.config.views.mix
+    if mix is None or online:
+        return
+    fields = ", ".join(f"{k}={v}" for k, v in mix.model_dump(mode="json").items())
+    raise ConfigError(f"{url}: its views are mixed (views.mix: {fields}); training from mixed caches is not "
+                      "implemented yet (issue 14, item 3): use --online-teacher or a cache without views.mix")
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` trains, resuming from ``output/last.pt``."""
 
@@ -134,6 +149,7 @@ class Trainer:
         self.cache_url = c.url or find_cache(c.root, c.id, c.storage_options).url
         self.store = CacheStore(self.cache_url, c.storage_options, read_only=True)
         m = self.store.read_manifest(allow_partial=c.allow_partial)
+        refuse_mixed_views(self.cache_url, m, online=self.cfg.online_teacher is not None)
         check_cache(needs, m)  # every missing target named
         return m
 
