@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-students", action="store_true", help="stop after the cache (steps 1-3)")
     m.add_argument("--jobs", type=int, default=2,
                    help="student runs trained at once, each in its own process with an equal share of the CPU "
-                        "threads (default 2: on 2 cores two 1-thread runs beat one 2-thread run; 1 = in this process)")
+                        "threads (default 2; 1 = in turn, in this process)")
     m.add_argument("--force", action="store_true", help="redo everything: teacher, cache and students")
     m.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here (the shipped one's recipe, jobs/assets/demo_teacher.json) instead of "

@@ -96,9 +96,8 @@ def train_one(cfg: dict, progress: bool = True, threads: int | None = None) -> d
 def train_students(*, cache_url: str, val_urls: str, runs_dir: Path, quick: bool, seeds: list[int],
                    teacher_sha256: str, spec: DemoStudents | None = None, jobs: int = 1) -> list[dict]:
     """Train every run of the line-up (KD and baseline) for every seed; one summary row per run. ``jobs`` > 1
-    trains that many runs at once, each in its own process with an equal share of the CPU threads (small
-    models use several cores poorly, so on 2 cores two 1-thread runs finish sooner than two 2-thread runs in
-    turn); their progress bars are off, each run prints its epochs' lines."""
+    trains that many runs at once, each in its own process with an equal share of the CPU threads; their
+    progress bars are off, each run prints its epochs' lines."""
     spec = spec or load_students()
     todo = []  # (row index, kind, config), in the order the line-up lists them
     for i, run in enumerate(spec.runs):
