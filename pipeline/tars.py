@@ -128,8 +128,10 @@ class Sample:
     ``skip_reason`` set for a bad sample in skip mode); later stages fill in what they add with
     ``dataclasses.replace``: the view index and its record, the view replayed as a tensor at the
     consumer's input (``x``; ``x_teacher`` at the teacher's, for an online teacher), and on the
-    student side the sample's cache rows (``rows``: array name → this sample's row) and which of the
-    epoch's streams yielded it (``consumer``, see :mod:`student.plan`).
+    student side the sample's cache rows (``rows``: array name → this sample's row), which of the
+    epoch's streams yielded it (``consumer``, see :mod:`student.plan`) and, for a mixed view, its mix
+    partner (``partner``: the partner sample of the same tar, its image and label, ``record`` its own
+    record of this sample's view index; see :func:`student.stream.with_partners`).
     """
 
     key: str
@@ -146,6 +148,7 @@ class Sample:
     rows: dict[str, np.ndarray] | None = None
     consumer: int | None = None  # the student stream that yielded it, of ``num_consumers`` (resume accounting)
     num_consumers: int | None = None
+    partner: Sample | None = None  # the mix partner (student side; the job shares the partner's view instead)
 
 
 # ---------------------------------------------------------------------------------------- URLs

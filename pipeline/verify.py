@@ -216,13 +216,13 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
     Views are taken from units in a seeded random order, a few per unit, replayed from their
     stored records with the job's own code (``pipeline.views``) and encoded with its codec. A mixed
     view (``views.mix``) is mixed with its partner replayed by the partner's own record of the same
-    unit (``mix_views``), as the caching job did: the teacher is compared on the mixed image."""
+    unit (``replay_view``), as the caching job did: the teacher is compared on the mixed image."""
     import torch
 
     from .targets import encode_targets, to_numpy
     from .tars import iter_samples
     from .teacher import Teacher
-    from .views import apply_view, mix_views
+    from .views import replay_view
 
     try:
         teacher = Teacher.from_manifest(m, checkpoint)
@@ -252,15 +252,15 @@ def _teacher(store: CacheStore, m: Manifest, checkpoint: str, samples: int, rep:
         for p in sorted(pick):
             if len(xs) >= samples or p not in images:
                 continue
-            rec = records[p]
-            x = apply_view(images[p], rec, recipe, **kw)
+            rec, partner = records[p], None
             if rec.mix is not None and rec.mix.mode != "none":
                 q = rec.mix.partner
                 if q not in images:
                     rep.problems.append(f"shard {s} view {v} position {p}: its mix partner, position {q}, "
                                         "has no decodable sample in the tar")
                     continue
-                x = mix_views(x, apply_view(images[q], decode_view(rows, q), recipe, **kw), rec.mix)
+                partner = (images[q], decode_view(rows, q))
+            x = replay_view(images[p], rec, recipe, partner=partner, **kw)
             xs.append(x)
             keys.append((recipe.seed, s, p, v))
             for n in names:

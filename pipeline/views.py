@@ -18,7 +18,8 @@ Only the erasing noise is per output pixel, so it cannot be resolution independe
 Mixed views (timm's ``Mixup``/CutMix, ``timm.data.mixup``): :func:`sample_mix` draws a view's λ, mode,
 CutMix box (fractions of a unit square, like erasing) and partner sample of the same tar and block of
 ``views.mix.window`` positions (:func:`mix_block`); the caller
-replays the sample and its partner with :func:`apply_view` and mixes them with :func:`mix_views`.
+replays the sample and its partner with :func:`apply_view` and mixes them with :func:`mix_views`
+(:func:`replay_view` does both, for whoever replays a stored record: the trainer, ``verify``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from storage_schemas.views import (
     ViewRecord,
 )
 
-__all__ = ["apply_view", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "op_argument", "sample_mix",
-           "sample_view"]
+__all__ = ["apply_view", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "op_argument", "replay_view",
+           "sample_mix", "sample_view"]
 
 _LEVEL_DENOM = 10.0  # timm's magnitude scale: level = magnitude / 10
 _MIX_STREAM = 0x6D6978  # "mix": fifth seed word of a view's mix generator, apart from its view generator
@@ -450,6 +451,36 @@ def mix_views(x: torch.Tensor, partner: torch.Tensor, mix: MixRecord | None) -> 
     out = x.clone()
     out[..., yl:yh, xl:xh] = partner[..., yl:yh, xl:xh]
     return out
+
+
+def replay_view(
+    img: Image.Image,
+    record: ViewRecord,
+    recipe: ViewRecipe,
+    *,
+    size: int | tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    partner: tuple[Image.Image, ViewRecord] | None = None,
+) -> torch.Tensor:
+    """A view as the caching job fed it to the teacher, at ``size``: float32 ``[3, H, W]``.
+
+    :func:`apply_view` of ``record`` on ``img``; a mixed record (``record.mix`` mode mixup/cutmix) is then
+    mixed by :func:`mix_views` with ``partner = (partner_image, partner_record)``: the partner sample
+    (``record.mix.partner``, same tar) and **its own record of the same view index**, applied unmixed
+    (its own ``mix`` is ignored), which is the partner view the job held and mixed with. The job computes
+    the partner's view once and shares it; whoever replays single stored views (the trainer, ``verify``)
+    calls this, so all three mix the same tensors the same way.
+    """
+    x = apply_view(img, record, recipe, size=size, mean=mean, std=std)
+    mix = record.mix
+    if mix is None or mix.mode == "none":
+        return x
+    if partner is None:
+        raise ValueError(f"the view is mixed ({mix.mode} with position {mix.partner} of the same tar): replaying it "
+                         "needs the partner's image and record")
+    partner_img, partner_record = partner
+    return mix_views(x, apply_view(partner_img, partner_record, recipe, size=size, mean=mean, std=std), mix)
 
 
 def _erase(x: torch.Tensor, record: ViewRecord, mode: str) -> None:

@@ -1,4 +1,5 @@
-"""A training batch: the replayed views, labels, decoded teacher targets and where each sample came from.
+"""A training batch: the replayed views, labels (and for mixed views the partners' labels and λ), decoded teacher
+targets and where each sample came from.
 
 :func:`collate_rows` runs in a DataLoader worker: it stacks tensors (which reach the main process
 through shared memory) and leaves the targets as stacked rows; :func:`to_batch` runs in the main
@@ -34,6 +35,29 @@ class Batch(NamedTuple):
     consumers: list[int]
     num_consumers: int | None
     x_teacher: torch.Tensor | None = None  # the same views at the teacher's input (online teacher)
+    lam: torch.Tensor | None = None  # [B] float32 weight of each sample's own image and label (1: unmixed)
+    partner_labels: torch.Tensor | None = None  # [B] int64 label of each mix partner (the own label if unmixed)
+
+    def soft_labels(self, num_classes: int) -> torch.Tensor:
+        """[B, C] mixed labels (:func:`mix_labels`) of this batch, on the labels' device."""
+        if self.lam is None or self.partner_labels is None:
+            return mix_labels(self.labels, self.labels, torch.ones(len(self.labels)), num_classes)
+        return mix_labels(self.labels, self.partner_labels, self.lam, num_classes)
+
+
+def mix_labels(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """timm's ``mixup_target`` with the recorded λ: ``λ·onehot(y_a) + (1 − λ)·onehot(y_b)`` [B, C] float32, from
+    ``labels`` y_a [B], ``partner_labels`` y_b [B] and ``lam`` [B] (``MixRecord.lam``, after ``correct_lam``).
+
+    Without smoothing: the ``ce`` method smooths probability labels as ``(1 − ε)·q + ε/C``, which is
+    ``λ·onehot(y_a, ε) + (1 − λ)·onehot(y_b, ε)``, timm's ``mixup_target(..., smoothing=ε)`` (so ``ce`` with
+    ``loss: ce`` is timm's ``SoftTargetCrossEntropy`` on it, ``loss: bce`` its ``BinaryCrossEntropy``, as in
+    VanillaKD's ``--bce-loss``; reference/methods.md, "Vanilla KD"). An unmixed view (λ = 1) is its one-hot label.
+    """
+    lam = lam.to(labels.device, torch.float32)[:, None]
+    y_a = torch.nn.functional.one_hot(labels.long(), num_classes).float()
+    y_b = torch.nn.functional.one_hot(partner_labels.to(labels.device).long(), num_classes).float()
+    return y_a * lam + y_b * (1.0 - lam)
 
 
 def collate_rows(samples: list[Sample], names: Sequence[str] = ()) -> dict:
@@ -51,7 +75,15 @@ def collate_rows(samples: list[Sample], names: Sequence[str] = ()) -> dict:
         "num_consumers": samples[0].num_consumers if samples else None,
         "x_teacher": torch.stack([s.x_teacher for s in samples]) if samples and samples[0].x_teacher is not None
         else None,
+        "lam": torch.tensor([_lam(s) for s in samples], dtype=torch.float32),
+        "partner_label": torch.tensor([s.label if s.partner is None else s.partner.label for s in samples],
+                                      dtype=torch.int64),
     }
+
+
+def _lam(s: Sample) -> float:
+    mix = s.record.mix if s.record is not None else None
+    return 1.0 if mix is None or mix.mode == "none" else mix.lam
 
 
 def to_batch(raw: dict, m: Manifest | None, *, taps: Sequence[str] | None = None,
@@ -64,4 +96,6 @@ def to_batch(raw: dict, m: Manifest | None, *, taps: Sequence[str] | None = None
         keys=raw["key"], tars=raw["tar"], positions=raw["position"], views=raw["view"],
         consumers=list(raw["consumer"]), num_consumers=raw["num_consumers"],
         x_teacher=None if raw.get("x_teacher") is None else raw["x_teacher"].to(device),
+        lam=raw["lam"].to(device) if "lam" in raw else None,
+        partner_labels=raw["partner_label"].to(device) if "partner_label" in raw else None,
     )

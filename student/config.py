@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from storage_schemas.views import ViewRecipe
+from storage_schemas.errors import ConfigError
+from storage_schemas.views import MixRecipe, ViewRecipe
 
 
 class _Strict(BaseModel):
@@ -49,38 +50,44 @@ class DataOptions(_Strict):
     input_storage_options: dict[str, Any] = Field(default_factory=dict)
     val_urls: str | list[str] | None = Field(None, description="validation tars (centre-crop eval)")
     eval_crop_pct: float = Field(0.875, gt=0, le=1)
-    mixup: float = Field(0.0, ge=0, description="refused with a cache (not replayable); see refuse_mixup")
-    cutmix: float = Field(0.0, ge=0)
+    mixup: float | None = Field(None, ge=0, description="Mixup α; omitted: as the cache's views.mix (must match it)")
+    cutmix: float | None = Field(None, ge=0, description="CutMix α; omitted: as the cache's views.mix (must match it)")
     train_urls: str | list[str] | None = Field(
         None, description="without a cache: the training tars (supervised; epoch e uses view index e of data.views)")
     views: ViewRecipe | None = Field(None, description="without a cache: the view recipe (default: ViewRecipe())")
 
     @model_validator(mode="after")
     def _no_mixing(self) -> DataOptions:
-        refuse_mixup(self.mixup, self.cutmix)
         if self.views is not None and self.views.mix is not None:
-            # the data path replays one sample at a time: it cannot mix with a partner yet (issue 14, item 3)
-            raise ValueError("data.views.mix: training on mixed views is not implemented yet (issue 14, item 3): "
-                             "leave views.mix out of data.views")
+            # TarDataset streams no cache index and draws no partners (mixing supervised runs is not built)
+            raise ValueError("data.views.mix: supervised training (data.train_urls, no cache) does not mix views; "
+                             "leave views.mix out of data.views, or train from a cache of mixed views")
         return self
 
 
-def refuse_mixup(mixup: float, cutmix: float) -> None:
-    """Raise ValueError when Mixup or CutMix is asked for: a cache cannot replay them.
+def check_mix(url: str, mix: MixRecipe | None, mixup: float | None, cutmix: float | None) -> None:
+    """Raise ConfigError unless ``data.mixup``/``data.cutmix`` agree with the cache's mix recipe ``mix``.
 
-    They blend two samples' pixels (and labels), so the teacher's output on the mixed image is not a
-    function of its cached outputs on the two unmixed views: the logits are not linear in the input,
-    and a feature map of a pasted box is not the pasted box of the feature maps. Interpolating cached
-    targets would distil from targets the teacher never produced. As in TinyViT and ScaleKD, cached KD
-    trains without them (the cached views keep RandAugment and random erasing)."""
-    if mixup > 0 or cutmix > 0:
-        raise ValueError(
-            f"mixup={mixup}, cutmix={cutmix}: Mixup/CutMix cannot be used with cached teacher targets. They blend "
-            "two images, and the teacher's logits and features on a blended image are not a blend of its cached "
-            "outputs on the two unmixed views, so the cache holds no target for the mixed input. Set mixup=0 and "
-            "cutmix=0 (the cached views already carry RandAugment and random erasing, as in TinyViT/ScaleKD), "
-            "or train with --online-teacher to run the teacher on the mixed batch."
-        )
+    A cache can only be trained from with the mixes it holds: the teacher's output on a mixed image is not a mix
+    of its outputs on the two images, so a cache of unmixed views has no target for a mixed input, and a mixed
+    cache's targets belong to its own λ, mode and box, which the student replays (reference/methods.md:
+    "Teacher sees exactly the student's input"). Omitted values mean "as cached"; given, each must equal the
+    cache's ``views.mix`` α (0 for a cache without ``views.mix``); the error names the caching config key that
+    provides the mix."""
+    have = (0.0, 0.0) if mix is None else (mix.mixup_alpha, mix.cutmix_alpha)
+    asked = (have[0] if mixup is None else mixup, have[1] if cutmix is None else cutmix)
+    if asked == have:
+        return
+    want = f"views.mix: {{mixup_alpha: {asked[0]}, cutmix_alpha: {asked[1]}}}"
+    if mix is None:
+        raise ConfigError(f"data.mixup={asked[0]}, data.cutmix={asked[1]}: the cache {url} holds unmixed views (its "
+                         "caching config has no views.mix), and the teacher's outputs on a mixed image are not a mix "
+                         f"of its outputs on the two: build a cache with {want} in its caching config, or leave "
+                         "data.mixup and data.cutmix out")
+    fields = ", ".join(f"{k}={v}" for k, v in mix.model_dump(mode="json").items())
+    raise ConfigError(f"data.mixup={asked[0]}, data.cutmix={asked[1]} do not match the cache {url}, which replays "
+                     f"the mixes it was built with (views.mix: {fields}): leave data.mixup and data.cutmix out (= as "
+                     f"cached), or build a cache with {want} in its caching config")
 
 
 class OptimOptions(_Strict):
@@ -132,4 +139,8 @@ class TrainConfig(_Strict):
             raise ValueError("data.views is for training without a cache; a cache replays the views it holds")
         if self.cache is None and self.online_teacher is not None:
             raise ValueError("online_teacher runs the teacher a cache was built from: give cache too")
+        if self.cache is None and (self.data.mixup or self.data.cutmix):
+            raise ValueError(f"data.mixup={self.data.mixup}, data.cutmix={self.data.cutmix}: supervised training "
+                             "(data.train_urls, no cache) does not mix views; mixed views come from a cache built "
+                             "with views.mix in its caching config")
         return self

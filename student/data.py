@@ -7,7 +7,10 @@ are read in one contiguous read per array (``CacheStore.read_unit``), for only t
 the view records, ``label``/``valid`` and the requested targets. Rows with ``valid == 0`` (samples
 the caching job skipped) are skipped. Each sample's stored view is replayed with
 ``pipeline.views.apply_view`` — the one implementation the caching job used — at the student's
-resolution, mean and std. The pieces, each in its own module:
+resolution, mean and std; a mixed view (``views.mix``) is mixed with its partner of the same tar by
+``pipeline.views.replay_view`` (the job's ``mix_views``), the partner taken from the tar's stream one
+block of ``views.mix.window`` samples at a time (``student.stream.with_partners``), and its label is
+mixed with the recorded λ (``student.batch.mix_labels``). The pieces, each in its own module:
 
     student.plan    which tars, views and order an epoch reads, per consumer; resume accounting (pure)
     student.stream  the stages: load rows, lockstep with the tar, reorder as planned, replay views
@@ -44,15 +47,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import Sample, expand_urls, index_tar, iter_samples
+from pipeline.views import sample_view
 from storage_schemas import arrays as A
 from storage_schemas.codecs import TokenCodec
 from storage_schemas.errors import CacheError, CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
-from storage_schemas.views import ViewRecipe
+from storage_schemas.views import ViewRecipe, ViewRecord
 
 from .batch import Batch, collate_rows, to_batch
 from .plan import EpochPlan, EpochProgress, Task, ViewPolicy, merge_states
-from .stream import Loaded, load_rows, lockstep, reorder, replay
+from .stream import Loaded, load_rows, lockstep, reorder, replay, with_partners
 
 __all__ = ["Batch", "CacheDataset", "TarDataset", "merge_states", "target_arrays"]
 
@@ -220,7 +224,8 @@ class CacheDataset(EpochDataset):
         For the online teacher (``--online-teacher``): ``teacher_input=(size, mean, std)`` also
         replays each view at the teacher's input as ``x_teacher``; ``fresh_views`` replaces the
         stored record by a new one drawn for view index ``num_views + epoch`` (never cached,
-        reproducible): the fresh-views upper bound that finitely many cached views approximate.
+        reproducible): the fresh-views upper bound that finitely many cached views approximate. A cache
+        of mixed views draws fresh mixed views from its recipe, partners among its cached samples.
         ``max_views`` trains on the first N cached views only: view v of a sample is seeded by
         (seed, tar, position, v), so that is exactly what a cache of N views would hold."""
         if view_policy not in ("cycle", "random"):
@@ -296,7 +301,24 @@ class CacheDataset(EpochDataset):
                          seed=self.seed, epoch=self.epoch)
 
     def _stream(self, task: Task, loaded: Loaded) -> Iterator[Sample]:
-        return lockstep(self.m, task, loaded, storage_options=self.input_storage_options)
+        samples = lockstep(self.m, task, loaded, storage_options=self.input_storage_options)
+        recipe = self.m.config.views
+        if recipe.mix is None:
+            return samples
+        # mixed views: each sample's record, and its partner, from the tar's stream (see with_partners)
+        t, (_, rows, _, records) = task.tar, loaded
+        count = self.m.dataset.shards[t].count
+        if self.fresh_views:  # a fresh mixed view: drawn as a cache of this recipe would, partners among cached samples
+            fresh, valid = self.m.num_views + self.epoch, rows[A.VALID].astype(bool).tolist()
+
+            def record_of(s: Sample, view: int) -> ViewRecord:
+                return sample_view(recipe, tar=t, position=s.position, view=fresh, width=s.image.width,
+                                   height=s.image.height, count=count, valid=valid)
+        else:
+            def record_of(s: Sample, view: int) -> ViewRecord:
+                return A.decode_view(records[view], s.position)
+        return with_partners(samples, count=count, window=recipe.mix.window, record_of=record_of,
+                             where=self.m.dataset.shards[t].url)
 
     def _replay(self, s: Sample) -> Sample:
         return replay(s, self.m.config.views, size=self.size, mean=self.mean, std=self.std,

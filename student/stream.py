@@ -6,6 +6,8 @@ too), testable on its own:
     load_rows  one tar of the epoch: its index keys and cache rows, one contiguous read per unit
     lockstep   the tar's samples zipped with their rows (``Sample.rows``); rows not cached dropped,
                labels checked against the cache
+    with_partners  (mixed views, ``views.mix``) each sample's view record, and its mix partner's image
+               and record (``Sample.partner``), in tar order, from one block of the tar at a time
     reorder    the planned shuffle order (:mod:`student.plan`) over the lockstep stream, holding at
                most the shuffle buffer; tars with nothing wanted are not read
     replay     the sample's stored view record (or a fresh one) applied at the student's input
@@ -13,40 +15,49 @@ too), testable on its own:
 
 Memory: ``reorder`` holds the items the planned order has not reached yet (bounded by the shuffle
 buffer) and the rows of the tars being streamed; each sample's ``rows`` are views into its tar's
-rows, not copies.
+rows, not copies. With mixed views ``with_partners`` adds one block of decoded samples (at most
+``views.mix.window``, 128 by default) and each sample in the shuffle buffer keeps its partner's
+decoded image alive: at most twice the buffer's images, plus the block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
-from pipeline.views import apply_view, sample_view
+from pipeline.views import mix_block, replay_view, sample_view
 from storage_schemas import arrays as A
+from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest
-from storage_schemas.views import ViewRecipe
+from storage_schemas.views import NO_PARTNER, ViewRecipe, ViewRecord
 
 from .plan import Task, random_views
 
-Loaded = tuple[list[str], dict[str, np.ndarray], np.ndarray]  # index keys, rows [count, ...], view per position
+# index keys, rows [count, ...], view per position, and per view read the view-record arrays of its unit [count, ...]
+Loaded = tuple[list[str], dict[str, np.ndarray], np.ndarray, dict[int, dict[str, np.ndarray]]]
 
 
 def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], *, random_policy: bool, seed: int,
               epoch: int) -> Loaded:
     """Index keys, rows ``[count, ...]`` of ``names`` and the view of each position, for one tar; each unit
-    is read once (policy ``random`` gathers each position's drawn view from the units it reads)."""
+    is read once (policy ``random`` gathers each position's drawn view from the units it reads). Also, per
+    view read, that unit's view-record arrays among ``names`` for every position: a mixed view's partner is
+    replayed by its record of the *same* view, which under policy ``random`` need not be the view the
+    partner itself is drawn with this epoch (a few bytes per position and view)."""
     t = task.tar
     count = m.dataset.shards[t].count
     keys = store.read_index(t)
     if not random_policy or len(task.views) == 1:
         v = task.views[0]
-        return keys, store.read_unit(m, t, v, list(names)), np.full(count, v)
+        rows = store.read_unit(m, t, v, list(names))
+        return keys, rows, np.full(count, v), {v: rows}
     views = random_views(seed, epoch, t, count, task.views)
     rows: dict[str, np.ndarray] = {}
+    records: dict[int, dict[str, np.ndarray]] = {}
     for v in np.unique(views):
         unit = store.read_unit(m, t, int(v), list(names))
         sel = views == v
@@ -54,13 +65,14 @@ def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], 
             if name not in rows:
                 rows[name] = np.empty_like(arr)
             rows[name][sel] = arr[sel]
-    return keys, rows, views
+        records[int(v)] = {n: unit[n] for n in A.VIEW_RECORD_ARRAYS if n in unit}
+    return keys, rows, views, records
 
 
 def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict | None) -> Iterator[Sample]:
     """The tar's cached samples in tar order, each with its view index and rows; a sample the cache holds
     but the tar no longer yields as cached (unreadable, relabelled, missing) fails naming tar and key."""
-    keys, rows, views = loaded
+    keys, rows, views, _ = loaded
     url = m.dataset.shards[task.tar].url
     valid, labels = rows[A.VALID], rows[A.LABEL]
     n = 0
@@ -79,6 +91,48 @@ def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict |
         yield dataclasses.replace(s, view=int(views[p]), rows={name: a[p] for name, a in rows.items()})
     if n != task.n:
         raise BadTarError(url, f"{n} cached samples streamed, the cache records {task.n}")
+
+
+def with_partners(samples: Iterable[Sample], *, count: int, window: int,
+                  record_of: Callable[[Sample, int], ViewRecord], where: str) -> Iterator[Sample]:
+    """Mixed views (``views.mix``): each sample of one tar's stream, in the order it came, with its view
+    record (``record``, ``record_of(sample, sample.view)``) and, when that record is mixed, its partner
+    (``partner``: the partner sample, ``record`` set to ``record_of(partner, sample.view)``, the partner's own
+    record of the same view index, which :func:`pipeline.views.replay_view` mixes with).
+
+    Partners never leave their block (:func:`pipeline.views.mix_block`: the aligned ``window`` positions of
+    the tar), so the stage holds the samples of one block, decoded, until the stream enters the next block
+    (or ends), then yields them: at most ``window`` decoded samples (128 by default: about 72 MB of
+    ImageNet-sized RGB images) whatever the tar's size. What it yields keeps its partner's image alive (a
+    reference, not a copy) until the sample is replayed. A mixed record whose partner is not among the
+    block's samples (not cached as valid, or outside the block) means the cache and the tar disagree: a
+    :class:`~storage_schemas.errors.CacheError` naming tar, key and partner.
+    """
+    block, held = range(0), []
+
+    def flush() -> Iterator[Sample]:
+        by_position = {h.position: h for h in held}
+        for h in held:
+            mix = h.record.mix
+            if mix is not None and mix.mode != "none" and mix.partner != NO_PARTNER:
+                q = by_position.get(mix.partner)
+                if q is None:
+                    raise CacheError(f"{where}: key {h.key} (position {h.position}, view {h.view}) is cached "
+                                     f"mixed with position {mix.partner}, which the tar's block "
+                                     f"{block.start}..{block.stop - 1} does not hold as a cached sample; the "
+                                     "cache does not match the tar")
+                partner = dataclasses.replace(q, record=record_of(q, h.view), rows=None, x=None, x_teacher=None,
+                                              partner=None)
+                h = dataclasses.replace(h, partner=partner)
+            yield h
+        held.clear()
+
+    for s in samples:
+        if s.position not in block:
+            yield from flush()
+            block = mix_block(s.position, count, window)
+        held.append(dataclasses.replace(s, record=record_of(s, s.view)))
+    yield from flush()
 
 
 def reorder(tasks: list[Task], order: np.ndarray, load: Callable[[Task], Loaded],
@@ -110,19 +164,23 @@ def reorder(tasks: list[Task], order: np.ndarray, load: Callable[[Task], Loaded]
 
 def replay(s: Sample, recipe: ViewRecipe, *, size: int | tuple[int, int], mean: tuple, std: tuple,
            teacher_input: tuple[int, tuple, tuple] | None = None, fresh_view: int | None = None) -> Sample:
-    """``s`` with its view applied at ``size`` (``x``) and, given ``teacher_input=(size, mean, std)``, at the
-    teacher's input too (``x_teacher``). The view is the stored record (``Sample.rows``), or with
-    ``fresh_view`` a new record drawn for that view index (never cached, reproducible)."""
-    if fresh_view is not None:
-        # fresh views are drawn unmixed: mixing needs the partner's image, which this per-sample stage has not
-        # (issue 14, item 3); the online teacher sees the same unmixed view, so the pair stays consistent
-        record = sample_view(recipe.model_copy(update={"mix": None}), tar=s.tar, position=s.position, view=fresh_view, width=s.image.width,
+    """``s`` with its view replayed at ``size`` (``x``) and, given ``teacher_input=(size, mean, std)``, at the
+    teacher's input too (``x_teacher``), by :func:`pipeline.views.replay_view`: a mixed view is mixed with
+    ``s.partner`` as the caching job mixed it. The view is ``s.record`` when a stage set it (mixed views:
+    :func:`with_partners`), else the stored record (``Sample.rows``), or with ``fresh_view`` a new record drawn
+    for that view index (never cached, reproducible; an unmixed recipe: a mixed one draws in
+    :func:`with_partners`, which knows the tar)."""
+    if s.record is not None:
+        record = s.record
+    elif fresh_view is not None:
+        record = sample_view(recipe, tar=s.tar, position=s.position, view=fresh_view, width=s.image.width,
                              height=s.image.height)
     else:
         record = A.decode_view(s.rows, None)
-    x = apply_view(s.image, record, recipe, size=size, mean=mean, std=std)
+    partner = (s.partner.image, s.partner.record) if s.partner is not None else None
+    x = replay_view(s.image, record, recipe, size=size, mean=mean, std=std, partner=partner)
     x_teacher = None
     if teacher_input is not None:
         t_size, t_mean, t_std = teacher_input
-        x_teacher = apply_view(s.image, record, recipe, size=t_size, mean=t_mean, std=t_std)
+        x_teacher = replay_view(s.image, record, recipe, size=t_size, mean=t_mean, std=t_std, partner=partner)
     return dataclasses.replace(s, record=record, x=x, x_teacher=x_teacher)

@@ -40,7 +40,7 @@ from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import ViewRecipe
 
-from .config import TrainConfig
+from .config import TrainConfig, check_mix
 from .data import CacheDataset, TarDataset, merge_states
 from .evaluate import eval_loader, evaluate
 from .methods import (
@@ -85,21 +85,6 @@ def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]
     st = cfg.student
     student = timm.create_model(st.model, **st.model_kwargs)
     return (student, *resolve_input(student, st.model_kwargs, st.input_size, st.mean, st.std))
-
-
-def refuse_mixed_views(url: str, m: Manifest, *, online: bool) -> None:
-    """Raise ConfigError for a cache of mixed views (``views.mix``, schema >= 1.6) unless the teacher runs online.
-
-    The cached targets of a mixed view are the teacher's on the mixed image, while the student's data path
-    replays views unmixed (replaying mixes and mixing labels is issue 14, item 3): training on them would
-    distil the mixed image's targets into the unmixed one's prediction. With ``--online-teacher`` the teacher
-    sees what the student sees, the stored views unmixed (or fresh unmixed views), so that stays consistent."""
-    mix = m.config.views.mix
-    if mix is None or online:
-        return
-    fields = ", ".join(f"{k}={v}" for k, v in mix.model_dump(mode="json").items())
-    raise ConfigError(f"{url}: its views are mixed (views.mix: {fields}); training from mixed caches is not "
-                      "implemented yet (issue 14, item 3): use --online-teacher or a cache without views.mix")
 
 
 class Trainer:
@@ -149,7 +134,8 @@ class Trainer:
         self.cache_url = c.url or find_cache(c.root, c.id, c.storage_options).url
         self.store = CacheStore(self.cache_url, c.storage_options, read_only=True)
         m = self.store.read_manifest(allow_partial=c.allow_partial)
-        refuse_mixed_views(self.cache_url, m, online=self.cfg.online_teacher is not None)
+        # the cache's mixes are replayed as built: data.mixup/cutmix may only restate them
+        check_mix(self.cache_url, m.config.views.mix, self.cfg.data.mixup, self.cfg.data.cutmix)
         check_cache(needs, m)  # every missing target named
         return m
 
@@ -195,10 +181,17 @@ class Trainer:
         rows, _ = encode_targets(self.teacher(batch.x_teacher, views), self.manifest.codecs())
         return TeacherTargets.decode(rows, self.manifest, device=self.device, taps=self.taps)
 
+    def labels(self, batch) -> torch.Tensor:
+        """[B] class indices, or for a cache of mixed views [B, C] mixed labels (timm's ``mixup_target`` with the
+        recorded λ, :func:`student.batch.mix_labels`; methods smooth them as they smooth class indices)."""
+        if self.manifest is not None and self.manifest.config.views.mix is not None:
+            return batch.soft_labels(self.num_classes).to(self.device)
+        return batch.labels.to(self.device)
+
     def train_step(self, batch) -> dict[str, float]:
         targets = self.targets(batch)
         with self.amp:
-            out = self.ddp(batch.x.to(self.device), targets, batch.labels.to(self.device), self.step)
+            out = self.ddp(batch.x.to(self.device), targets, self.labels(batch), self.step)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.cfg.optim.clip_grad:

@@ -141,6 +141,21 @@ def small_cache(small_digits, tiny_teacher, tmp_path_factory):
     return {"cfg": cfg, "manifest": m, "path": out, "digits": small_digits}
 
 
+MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.9, "window": 32}  # ~90 samples a tar: 3 blocks each
+
+
+@pytest.fixture(scope="session")
+def mixed_cache(small_digits, tiny_teacher, tmp_path_factory):
+    """``small_cache`` with mixed views (``views.mix: MIX``), built in this process without Ray."""
+    from pipeline.job import build_cache_in_process
+    from storage_schemas.config import CacheConfig
+
+    out = tmp_path_factory.mktemp("mixed") / "cache.zarr"
+    cfg = CacheConfig.model_validate(cache_config(small_digits, tiny_teacher, str(out), views__mix=MIX))
+    m = build_cache_in_process(cfg, log=lambda s: None)
+    return {"cfg": cfg, "manifest": m, "path": out, "digits": small_digits}
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marker added here must count
 def pytest_collection_modifyitems(config, items):
     """A test that uses a Ray fixture is marked ``ray``; ``gpu`` tests are skipped, with the reason

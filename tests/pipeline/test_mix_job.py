@@ -6,14 +6,9 @@ sample's and its partner's views replayed with ``apply_view`` and mixed with ``m
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import subprocess
-import sys
 import weakref
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,11 +23,9 @@ from pipeline.views import apply_view, mix_block, mix_views, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.config import CacheConfig
 from storage_schemas.views import MixRecipe, MixRecord, ViewRecipe
-from tests.conftest import TINY_VIT, cache_config
+from tests.conftest import MIX, cache_config
 
 from .test_job import data_files, live_teacher
-
-MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.9, "window": 32}  # ~90 samples a tar: 3 blocks each
 
 
 def _build(digits: dict, teacher: dict, out) -> tuple:
@@ -40,13 +33,6 @@ def _build(digits: dict, teacher: dict, out) -> tuple:
 
     cfg = CacheConfig.model_validate(cache_config(digits, teacher, str(out), views__mix=MIX))
     return cfg, build_cache_in_process(cfg, log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def mixed_cache(small_digits, tiny_teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixed") / "cache.zarr"
-    cfg, m = _build(small_digits, tiny_teacher, out)
-    return {"cfg": cfg, "manifest": m, "path": out}
 
 
 def test_mixed_targets_are_the_live_teacher_on_the_mixed_image(mixed_cache, tiny_teacher):
@@ -173,49 +159,7 @@ def test_stage_holds_at_most_one_block_of_views(window):
     assert out == count and 0 < peak <= window
 
 
-# --- the tools on a mixed cache: train refuses, verify replays the mix, inspect shows it --
-
-
-def test_train_refuses_a_mixed_cache_through_the_cli(mixed_cache, tmp_path):
-    """Until the trainer replays mixes (issue 14, item 3) a mixed cache is refused before any work: exit 2, one
-    line naming the cache and its mix recipe."""
-    import yaml
-
-    url = str(mixed_cache["path"])
-    cfg = {"cache": {"url": url}, "student": {k: TINY_VIT[k] for k in TINY_VIT}, "methods": "ce+kd",
-           "data": {"batch_size": 16}, "optim": {"epochs": 1}, "output": str(tmp_path / "run")}
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "train", str(path), "--no-progress"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"kdcache train: error: {url}: its views are mixed (views.mix: mixup_alpha=0.8, ")
-    assert "window=32" in last and last.endswith(
-        "training from mixed caches is not implemented yet (issue 14, item 3): use --online-teacher or a cache "
-        "without views.mix")
-    assert not (tmp_path / "run").exists()  # refused before any work
-
-
-def test_online_teacher_is_not_refused_and_draws_fresh_views_unmixed(mixed_cache):
-    """With the teacher online it sees what the student sees (the views unmixed), so that is allowed; fresh views
-    on a mixed recipe are drawn unmixed instead of failing for want of the tar's count."""
-    from storage_schemas.errors import ConfigError
-    from student.stream import replay
-    from student.trainer import refuse_mixed_views
-
-    m = mixed_cache["manifest"]
-    with pytest.raises(ConfigError, match="its views are mixed"):
-        refuse_mixed_views("c.zarr", m, online=False)
-    refuse_mixed_views("c.zarr", m, online=True)
-    s = next(iter_samples(m.dataset.shards[0].url))
-    recipe = mixed_cache["cfg"].views
-    out = replay(dataclasses.replace(s, tar=0), recipe, size=16, mean=(0.5,) * 3, std=(0.5,) * 3, fresh_view=7)
-    plain = sample_view(recipe.model_copy(update={"mix": None}), tar=0, position=s.position, view=7,
-                        width=s.image.width, height=s.image.height)
-    assert out.record == plain and out.x.shape == (3, 16, 16)
+# --- the tools on a mixed cache: verify replays the mix, inspect shows it (training: tests/student/test_mix_train.py)
 
 
 def test_verify_replays_mixed_views(mixed_cache, tiny_teacher, monkeypatch):
@@ -248,6 +192,6 @@ def test_inspect_shows_the_mix_recipe(mixed_cache, small_cache):
 def test_supervised_run_refuses_mixed_views():
     from student.config import DataOptions
 
-    with pytest.raises(ValueError, match="data.views.mix"):
+    with pytest.raises(ValueError, match="data.views.mix: supervised training"):
         DataOptions(train_urls="x.tar", views={"mix": {"mixup_alpha": 0.2}})
     assert DataOptions(train_urls="x.tar", views={}).views.mix is None

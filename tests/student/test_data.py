@@ -19,7 +19,7 @@ from pipeline.views import eval_view
 from storage_schemas import arrays as A
 from storage_schemas import layout
 from student.batch import collate_rows
-from student.config import refuse_mixup
+from student.config import check_mix
 from student.data import CacheDataset, merge_states, target_arrays
 from student.evaluate import eval_loader
 from student.plan import random_views, shuffle_order
@@ -329,10 +329,20 @@ def test_eval_loader_centre_crops_val_tars(digits):
     assert torch.equal(x[0], want) and int(y[0]) == first.label
 
 
-def test_refuse_mixup_explains_why():
-    refuse_mixup(0.0, 0.0)
-    with pytest.raises(ValueError, match=r"mixup=0.8, cutmix=0.0: Mixup/CutMix cannot be used with cached") as e:
-        refuse_mixup(0.8, 0.0)
-    assert "--online-teacher" in str(e.value) and "mixup=0" in str(e.value)
-    with pytest.raises(ValueError, match="cutmix=1.0"):
-        refuse_mixup(0.0, 1.0)
+def test_check_mix_allows_only_the_caches_own_mix():
+    from storage_schemas.errors import ConfigError
+    from storage_schemas.views import MixRecipe
+
+    check_mix("c.zarr", None, None, None)
+    check_mix("c.zarr", None, 0.0, 0.0)  # an unmixed cache, said explicitly
+    with pytest.raises(ConfigError, match=r"^data.mixup=0.8, data.cutmix=0.0: the cache c.zarr holds unmixed views") as e:
+        check_mix("c.zarr", None, 0.8, None)
+    assert "views.mix: {mixup_alpha: 0.8, cutmix_alpha: 0.0}" in str(e.value)
+    mix = MixRecipe(mixup_alpha=0.1, cutmix_alpha=1.0)
+    check_mix("c.zarr", mix, None, None)
+    check_mix("c.zarr", mix, 0.1, None)
+    check_mix("c.zarr", mix, 0.1, 1.0)
+    for mixup, cutmix in ((0.0, None), (0.8, 1.0), (None, 0.5)):
+        with pytest.raises(ConfigError, match="do not match the cache c.zarr") as e:
+            check_mix("c.zarr", mix, mixup, cutmix)
+        assert "views.mix: mixup_alpha=0.1, cutmix_alpha=1.0," in str(e.value) and "leave data.mixup" in str(e.value)
