@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a student from a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train any timm student from a cache, without the teacher. Methods compose "
                                    "(methods: ce+kd+vitkd); each has its own options (method_options.NAME.KEY). "
-                                   "Resumes from OUTPUT/last.pt. Mixup/CutMix are refused: a cache holds the "
-                                   "teacher's outputs on unmixed views only, and the teacher's output on a mixed "
-                                   "image is not a mix of those.",
+                                   "Resumes from OUTPUT/last.pt. Mixup/CutMix come from the cache: a cache built with "
+                                   "views.mix replays its mixes (mixed labels too); data.mixup/data.cutmix may only "
+                                   "restate them, since the teacher's output on a mixed image is not a mix of its "
+                                   "outputs on the two images.",
                        epilog="examples:\n  kdcache train jobs/configs/train_demo_vitkd.yaml --set optim.epochs=5\n"
                               "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_swinl_resnet50.yaml")
     t.add_argument("config", help="YAML config (sections cache, student, methods, method_options, data, optim)")
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cache's teacher live from CHECKPOINT (must match the cache's weights) instead of "
                         "reading targets: for comparisons and equivalence checks")
     t.add_argument("--online-views", choices=["cached", "fresh"], default="cached",
-                   help="with --online-teacher: the stored view records (default), or fresh views every epoch")
+                   help="with --online-teacher: the stored view records (default), or fresh views every epoch "
+                        "(mixed as the cache's views.mix, if any)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 

@@ -6,7 +6,8 @@ input's order, each under its original key (``__key__``):
     KEY.jpg|jpeg|png|webp   the original image member, byte for byte (never decoded)
     KEY.json                the original metadata member, when the input tar has one
     KEY.cls                 the label
-    KEY.views.json          a list over views of the view record (crop, flip, ops, erase, noise_seed)
+    KEY.views.json          a list over views of the view record (crop, flip, ops, erase, noise_seed;
+                            for a cache of mixed views also mix: partner position, mode, lam, box)
     KEY.NAME.npy            each target array ``[num_views, ...]`` (logits, taps, scales, pred_top1,
                             fingerprint), the stored bytes: the cache's dtype, no dequantisation
 
