@@ -45,6 +45,8 @@ class DataOptions(_Strict):
     num_workers: int = Field(0, ge=0)
     view_policy: Literal["cycle", "random"] = "cycle"
     max_views: int | None = Field(None, ge=1, description="use only the first N cached views (same as an N-view cache)")
+    aug_repeats: int = Field(1, ge=1, description="repeated augmentation: each sample R times per epoch, each time "
+                                                  "through another cached view (view_policy cycle, R <= views)")
     shuffle_buffer: int = Field(1024, ge=1)
     drop_uneven: bool = False
     input_storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -139,6 +141,9 @@ class TrainConfig(_Strict):
             raise ValueError("data.views is for training without a cache; a cache replays the views it holds")
         if self.cache is None and self.online_teacher is not None:
             raise ValueError("online_teacher runs the teacher a cache was built from: give cache too")
+        if self.cache is None and self.data.aug_repeats > 1:
+            raise ValueError(f"data.aug_repeats={self.data.aug_repeats}: repeated augmentation serves a cache's "
+                             "views; supervised training (data.train_urls, no cache) draws one fresh view per epoch")
         if self.cache is None and (self.data.mixup or self.data.cutmix):
             raise ValueError(f"data.mixup={self.data.mixup}, data.cutmix={self.data.cutmix}: supervised training "
                              "(data.train_urls, no cache) does not mix views; mixed views come from a cache built "

@@ -99,7 +99,7 @@ class EpochDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size, self.threads = rank, world_size, max(1, threads)
-        self.progress = EpochProgress(seed=int(seed), view_policy=view_policy)
+        self.progress = EpochProgress(seed=int(seed), view_policy=view_policy, aug_repeats=self.plan.aug_repeats)
 
     @property
     def epoch(self) -> int:
@@ -121,7 +121,8 @@ class EpochDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch`` (its views and order) and forget consumed counts."""
-        self.progress = EpochProgress(epoch=int(epoch), seed=self.seed, view_policy=self.view_policy)
+        self.progress = EpochProgress(epoch=int(epoch), seed=self.seed, view_policy=self.view_policy,
+                                      aug_repeats=self.plan.aug_repeats)
 
     def advance(self, batch: Batch) -> None:
         """Count a batch as consumed by the trainer (for :meth:`state_dict`); main process only."""
@@ -133,7 +134,8 @@ class EpochDataset(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state`` (this rank's entries are used; see :func:`student.plan.merge_states`)."""
-        self.progress = EpochProgress.from_state(state, seed=self.seed, view_policy=self.view_policy)
+        self.progress = EpochProgress.from_state(state, seed=self.seed, view_policy=self.view_policy,
+                                                 aug_repeats=self.plan.aug_repeats)
 
     # --- iteration ----------------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class CacheDataset(EpochDataset):
         teacher_input: tuple[int, tuple, tuple] | None = None,
         fresh_views: bool = False,
         max_views: int | None = None,
+        aug_repeats: int = 1,
     ) -> None:
         """``arrays`` (target array names) overrides ``logits``/``taps``; ``storage_options`` are
         the cache's fsspec options, ``input_storage_options`` the image tars'.
@@ -227,7 +230,9 @@ class CacheDataset(EpochDataset):
         reproducible): the fresh-views upper bound that finitely many cached views approximate. A cache
         of mixed views draws fresh mixed views from its recipe, partners among its cached samples.
         ``max_views`` trains on the first N cached views only: view v of a sample is seeded by
-        (seed, tar, position, v), so that is exactly what a cache of N views would hold."""
+        (seed, tar, position, v), so that is exactly what a cache of N views would hold. ``aug_repeats``
+        (repeated augmentation, policy cycle): every sample ``aug_repeats`` times per epoch, each through
+        another cached view (see :mod:`student.plan`)."""
         if view_policy not in ("cycle", "random"):
             raise ConfigError(f"view_policy must be 'cycle' or 'random', not {view_policy!r}")
         if isinstance(cache, CacheStore):
@@ -255,7 +260,8 @@ class CacheDataset(EpochDataset):
         units, valid = self._cached_units(store)
         self.plan = EpochPlan(units=units, valid=valid, num_tars=len(self.m.dataset.shards), num_views=self.num_views,
                               view_policy=view_policy, seed=int(seed), shuffle=shuffle,
-                              shuffle_buffer=int(shuffle_buffer), drop_uneven=drop_uneven)
+                              shuffle_buffer=int(shuffle_buffer), drop_uneven=drop_uneven,
+                              aug_repeats=int(aug_repeats))
         self._init_split(rank, world_size, threads, seed, view_policy)
         self._store: CacheStore | None = store
         self._store_pid = os.getpid()
@@ -309,7 +315,7 @@ class CacheDataset(EpochDataset):
         t, (_, rows, _, records) = task.tar, loaded
         count = self.m.dataset.shards[t].count
         if self.fresh_views:  # a fresh mixed view: drawn as a cache of this recipe would, partners among cached samples
-            fresh, valid = self.m.num_views + self.epoch, rows[A.VALID].astype(bool).tolist()
+            fresh, valid = self._fresh_view(task.views[0]), rows[A.VALID].astype(bool).tolist()
 
             def record_of(s: Sample, view: int) -> ViewRecord:
                 return sample_view(recipe, tar=t, position=s.position, view=fresh, width=s.image.width,
@@ -323,7 +329,15 @@ class CacheDataset(EpochDataset):
     def _replay(self, s: Sample) -> Sample:
         return replay(s, self.m.config.views, size=self.size, mean=self.mean, std=self.std,
                       teacher_input=self.teacher_input,
-                      fresh_view=self.m.num_views + self.epoch if self.fresh_views else None)
+                      fresh_view=self._fresh_view(s.view) if self.fresh_views else None)
+
+    def _fresh_view(self, view: int) -> int:
+        """The never-cached view index a fresh view of cached view ``view`` draws: ``num_views + epoch`` (with
+        ``aug_repeats`` R: ``num_views + epoch·R + r`` for the epoch's r-th repeat, so repeats differ)."""
+        R = self.plan.aug_repeats
+        if R == 1:  # any policy: one fresh view per sample and epoch
+            return self.m.num_views + self.epoch
+        return self.m.num_views + self.epoch * R + (view - self.epoch * R) % self.num_views  # policy cycle
 
     def _to_batch(self, raw: dict, device: str | torch.device) -> Batch:
         return to_batch(raw, self.m, taps=self.taps, device=device)

@@ -6,6 +6,16 @@ Views per epoch (``view_policy``):
 - ``"random"``: each sample draws its view from a generator seeded by ``(seed, epoch, tar,
   position)``; the units of one tar are each read once and the drawn rows gathered.
 
+Repeated augmentation (``aug_repeats = R``, DeiT's RASampler / VanillaKD's ``--aug-repeats 3``; policy
+``cycle`` only): epoch ``e`` reads ``R`` units of each tar, views ``(e·R + r) % V`` for ``r < R``, so every
+cached sample is seen exactly ``R`` times per epoch, each time through a different cached view (``R <= V``
+is required), and over epochs the views are taken in turn as with ``R = 1``. The ``R`` units are tasks like
+any other: shuffled with the tars and dealt round robin, so a sample's repeats usually go to different
+consumers (ranks), as RASampler sends them to different GPUs. Unlike RASampler and timm's
+``RepeatAugSampler``, which keep an epoch at the dataset's length (about ``1/R`` of the samples per epoch,
+each ``R`` times), an epoch here holds every sample ``R`` times, ``R`` times the steps: to match their
+sample budget, train ``epochs / R`` epochs.
+
 Order and split. Every epoch, the tars are shuffled by a generator seeded by ``(seed, epoch)``
 (the same on every rank and worker). The ``C = world_size * num_workers`` consumers (DDP rank
 ``r``, DataLoader worker ``w`` → consumer ``r * num_workers + w``) take the shuffled tars round
@@ -104,15 +114,33 @@ class EpochPlan:
     shuffle: bool = True
     shuffle_buffer: int = 1024
     drop_uneven: bool = False
+    aug_repeats: int = 1
+
+    def __post_init__(self) -> None:
+        R = self.aug_repeats
+        if R < 1:
+            raise ConfigError(f"data.aug_repeats={R}: must be >= 1")
+        if R > 1 and self.view_policy != "cycle":
+            raise ConfigError(f"data.aug_repeats={R} needs data.view_policy: cycle (each repeat a different cached "
+                              f"view, in turn); view_policy {self.view_policy!r} draws one view per sample")
+        if R > self.num_views:
+            raise ConfigError(f"data.aug_repeats={R}: the cache serves {self.num_views} views per sample "
+                              "(data.max_views or the cache's views.num_views), so a sample can be seen at most "
+                              f"{self.num_views} times per epoch through different views")
 
     def tasks(self, epoch: int) -> list[Task]:
-        """The tars of ``epoch`` in the order consumers take them round robin (same on every consumer)."""
+        """The (tar, views) units of ``epoch`` in the order consumers take them round robin (same on every
+        consumer): one per tar, or ``aug_repeats`` per tar (module docstring)."""
         tasks = []
         for t in range(self.num_tars):
             done = self.units.get(t, ())
-            views = (epoch % self.num_views,) if self.view_policy == "cycle" else done
-            if views and set(views) <= set(done):
-                tasks.append(Task(tar=t, n=self.valid[t], views=tuple(views)))
+            if self.view_policy == "cycle":
+                choices = [((epoch * self.aug_repeats + r) % self.num_views,) for r in range(self.aug_repeats)]
+            else:
+                choices = [done]
+            for views in choices:
+                if views and set(views) <= set(done):
+                    tasks.append(Task(tar=t, n=self.valid[t], views=tuple(views)))
         if self.shuffle:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([_TAG_TARS, self.seed, epoch])))
             tasks = [tasks[i] for i in rng.permutation(len(tasks))]
@@ -147,6 +175,7 @@ class EpochProgress:
     view_policy: ViewPolicy = "cycle"
     num_consumers: int | None = None
     consumed: dict[int, int] = field(default_factory=dict)
+    aug_repeats: int = 1
     next_worker: dict[int, int] = field(default_factory=dict)
 
     def advance(self, consumers: Sequence[int], num_consumers: int | None, rank: int, world_size: int) -> None:
@@ -166,20 +195,23 @@ class EpochProgress:
         self.next_worker[rank] = (consumers[-1] - rank * N + 1) % N
 
     def state_dict(self) -> dict:
-        """Plain JSON-able values: ``{epoch, seed, view_policy, num_consumers, consumed, next_worker}``."""
+        """Plain JSON-able values: ``{epoch, seed, view_policy, aug_repeats, num_consumers, consumed, next_worker}``."""
         return {"epoch": self.epoch, "seed": self.seed, "view_policy": self.view_policy,
+                "aug_repeats": self.aug_repeats,
                 "num_consumers": self.num_consumers,
                 "consumed": {str(c): n for c, n in sorted(self.consumed.items())},
                 "next_worker": {str(r): w for r, w in sorted(self.next_worker.items())}}
 
     @classmethod
-    def from_state(cls, state: dict, *, seed: int, view_policy: str) -> EpochProgress:
-        """The progress saved as ``state``; refused when taken with another seed or view policy."""
-        for k, have in (("seed", seed), ("view_policy", view_policy)):
-            if state[k] != have:
-                raise ConfigError(f"resume state was taken with {k}={state[k]!r}, this run has {have!r}; the "
+    def from_state(cls, state: dict, *, seed: int, view_policy: str, aug_repeats: int = 1) -> EpochProgress:
+        """The progress saved as ``state``; refused when taken with another seed, view policy or aug_repeats
+        (states saved before aug_repeats existed had 1)."""
+        for k, was, have in (("seed", state["seed"], seed), ("view_policy", state["view_policy"], view_policy),
+                             ("aug_repeats", state.get("aug_repeats", 1), aug_repeats)):
+            if was != have:
+                raise ConfigError(f"resume state was taken with {k}={was!r}, this run has {have!r}; the "
                                   "remaining samples would differ")
-        return cls(epoch=int(state["epoch"]), seed=seed, view_policy=view_policy,
+        return cls(epoch=int(state["epoch"]), seed=seed, view_policy=view_policy, aug_repeats=aug_repeats,
                    num_consumers=state["num_consumers"],
                    consumed={int(c): int(n) for c, n in state["consumed"].items()},
                    next_worker={int(r): int(w) for r, w in state["next_worker"].items()})
@@ -190,8 +222,9 @@ def merge_states(states: Iterable[dict]) -> dict:
     states = list(states)
     out = {**states[0], "consumed": {}, "next_worker": {}}
     for s in states:
-        if (s["epoch"], s["seed"], s["view_policy"]) != (out["epoch"], out["seed"], out["view_policy"]):
-            raise ValueError("resume states of different epochs, seeds or policies cannot be merged")
+        key = ("epoch", "seed", "view_policy")
+        if [s[k] for k in key] + [s.get("aug_repeats", 1)] != [out[k] for k in key] + [out.get("aug_repeats", 1)]:
+            raise ValueError("resume states of different epochs, seeds, policies or aug_repeats cannot be merged")
         out["num_consumers"] = out["num_consumers"] or s["num_consumers"]
         out["consumed"].update(s["consumed"])
         out["next_worker"].update(s["next_worker"])

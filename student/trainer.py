@@ -155,6 +155,7 @@ class Trainer:
             allow_partial=cfg.cache.allow_partial, input_storage_options=cfg.data.input_storage_options,
             teacher_input=(self.teacher.input_size, self.teacher.mean, self.teacher.std) if online else None,
             fresh_views=online and cfg.online_teacher.views == "fresh", max_views=cfg.data.max_views,
+            aug_repeats=cfg.data.aug_repeats,
         )
 
     def _tar_dataset(self) -> TarDataset:

@@ -195,3 +195,7 @@ def test_supervised_run_refuses_mixed_views():
     with pytest.raises(ValueError, match="data.views.mix: supervised training"):
         DataOptions(train_urls="x.tar", views={"mix": {"mixup_alpha": 0.2}})
     assert DataOptions(train_urls="x.tar", views={}).views.mix is None
+    from student.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"data.mixup=0.8, data.cutmix=None: supervised training .* does not mix"):
+        TrainConfig(student={"model": "resnet18"}, data={"train_urls": "x.tar", "mixup": 0.8}, output="o")

@@ -18,6 +18,7 @@ from pipeline.tars import Sample, iter_samples
 from pipeline.views import eval_view
 from storage_schemas import arrays as A
 from storage_schemas import layout
+from storage_schemas.errors import ConfigError
 from student.batch import collate_rows
 from student.config import check_mix
 from student.data import CacheDataset, merge_states, target_arrays
@@ -330,7 +331,6 @@ def test_eval_loader_centre_crops_val_tars(digits):
 
 
 def test_check_mix_allows_only_the_caches_own_mix():
-    from storage_schemas.errors import ConfigError
     from storage_schemas.views import MixRecipe
 
     check_mix("c.zarr", None, None, None)
@@ -346,3 +346,58 @@ def test_check_mix_allows_only_the_caches_own_mix():
         with pytest.raises(ConfigError, match="do not match the cache c.zarr") as e:
             check_mix("c.zarr", mix, mixup, cutmix)
         assert "views.mix: mixup_alpha=0.1, cutmix_alpha=1.0," in str(e.value) and "leave data.mixup" in str(e.value)
+
+
+# --- repeated augmentation (data.aug_repeats) -------------------------------------------------------
+
+
+def test_aug_repeats_every_sample_r_times_through_different_views_over_ranks_and_workers(small_cache):
+    """R = 2 on the 2-view cache, 2 ranks x 2 workers: each cached sample exactly twice per epoch, once per view;
+    the next epoch takes the views in turn again."""
+    m = small_cache["manifest"]
+    for epoch in (0, 3):
+        seen: collections.Counter = collections.Counter()
+        for rank in range(2):
+            ds = make(small_cache, size=8, logits=False, rank=rank, world_size=2, aug_repeats=2)
+            ds.set_epoch(epoch)
+            n = 0
+            for b in DataLoader(ds, batch_size=50, num_workers=2, collate_fn=collate_rows):
+                seen.update(zip(b["tar"].tolist(), b["position"].tolist(), b["view"].tolist(), strict=True))
+                n += len(b["key"])
+            assert n == ds.num_samples(2)
+        assert set(seen.values()) == {1}  # no (sample, view) twice
+        assert {(t, p) for t, p, _ in seen} == all_ids(m) and len(seen) == 2 * len(all_ids(m))
+    with pytest.raises(ConfigError, match=r"data.aug_repeats=3: the cache serves 2 views per sample"):
+        make(small_cache, size=8, logits=False, aug_repeats=3)
+    with pytest.raises(ConfigError, match=r"data.aug_repeats=2: the cache serves 1 views"):
+        make(small_cache, size=8, logits=False, aug_repeats=2, max_views=1)
+    with pytest.raises(ConfigError, match=r"data.aug_repeats=2 needs data.view_policy: cycle"):
+        make(small_cache, size=8, logits=False, aug_repeats=2, view_policy="random")
+
+
+def test_aug_repeats_resume_mid_epoch_is_exact(small_cache):
+    def run(ds, stop=None):
+        out = []
+        for i, b in enumerate(ds.loader(batch_size=40, num_workers=2), start=1):
+            out += list(zip(b.tars.tolist(), b.positions.tolist(), b.views.tolist(), strict=True))
+            if i == stop:
+                break
+        return out
+
+    kw = {"size": 8, "logits": False, "seed": 5, "aug_repeats": 2}
+    full_ds = make(small_cache, **kw)
+    full_ds.set_epoch(1)
+    full = run(full_ds)
+    ds = make(small_cache, **kw)
+    ds.set_epoch(1)
+    head = run(ds, stop=9)  # mid-epoch, an odd number of batches (the resumed loader starts at worker 1)
+    state = merge_states([ds.state_dict()])
+    assert state["aug_repeats"] == 2 and sum(state["consumed"].values()) == len(head) == 360
+    resumed = make(small_cache, **kw)
+    resumed.load_state_dict(state)
+    assert head + run(resumed) == full
+    assert len(full) == 2 * small_cache["manifest"].dataset.num_samples == len(set(full))
+    with pytest.raises(ConfigError, match="aug_repeats=2, this run has 1"):
+        make(small_cache, **{**kw, "aug_repeats": 1}).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "aug_repeats"}  # a state saved before aug_repeats existed
+    make(small_cache, **{**kw, "aug_repeats": 1}).load_state_dict(old)
