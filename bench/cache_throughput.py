@@ -2,12 +2,24 @@
 
 For each teacher the same views are (1) replayed once into batches and pushed through
 the teacher alone (the baseline: what the accelerator must do anyway), (2) cached by
-the in-process unit runner (decode + augment + forward + compress + Zarr write), and
-(3) cached by the full Ray job (index pass, actors, manifest; Ray start-up excluded).
-Ratios are job throughput / forward throughput, measured in the same run on the same
-device: in the job's steady state (time inside units, from their completion records) and
-end to end (with the fixed start-up, which a real multi-hour job amortises). Target:
-≥ 0.90 where the teacher's forward dominates, as it does for real teachers.
+the full Ray job (index pass, actors, manifest; Ray start-up excluded), and (3) cached again
+by the in-process unit runner (decode + augment + forward + compress + Zarr write) over the
+job's cache. Ratios are job throughput / forward throughput, measured in the same run on the
+same device: in the job's steady state (time inside units, from their completion records) and
+end to end (with the fixed start-up, which a real multi-hour job amortises). Goal: steady
+state ≥ 0.90 where the teacher's forward dominates, as it does for real teachers (the ViT-S/16
+at 224 px here); the tiny digits teacher, where decoding dominates, has no goal.
+
+Forward and job are measured interleaved: after a warm-up (one forward batch, one untimed job
+over one unit), each of ``--rounds`` rounds runs both in a seeded shuffled order, the unit runner
+right after the job (it rewrites that round's cache, which is then deleted). Each ratio is
+computed within each round (paired) and reported as its median over rounds and an interval
+for it (``bench.common.median_interval``: min–max of the per-round ratios for 5–7 rounds); the
+goal's verdict is met, not met, or undecided when the interval straddles 0.90. The bytes and
+cost-growth tables are single runs (bytes are deterministic; growth is a shape, not a goal).
+
+    python -m bench.cache_throughput                          # 5 rounds of 2 tars × 2 views (~40 min on 2 cores)
+    python -m bench.cache_throughput --tars 1 --views 1       # 5 rounds of 1 unit (~12 min)
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -31,7 +44,20 @@ from pipeline.unit import UnitRunner
 from pipeline.views import apply_view, sample_view
 from storage_schemas.config import CacheConfig
 
-from .common import OUT, device_name, digits_data, markdown_table, write_results
+from .common import (
+    OUT,
+    device_name,
+    digits_data,
+    judge,
+    markdown_table,
+    quantile,
+    ratio_summary,
+    round_orders,
+    spread,
+    verdict_lines,
+    with_spread,
+    write_results,
+)
 
 # (label, timm name, kwargs, input size, taps): a tiny teacher where decode dominates,
 # and a ViT-S/16 at 224 px where the forward dominates, as it does for real teachers.
@@ -58,9 +84,8 @@ def config(data: dict, out: str, model: str, kwargs: dict, size: int, taps: list
     })
 
 
-def forward_only(cfg: CacheConfig, urls: list[str]) -> tuple[float, int]:
-    """Seconds for the teacher alone over the exact batches the job will run."""
-    teacher = Teacher(cfg.teacher, cfg.targets.features)
+def replay(cfg: CacheConfig, urls: list[str], teacher: Teacher) -> list[torch.Tensor]:
+    """The exact batches ``[B, 3, H, W]`` the job will run: every view of every sample, as the job replays it."""
     batches = []
     for shard, url in enumerate(urls):
         for view in range(cfg.views.num_views):
@@ -71,16 +96,82 @@ def forward_only(cfg: CacheConfig, urls: list[str]) -> tuple[float, int]:
                 xs.append(apply_view(s.image, rec, cfg.views, size=teacher.input_size, mean=teacher.mean,
                                      std=teacher.std))
             batches += [torch.stack(b) for b in batched(xs, cfg.job.batch_size)]
-    teacher(batches[0])  # warm-up
+    return batches
+
+
+def forward_seconds(teacher: Teacher, batches: list[torch.Tensor]) -> float:
+    """Seconds for the teacher alone over ``batches``."""
     t0 = time.perf_counter()
     for x in batches:
         teacher(x)
-    return time.perf_counter() - t0, sum(len(b) for b in batches)
+    return time.perf_counter() - t0
 
 
-def run(views: int = 2, num_shards: int = 2) -> dict:
+def job_seconds(cfg: CacheConfig, num_tars: int) -> dict:
+    """One caching job into the fresh ``cfg.output.url``, then the unit runner over the same units:
+    seconds end to end, inside units (from the completion records) and of the unit runner."""
+    t0 = time.perf_counter()
+    run_cache_job(cfg, progress=False, log=lambda s: None)
+    job_s = time.perf_counter() - t0
+    # time spent inside units (in the actor), from the completion records: the job's
+    # steady state; the rest is fixed start-up (index pass, actor start, teacher load)
+    in_units_s = sum(r.seconds for r in CacheStore(cfg.output.url).read_unit_records())
+    # the unit runner in-process, no Ray in the loop: rerunning a unit rewrites the same bytes
+    runner = UnitRunner(cfg.output.url, {}, num_threads=torch.get_num_threads())
+    t0 = time.perf_counter()
+    for s in range(num_tars):
+        for v in range(cfg.views.num_views):
+            runner(s, v)
+    return {"job": job_s, "in_units": in_units_s, "unit_runner": time.perf_counter() - t0}
+
+
+def throughput(label: str, make: Callable[..., CacheConfig], urls: list[str], tmp: Path, rounds: int,
+               seed: int) -> tuple[dict, dict]:
+    """One teacher's throughput table row and its ratio summaries, over ``rounds`` paired rounds.
+
+    ``make(out, views=None, shards=None)`` gives the teacher's cache config writing to ``out``."""
+    cfg = make(str(tmp / f"{label}-warmup.zarr"), views=1, shards=urls[0])
+    teacher = Teacher(cfg.teacher, cfg.targets.features)
+    run_cache_job(cfg, progress=False, log=lambda s: None)  # warm-up: Ray Data and the actor path, one unit
+    shutil.rmtree(cfg.output.url)
+    cfg = make(str(tmp / f"{label}.zarr"))
+    batches = replay(cfg, urls, teacher)
+    n = sum(len(b) for b in batches)
+    teacher(batches[0])  # warm-up
+    secs = {"forward": [], "job": [], "in_units": [], "unit_runner": []}
+    for r, order in enumerate(round_orders(["forward", "job"], rounds, seed)):
+        for what in order:
+            if what == "forward":
+                secs["forward"].append(forward_seconds(teacher, batches))
+            else:
+                cfg = make(str(tmp / f"{label}-round{r}.zarr"))
+                for k, v in job_seconds(cfg, len(urls)).items():
+                    secs[k].append(v)
+                shutil.rmtree(cfg.output.url)
+        print(f"{label} round {r + 1}/{rounds}: " + ", ".join(f"{k} {n / v[-1]:.1f} views/s" for k, v in secs.items()),
+              flush=True)
+    rate = {k: [n / s for s in v] for k, v in secs.items()}
+    ratios = {"unit_runner_vs_forward": ratio_summary(rate["unit_runner"], rate["forward"]),
+              "ray_job_vs_forward": ratio_summary(rate["job"], rate["forward"]),
+              "ray_job_in_units_vs_forward": ratio_summary(rate["in_units"], rate["forward"])}
+    row = {"teacher": label, "views": n, "rounds": rounds}
+    for name, key in [("forward_only", "forward"), ("unit_runner", "unit_runner"), ("ray_job", "job"),
+                      ("ray_job_in_units", "in_units")]:
+        sp = spread(rate[key])
+        row[f"{name}_views_per_s"], row[f"{name}_views_per_s_spread"] = sp["median"], sp
+    row.update({k: v["median"] for k, v in ratios.items()})
+    row.update({f"{k}_interval": v["interval"] for k, v in ratios.items()})
+    row["ray_job_fixed_overhead_s"] = quantile([j - u for j, u in zip(secs["job"], secs["in_units"], strict=True)], 0.5)
+    return row, ratios
+
+
+GOALS = [("vit_small-224px", 0.90, "caching job in steady state ≥ 0.90 × the teacher's forward alone, "
+                                   "ViT-S/16 @ 224 px (forward dominates)")]
+
+
+def run(views: int = 2, num_shards: int = 2, rounds: int = 5, seed: int = 0) -> dict:
     init_ray(None)
-    rows, bytes_rows = [], []
+    rows, spreads, bytes_rows = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = digits_data(tmp)
@@ -89,27 +180,12 @@ def run(views: int = 2, num_shards: int = 2) -> dict:
 
         urls = expand_urls(shards)
         for label, model, kwargs, size, taps in TEACHERS:
-            cfg = config(data, str(tmp / f"{label}.zarr"), model, kwargs, size, taps, dict(CODECS[0][1]),
-                         views, shards)
-            fwd_s, n = forward_only(cfg, urls)
-            t0 = time.perf_counter()
-            run_cache_job(cfg, progress=False, log=lambda s: None)
-            job_s = time.perf_counter() - t0
-            # time spent inside units (in the actor), from the completion records: the job's
-            # steady state; the rest is fixed start-up (index pass, actor start, teacher load)
-            in_units_s = sum(r.seconds for r in CacheStore(cfg.output.url).read_unit_records())
-            # the unit runner in-process, no Ray in the loop: rerunning a unit rewrites the same bytes
-            runner = UnitRunner(cfg.output.url, {}, num_threads=torch.get_num_threads())
-            t0 = time.perf_counter()
-            for s in range(len(urls)):
-                for v in range(views):
-                    runner(s, v)
-            unit_s = time.perf_counter() - t0
-            rows.append({"teacher": label, "views": n, "forward_only_views_per_s": n / fwd_s,
-                         "unit_runner_views_per_s": n / unit_s, "ray_job_views_per_s": n / job_s,
-                         "unit_runner_vs_forward": fwd_s / unit_s, "ray_job_vs_forward": fwd_s / job_s,
-                         "ray_job_in_units_vs_forward": fwd_s / in_units_s,
-                         "ray_job_fixed_overhead_s": job_s - in_units_s})
+            def make(out: str, views: int = views, shards: str = shards, model=model, kwargs=kwargs, size=size,
+                     taps=taps) -> CacheConfig:
+                return config(data, out, model, kwargs, size, taps, dict(CODECS[0][1]), views, shards)
+
+            row, spreads[label] = throughput(label, make, urls, tmp, rounds, seed)
+            rows.append(row)
         label, model, kwargs, size, taps = TEACHERS[0]
         for codec, targets in CODECS:
             cfg = config(data, str(tmp / f"codec-{codec}.zarr"), model, kwargs, size, taps, targets, views, shards)
@@ -119,10 +195,20 @@ def run(views: int = 2, num_shards: int = 2) -> dict:
                                   if v.get("bytes_per_view") is not None},
                                **{f"{k}_cosine": v["fidelity"]["cosine_mean"] for k, v in s["targets"].items()
                                   if v.get("fidelity")}})
-        growth_rows = growth(data, tmp, shards)
-    return {"device": device_name(), "throughput": rows, "bytes": bytes_rows, "growth": growth_rows,
-            "cache_job_vs_teacher_forward": {r["teacher"]: r["ray_job_in_units_vs_forward"] for r in rows},
-            "cache_job_end_to_end_vs_teacher_forward": {r["teacher"]: r["ray_job_vs_forward"] for r in rows}}
+        # the growth table has its own base of 2 tars, whatever --tars is
+        growth_rows = growth(data, tmp, data["train"].replace("{000000..000003}", "{000000..000001}"))
+    steady = {t: r["ray_job_in_units_vs_forward"] for t, r in spreads.items()}
+    return {"device": device_name(), "rounds": rounds, "seed": seed, "throughput": rows, "bytes": bytes_rows,
+            "growth": growth_rows,
+            "cache_job_vs_teacher_forward": {t: v["median"] for t, v in steady.items()},
+            "cache_job_end_to_end_vs_teacher_forward": {t: r["ray_job_vs_forward"]["median"] for t, r in spreads.items()},
+            "ratios_spread": {"cache_job_vs_teacher_forward": steady,
+                              "cache_job_end_to_end_vs_teacher_forward": {t: r["ray_job_vs_forward"]
+                                                                          for t, r in spreads.items()},
+                              "cache_unit_runner_vs_teacher_forward": {t: r["unit_runner_vs_forward"]
+                                                                       for t, r in spreads.items()}},
+            "verdicts": [judge(f"cache_job_vs_teacher_forward[{t}]", steady[t], target, goal)
+                         for t, target, goal in GOALS]}
 
 
 def growth(data: dict, tmp: Path, shards: str, base: tuple[int, int, int] = (2, 3, 2)) -> list[dict]:
@@ -173,23 +259,50 @@ def growth_only(num_shards: int = 2) -> dict:
     return res
 
 
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The throughput table: views/s as median (min–max) over rounds, ratios as median (interval)."""
+    out = []
+    for r in rows:
+        row = {"teacher": r["teacher"], "views": r["views"], "rounds": r["rounds"]}
+        for name in ("forward_only", "ray_job_in_units", "ray_job", "unit_runner"):
+            sp = r[f"{name}_views_per_s_spread"]
+            row[f"{name}_views_per_s"] = with_spread(sp["median"], sp["min"], sp["max"])
+        for name in ("ray_job_in_units_vs_forward", "ray_job_vs_forward", "unit_runner_vs_forward"):
+            row[name] = with_spread(r[name], *r[f"{name}_interval"])
+        row["ray_job_fixed_overhead_s"] = r["ray_job_fixed_overhead_s"]
+        out.append(row)
+    return out
+
+
+TABLE_COLUMNS = ["teacher", "views", "rounds", "forward_only_views_per_s", "ray_job_in_units_views_per_s",
+                 "ray_job_views_per_s", "unit_runner_views_per_s", "ray_job_in_units_vs_forward",
+                 "ray_job_vs_forward", "unit_runner_vs_forward", "ray_job_fixed_overhead_s"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--growth-only", action="store_true",
                    help="rerun only the cost-growth table (keeps the other tables of the last run's JSON)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of forward alone vs job, in a shuffled order per round (5: interval coverage 0.94)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order of forward and job in each round")
+    p.add_argument("--tars", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
+                   help="digits train tars per round (about 360 samples each)")
+    p.add_argument("--views", type=int, default=2, help="views per sample per round (and in the bytes table)")
     a = p.parse_args(argv)
+    if a.rounds < 1 or a.views < 1:
+        p.error("--rounds and --views must be at least 1")
     try:
-        res = growth_only() if a.growth_only else run()
+        res = growth_only() if a.growth_only else run(a.views, a.tars, a.rounds, a.seed)
     finally:  # the Ray this benchmark started: its idle workers would share the CPU with what runs next
         ray.shutdown()
     if "throughput" not in res:
         print(markdown_table(res["growth"], ["axis", "value", "bytes_vs_base", "seconds_vs_base"]))
         return res
-    print(f"\ncaching throughput on {res['device']} (views/s; ratio = job / teacher forward alone)")
-    print(markdown_table(res["throughput"], ["teacher", "views", "forward_only_views_per_s",
-                                             "unit_runner_views_per_s", "ray_job_views_per_s",
-                                             "unit_runner_vs_forward", "ray_job_in_units_vs_forward",
-                                             "ray_job_vs_forward", "ray_job_fixed_overhead_s"]))
+    print(f"\ncaching throughput on {res['device']} (views/s, median (min–max) over {res['rounds']} rounds; "
+          "ratio = job / teacher forward alone, median (interval) of the per-round ratios)")
+    print(markdown_table(table_rows(res["throughput"]), TABLE_COLUMNS))
+    print("\n".join(verdict_lines(res["verdicts"])))
     print("\nbytes per cached view, by codec")
     cols = sorted({k for r in res["bytes"] for k in r})
     print(markdown_table(res["bytes"], ["codec"] + [c for c in cols if c != "codec"]))
