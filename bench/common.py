@@ -2,7 +2,7 @@
 that turn repeated, interleaved rounds into medians, spreads and a verdict per goal.
 
 Each benchmark measures its configurations in rounds: within a round every configuration runs
-once, in a seeded shuffled order (:func:`round_orders`). A ratio A/B is computed within each
+once, interleaved with the others (:func:`round_orders`, :func:`interleave`). A ratio A/B is computed within each
 round (paired), so a drift of the shared machine that is slow next to a round cancels out; it
 is summarised by the median of the per-round ratios and a distribution-free interval for that
 median (:func:`median_interval`). A goal "ratio ≥ target" is *met* when the whole interval is
@@ -86,6 +86,15 @@ def round_orders(names: Sequence[str], rounds: int, seed: int) -> list[list[str]
         rng.shuffle(order)
         orders.append(order)
     return orders
+
+
+def interleave(order: Sequence[str], steps: int, slice_steps: int) -> list[tuple[str, int]]:
+    """One round as ``(configuration, steps)`` slices: every configuration runs ``steps`` steps in
+    slices of at most ``slice_steps``, taking turns in ``order``, then in reverse (A B C, C B A,
+    A B C, …). Each configuration's time in the round is then spread over the whole round, so all
+    see the same load of a shared machine, and the reversal cancels a steady drift within it."""
+    sizes = [slice_steps] * (steps // slice_steps) + ([steps % slice_steps] if steps % slice_steps else [])
+    return [(name, n) for i, n in enumerate(sizes) for name in (order if i % 2 == 0 else order[::-1])]
 
 
 def quantile(xs: Sequence[float], q: float) -> float:

@@ -1,14 +1,19 @@
 """Student training speed and peak memory: no KD vs cached KD vs online KD (teacher in the loop).
 
 Same student, same cache, same batches. Each configuration lives in its own process, started
-and warmed up once, so its peak memory (CUDA: ``max_memory_allocated``; CPU: its own peak RSS,
-over its whole life) is its own. The configurations are then measured interleaved: in each of
-``--rounds`` rounds every one runs ``--steps`` train steps, one process at a time while the
-others wait idle, in an order shuffled per round (seeded). Per configuration the table gives
-the median steps/s over the rounds, min–max and IQR; each speed ratio is computed within each
-round (paired, so drift of a shared machine cancels) and reported as the median over rounds and
-an interval for it (``bench.common.median_interval``: min–max of the per-round ratios for 5–7
-rounds). Peak-memory ratios are one value each: the peak is deterministic up to the allocator.
+and warmed up once (``--warmup`` steps), so its peak memory (CUDA: ``max_memory_allocated``;
+CPU: its own peak RSS, over its whole life) is its own. The configurations are then measured
+interleaved, one process at a time while the others wait idle: in each of ``--rounds`` rounds
+every one runs ``--steps`` train steps, taking turns every ``--slice`` steps in an order shuffled
+per round (seeded) and reversed every other turn (A B C … C B A …; ``bench.common.interleave``).
+A configuration's time in a round is thus spread over the whole round, and a load that comes
+and goes on a shared machine falls on all of them alike. Per configuration the table gives the
+median steps/s over the rounds, min–max and IQR. Each speed ratio is computed within each round
+(paired, so the machine's drift between rounds cancels) and reported as the median over rounds
+and an interval for it (``bench.common.median_interval``: min–max of the per-round ratios for
+5–7 rounds; at 5 it holds the true median with 94 % probability if rounds are independent,
+whatever the shape of the noise).
+Peak-memory ratios are one value each: the peak is deterministic up to the allocator.
 
 Ratios: cached KD / no KD (goal ≥ 0.95: reading the cache must cost next to nothing; the verdict
 is met, not met, or undecided when the interval straddles 0.95) and the speed-up of cached over
@@ -36,6 +41,7 @@ import torch
 from .common import (
     RATIO_COLUMNS,
     device_name,
+    interleave,
     judge,
     markdown_table,
     ratio_rows,
@@ -125,15 +131,17 @@ MEMORY_RATIOS = {
 GOALS = [("cached_kd_vs_no_kd_steps", 0.95, "cached KD steps/s ≥ 0.95 × no KD")]
 
 
-def run(workdir: Path, steps: int, warmup: int, rounds: int = 5, seed: int = 0) -> dict:
-    """All configurations, each in its own long-lived process, ``rounds`` times in a seeded
-    shuffled order per round, ``steps`` train steps each time; see the module docstring."""
+def run(workdir: Path, steps: int, warmup: int, rounds: int = 5, seed: int = 0, slice_steps: int = 5) -> dict:
+    """All configurations, each in its own long-lived process, for ``rounds`` rounds of ``steps``
+    train steps each, taking turns every ``slice_steps`` steps in an order shuffled per round
+    (seeded); see the module docstring."""
     ctx = mp.get_context("spawn")
     procs, conns = {}, {}
     try:
         for label, (methods, online) in CONFIGS.items():  # start-up and warm-up of all at once, unmeasured
             conns[label], child = ctx.Pipe()
-            procs[label] = ctx.Process(target=_worker, args=(str(workdir), methods, online, warmup, child))
+            procs[label] = ctx.Process(target=_worker, args=(str(workdir), methods, online, warmup, child),
+                                       daemon=True)
             procs[label].start()
             child.close()  # so that a worker that dies is an EOFError here, not a hang
         for label in CONFIGS:
@@ -141,9 +149,11 @@ def run(workdir: Path, steps: int, warmup: int, rounds: int = 5, seed: int = 0) 
         orders = round_orders(list(CONFIGS), rounds, seed)
         seconds = {label: [] for label in CONFIGS}
         for r, order in enumerate(orders):
-            for label in order:  # one at a time: the others wait in recv(), idle
-                conns[label].send(steps)
-                seconds[label].append(_recv(conns[label], label))
+            for label in CONFIGS:
+                seconds[label].append(0.0)
+            for label, n in interleave(order, steps, slice_steps):  # one at a time: the others wait idle in recv()
+                conns[label].send(n)
+                seconds[label][-1] += _recv(conns[label], label)
             print(f"round {r + 1}/{rounds}: " + ", ".join(f"{lb} {steps / seconds[lb][-1]:.2f}" for lb in order),
                   flush=True)
         peaks = {}
@@ -167,7 +177,8 @@ def run(workdir: Path, steps: int, warmup: int, rounds: int = 5, seed: int = 0) 
     ratios = {name: v["median"] for name, v in spreads.items()}
     ratios.update({name: peaks[a] / peaks[b] for name, (a, b) in MEMORY_RATIOS.items()})
     return {"device": device_name(), "student": "resnet18 @ 32px, batch 64", "teacher": "the demo's ViT 4×96 @ 32px",
-            "steps": steps, "warmup": warmup, "rounds": rounds, "seed": seed, "orders": orders, "rows": rows,
+            "steps": steps, "slice": slice_steps, "warmup": warmup, "rounds": rounds, "seed": seed, "orders": orders,
+            "rows": rows,
             "ratios": ratios, "ratios_spread": spreads,
             "verdicts": [judge(name, spreads[name], target, goal) for name, target, goal in GOALS]}
 
@@ -200,17 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5, help="unmeasured train steps per configuration before round 1")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds; each runs every configuration once, in a shuffled order (5: interval coverage 0.94)")
+    p.add_argument("--slice", type=int, default=5, dest="slice_steps",
+                   help="configurations take turns every this many steps within a round (--slice = --steps: "
+                        "each runs its round's steps at once)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the configurations in each round")
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.steps < 1:
-        p.error("--rounds and --steps must be at least 1")
+    if min(a.rounds, a.steps, a.slice_steps) < 1:
+        p.error("--rounds, --steps and --slice must be at least 1")
     if not (a.workdir / "teacher.json").exists() or not (a.workdir / "cache.zarr" / "manifest.json").exists():
         from jobs.demo import run_demo
 
         run_demo(str(a.workdir), students=False)  # data, teacher and the demo cache
-    res = run(a.workdir.resolve(), a.steps, a.warmup, a.rounds, a.seed)
-    print(f"\nstudent speed on {res['device']} ({res['student']}; {a.rounds} rounds × {a.steps} steps, "
-          f"after {a.warmup} warm-up steps)")
+    res = run(a.workdir.resolve(), a.steps, a.warmup, a.rounds, a.seed, a.slice_steps)
+    print(f"\nstudent speed on {res['device']} ({res['student']}; {a.rounds} rounds × {a.steps} steps in slices "
+          f"of {a.slice_steps}, after {a.warmup} warm-up steps)")
     print(markdown_table(table_rows(res), TABLE_COLUMNS))
     print(markdown_table(ratio_rows(res["ratios"], res["ratios_spread"], res["verdicts"]), RATIO_COLUMNS))
     print("\n".join(verdict_lines(res["verdicts"])))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.common import (
+    interleave,
     judge,
     median_interval,
     paired_ratios,
@@ -116,3 +117,10 @@ def test_judge_reports_the_goal_and_its_verdict():
     j = judge("speed", s, 0.95, "speed ≥ 0.95")
     assert j["interval"] == pytest.approx([0.8, 1 / 0.9]) and j["median"] == 1.0
     assert j["verdict"] == "undecided" and j["rounds"] == 5 and j["target"] == 0.95
+
+
+def test_interleave_takes_turns_in_slices_reversing_every_other_turn():
+    assert interleave(["a", "b", "c"], 12, 5) == [("a", 5), ("b", 5), ("c", 5), ("c", 5), ("b", 5), ("a", 5),
+                                                  ("a", 2), ("b", 2), ("c", 2)]
+    assert interleave(["a", "b"], 6, 6) == [("a", 6), ("b", 6)]  # one slice: each runs its steps at once
+    assert interleave(["a", "b"], 4, 10) == [("a", 4), ("b", 4)]
