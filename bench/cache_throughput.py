@@ -11,12 +11,14 @@ state ≥ 0.90 where the teacher's forward dominates, as it does for real teache
 at 224 px here); the tiny digits teacher, where decoding dominates, has no goal.
 
 Forward and job are measured interleaved: after a warm-up (one forward batch, one untimed job
-over one unit), each of ``--rounds`` rounds runs both in a seeded shuffled order, the unit runner
-right after the job (it rewrites that round's cache, which is then deleted). Each ratio is
-computed within each round (paired) and reported as its median over rounds and an interval
-for it (``bench.common.median_interval``: min–max of the per-round ratios for 5–7 rounds); the
-goal's verdict is met, not met, or undecided when the interval straddles 0.90. The bytes and
-cost-growth tables are single runs (bytes are deterministic; growth is a shape, not a goal).
+over one unit), each of ``--rounds`` rounds runs the first half of the forward batches, the job,
+the unit runner over the job's fresh cache (rewriting it; it is deleted after), then the other
+half of the forward batches, so that forward and job see the load of the same minutes of a
+shared machine. Each ratio is computed within each round (paired) and reported as its median
+over rounds and an interval for it (``bench.common.median_interval``: min–max of the per-round
+ratios for 5–7 rounds); the goal's verdict is met, not met, or undecided when the interval
+straddles 0.90. The bytes and cost-growth tables are single runs (bytes are deterministic;
+growth is a shape, not a goal).
 
     python -m bench.cache_throughput                          # 5 rounds of 2 tars × 2 views (~40 min on 2 cores)
     python -m bench.cache_throughput --tars 1 --views 1       # 5 rounds of 1 unit (~12 min)
@@ -52,7 +54,6 @@ from .common import (
     markdown_table,
     quantile,
     ratio_summary,
-    round_orders,
     spread,
     verdict_lines,
     with_spread,
@@ -125,11 +126,12 @@ def job_seconds(cfg: CacheConfig, num_tars: int) -> dict:
     return {"job": job_s, "in_units": in_units_s, "unit_runner": time.perf_counter() - t0}
 
 
-def throughput(label: str, make: Callable[..., CacheConfig], urls: list[str], tmp: Path, rounds: int,
-               seed: int) -> tuple[dict, dict]:
+def throughput(label: str, make: Callable[..., CacheConfig], urls: list[str], tmp: Path,
+               rounds: int) -> tuple[dict, dict]:
     """One teacher's throughput table row and its ratio summaries, over ``rounds`` paired rounds.
 
-    ``make(out, views=None, shards=None)`` gives the teacher's cache config writing to ``out``."""
+    ``make(out)`` gives the teacher's cache config writing to ``out``; ``make(out, views=, shards=)``
+    a smaller one (the warm-up job's)."""
     cfg = make(str(tmp / f"{label}-warmup.zarr"), views=1, shards=urls[0])
     teacher = Teacher(cfg.teacher, cfg.targets.features)
     run_cache_job(cfg, progress=False, log=lambda s: None)  # warm-up: Ray Data and the actor path, one unit
@@ -138,16 +140,16 @@ def throughput(label: str, make: Callable[..., CacheConfig], urls: list[str], tm
     batches = replay(cfg, urls, teacher)
     n = sum(len(b) for b in batches)
     teacher(batches[0])  # warm-up
+    half = len(batches) // 2
     secs = {"forward": [], "job": [], "in_units": [], "unit_runner": []}
-    for r, order in enumerate(round_orders(["forward", "job"], rounds, seed)):
-        for what in order:
-            if what == "forward":
-                secs["forward"].append(forward_seconds(teacher, batches))
-            else:
-                cfg = make(str(tmp / f"{label}-round{r}.zarr"))
-                for k, v in job_seconds(cfg, len(urls)).items():
-                    secs[k].append(v)
-                shutil.rmtree(cfg.output.url)
+    for r in range(rounds):
+        # the job between the two halves of the forward pass: both see the load of the same minutes
+        fwd = forward_seconds(teacher, batches[:half])
+        cfg = make(str(tmp / f"{label}-round{r}.zarr"))
+        for k, v in job_seconds(cfg, len(urls)).items():
+            secs[k].append(v)
+        shutil.rmtree(cfg.output.url)
+        secs["forward"].append(fwd + forward_seconds(teacher, batches[half:]))
         print(f"{label} round {r + 1}/{rounds}: " + ", ".join(f"{k} {n / v[-1]:.1f} views/s" for k, v in secs.items()),
               flush=True)
     rate = {k: [n / s for s in v] for k, v in secs.items()}
@@ -169,7 +171,7 @@ GOALS = [("vit_small-224px", 0.90, "caching job in steady state ≥ 0.90 × the 
                                    "ViT-S/16 @ 224 px (forward dominates)")]
 
 
-def run(views: int = 2, num_shards: int = 2, rounds: int = 5, seed: int = 0) -> dict:
+def run(views: int = 2, num_shards: int = 2, rounds: int = 5) -> dict:
     init_ray(None)
     rows, spreads, bytes_rows = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +186,7 @@ def run(views: int = 2, num_shards: int = 2, rounds: int = 5, seed: int = 0) -> 
                      taps=taps) -> CacheConfig:
                 return config(data, out, model, kwargs, size, taps, dict(CODECS[0][1]), views, shards)
 
-            row, spreads[label] = throughput(label, make, urls, tmp, rounds, seed)
+            row, spreads[label] = throughput(label, make, urls, tmp, rounds)
             rows.append(row)
         label, model, kwargs, size, taps = TEACHERS[0]
         for codec, targets in CODECS:
@@ -198,7 +200,7 @@ def run(views: int = 2, num_shards: int = 2, rounds: int = 5, seed: int = 0) -> 
         # the growth table has its own base of 2 tars, whatever --tars is
         growth_rows = growth(data, tmp, data["train"].replace("{000000..000003}", "{000000..000001}"))
     steady = {t: r["ray_job_in_units_vs_forward"] for t, r in spreads.items()}
-    return {"device": device_name(), "rounds": rounds, "seed": seed, "throughput": rows, "bytes": bytes_rows,
+    return {"device": device_name(), "rounds": rounds, "throughput": rows, "bytes": bytes_rows,
             "growth": growth_rows,
             "cache_job_vs_teacher_forward": {t: v["median"] for t, v in steady.items()},
             "cache_job_end_to_end_vs_teacher_forward": {t: r["ray_job_vs_forward"]["median"] for t, r in spreads.items()},
@@ -284,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--growth-only", action="store_true",
                    help="rerun only the cost-growth table (keeps the other tables of the last run's JSON)")
     p.add_argument("--rounds", type=int, default=5,
-                   help="rounds of forward alone vs job, in a shuffled order per round (5: interval coverage 0.94)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order of forward and job in each round")
+                   help="rounds, each: half the forward pass, the job, the unit runner, the other half "
+                        "(5: interval coverage 0.94)")
     p.add_argument("--tars", type=int, default=2, choices=range(1, 5), metavar="{1..4}",
                    help="digits train tars per round (about 360 samples each)")
     p.add_argument("--views", type=int, default=2, help="views per sample per round (and in the bytes table)")
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.rounds < 1 or a.views < 1:
         p.error("--rounds and --views must be at least 1")
     try:
-        res = growth_only() if a.growth_only else run(a.views, a.tars, a.rounds, a.seed)
+        res = growth_only() if a.growth_only else run(a.views, a.tars, a.rounds)
     finally:  # the Ray this benchmark started: its idle workers would share the CPU with what runs next
         ray.shutdown()
     if "throughput" not in res:
