@@ -2,10 +2,12 @@
 
 Writes ``bench/results.json`` (device, the headline ratios, bytes per view, and each
 benchmark's full results) and ``bench/results.md`` (the tables), plus the PNG plots of the
-views and codec studies. Every ratio is measured in this run, on this device.
+views and codec studies. Every ratio is measured in this run, on this device, in interleaved
+rounds (``--rounds``), as its median over rounds with an interval, and each goal gets a
+verdict: met, not met or undecided (see ``bench.common``).
 
-    python -m bench                    # everything (~45 min on 2 CPU cores, most of it the studies)
-    python -m bench --skip-studies     # caching and student speed only (~12 min)
+    python -m bench                    # everything (estimated 75 min on 2 idle CPU cores: caching 35, studies 32)
+    python -m bench --skip-studies     # caching and student speed only (estimated 40 min)
     python -m bench --report-only      # rebuild the report from the last JSON of each benchmark
 """
 
@@ -16,43 +18,58 @@ import json
 from pathlib import Path
 
 from . import cache_throughput, kd_studies, student_speed
-from .common import OUT, device_name, markdown_table
+from .common import OUT, RATIO_COLUMNS, device_name, markdown_table, ratio_rows, verdict_lines
 
 
 def report(cache: dict, speed: dict, studies: dict | None) -> tuple[dict, str]:
-    ratios = {
-        "cache_job_vs_teacher_forward": cache["cache_job_vs_teacher_forward"],
-        "cache_job_end_to_end_vs_teacher_forward": cache["cache_job_end_to_end_vs_teacher_forward"],
-        **speed["ratios"],
-    }
-    results = {"device": device_name(), "ratios": ratios,
+    cache_ratios = ("cache_job_vs_teacher_forward", "cache_job_end_to_end_vs_teacher_forward")
+    ratios = {**{k: cache[k] for k in cache_ratios}, **speed["ratios"]}
+    spreads = {**{k: cache["ratios_spread"][k] for k in cache_ratios}, **speed["ratios_spread"]}
+    verdicts = cache["verdicts"] + speed["verdicts"]
+    results = {"device": device_name(), "ratios": ratios, "ratios_spread": spreads, "verdicts": verdicts,
                "bytes_per_view": {r["codec"]: r["bytes_per_view"] for r in cache["bytes"]},
                "cache_throughput": cache, "student_speed": speed, "kd_studies": studies}
+    # one row per ratio, a teacher's ratio as name[teacher]
+    flat, flat_spreads = {}, {}
+    for k, v in ratios.items():
+        for sub, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+            name = f"{k}[{sub}]" if sub else k
+            flat[name] = value
+            if k in spreads:
+                flat_spreads[name] = spreads[k][sub] if sub else spreads[k]
     md = [f"# kdcache benchmarks on {results['device']}", "",
+          f"Medians over paired, interleaved rounds (caching: {cache['rounds']} rounds; student speed: "
+          f"{speed['rounds']} rounds × {speed['steps']} steps in turns of {speed['slice']}, after {speed['warmup']} "
+          "warm-up steps); spreads are "
+          "min–max over rounds, a ratio's interval is that of `bench.common.median_interval` (min–max of the "
+          "per-round ratios for 5–7 rounds).", "",
           "## Caching job vs teacher forward alone (views/s)",
-          markdown_table(cache["throughput"], ["teacher", "forward_only_views_per_s", "ray_job_views_per_s",
-                                               "ray_job_in_units_vs_forward", "ray_job_vs_forward"]),
+          markdown_table(cache_throughput.table_rows(cache["throughput"]), cache_throughput.TABLE_COLUMNS),
           "", "## Bytes per view and fidelity, by codec",
           markdown_table(cache["bytes"], ["codec", "bytes_per_view", "logits_bytes_per_view",
                                           "feature:final_bytes_per_view", "feature:final_cosine"]),
-          "", "## Cost growth (one axis at a time)",
+          "", "## Cost growth (one axis at a time, one run)",
           markdown_table(cache["growth"], ["axis", "value", "bytes_total", "bytes_vs_base", "seconds_vs_base"]),
           "", f"## Student steps/s and peak memory ({speed['student']})",
-          markdown_table(speed["rows"], ["config", "steps_per_s", "peak_memory_mb"]),
-          "", "## Ratios", markdown_table([{"ratio": k, "value": v} for k, v in ratios.items()
-                                           if not isinstance(v, dict)], ["ratio", "value"])]
+          markdown_table(student_speed.table_rows(speed), student_speed.TABLE_COLUMNS),
+          "", "## Ratios", markdown_table(ratio_rows(flat, flat_spreads, verdicts), RATIO_COLUMNS),
+          "", "## Goals", *[f"- {line}" for line in verdict_lines(verdicts)]]
     if studies:
         md += ["", f"## Student accuracy vs cached views ({studies['student']}, {studies['epochs']} epochs, "
                    f"seeds {studies['seeds']})",
                markdown_table(studies["views"], ["views", "top1_mean", "top1_std"]),
                "", "## Student accuracy vs target codec (4 views)",
                markdown_table(studies["codecs"], ["codec", "bytes_per_view", "top1_mean", "top1_std"])]
+    else:
+        md += ["", "The accuracy studies were not part of this run (`python -m bench.kd_studies`)."]
     return results, "\n".join(md) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of the caching and student-speed benchmarks (see their --help)")
     p.add_argument("--skip-studies", action="store_true", help="skip the views/codec accuracy studies")
     p.add_argument("--epochs", type=int, default=12, help="student epochs in the studies")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the studies")
@@ -67,9 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         cache, speed, studies = last("cache_throughput"), last("student_speed"), last("kd_studies")
         if cache is None or speed is None:
             raise SystemExit("--report-only: run python -m bench.cache_throughput and bench.student_speed first")
+        if "ratios_spread" not in cache or "ratios_spread" not in speed:
+            raise SystemExit("--report-only: the JSON in bench/ predates measuring in rounds; rerun "
+                             "python -m bench.cache_throughput and bench.student_speed")
     else:
-        cache = cache_throughput.main([])
-        speed = student_speed.main(["--workdir", str(a.workdir)])
+        cache = cache_throughput.main(["--rounds", str(a.rounds)])
+        speed = student_speed.main(["--workdir", str(a.workdir), "--rounds", str(a.rounds)])
         studies = None if a.skip_studies else kd_studies.main(
             ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])
     results, md = report(cache, speed, studies)
