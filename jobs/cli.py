@@ -133,7 +133,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.online_teacher:
         sets += [f"online_teacher.checkpoint={a.online_teacher}", f"online_teacher.views={a.online_views}"]
     cfg = load_config(TrainConfig, a.config, sets)
-    result = Trainer(cfg, progress=not a.no_progress).fit()
+    if a.ray or cfg.ray is not None:
+        if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+            raise ConfigError(f"{a.config}: runs on Ray Train ({'--ray' if a.ray else 'its ray: section'}) and this "
+                              "process was started by torchrun: use one of the two (drop --ray and the ray: section "
+                              "under torchrun)")
+        from .train_ray import train_on_ray
+
+        result = train_on_ray(cfg, address=a.address, progress=not a.no_progress)
+    else:
+        result = Trainer(cfg, progress=not a.no_progress).fit()
     print(json.dumps(result, indent=1))
     return 0
 
@@ -291,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "restate them, since the teacher's output on a mixed image is not a mix of its "
                                    "outputs on the two images.",
                        epilog="examples:\n  kdcache train jobs/configs/train_demo_vitkd.yaml --set optim.epochs=5\n"
-                              "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_swinl_resnet50.yaml")
+                              "  torchrun --nproc_per_node 8 -m jobs.cli train jobs/configs/train_scalekd_swinl_resnet50.yaml\n"
+                              "  kdcache train CONFIG --ray --set ray.num_workers=8 --set ray.use_gpu=true\n"
+                              "  ray job submit --address http://HEAD:8265 -- kdcache train CONFIG --ray")
     t.add_argument("config", help="YAML config (sections cache, student, methods, method_options, data, optim)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--online-teacher", metavar="CHECKPOINT", default=None,
@@ -300,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--online-views", choices=["cached", "fresh"], default="cached",
                    help="with --online-teacher: the stored view records (default), or fresh views every epoch "
                         "(mixed as the cache's views.mix, if any)")
+    t.add_argument("--ray", action="store_true",
+                   help="train as DDP ranks on Ray Train workers (settings: the config's ray: section, e.g. --set "
+                        "ray.num_workers=4 --set ray.use_gpu=true; a ray: section alone also turns it on); checkpoints "
+                        "through Ray Train, restarts from the last one when a worker dies")
+    t.add_argument("--address", default=None,
+                   help="with --ray: the Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 
@@ -365,6 +382,10 @@ def _user_error(e: BaseException) -> str | None:
     seen = 0
     while e is not None and seen < 10:
         seen += 1
+        failures = getattr(e, "worker_failures", None)  # Ray Train: {rank: the exception raised in that worker}
+        if isinstance(failures, dict) and failures:
+            e = failures[min(failures)]
+            continue
         cause = getattr(e, "cause", None)  # a Ray task's error: the exception raised in the task
         if isinstance(cause, BaseException) and cause is not e:
             e = cause  # (a RayTaskError also *is* that type, but its str() is Ray's traceback)

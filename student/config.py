@@ -116,6 +116,21 @@ class OnlineTeacher(_Strict):
         "cached", description="cached: the stored view records (equivalence); fresh: new views every epoch")
 
 
+class RayOptions(_Strict):
+    """``kdcache train --ray``: the same trainer as DDP ranks on Ray Train workers (``ray.train.torch.TorchTrainer``)."""
+
+    num_workers: int = Field(2, ge=1, description="DDP ranks, each a Ray Train worker (one GPU each with use_gpu)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; else CPU workers with gloo")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources of each worker, e.g. {CPU: 8, GPU: 1} (default: 1 CPU, and 1 GPU with use_gpu)")
+    max_failures: int = Field(3, ge=-1, description="restarts of the worker group from the last checkpoint after a "
+                                                    "worker or node dies (-1: no limit)")
+    storage_path: str | None = Field(
+        None, description="where Ray Train keeps the run's checkpoints (last.pt) and state: a folder every node can "
+                          "reach or a pyarrow URL (s3://…); default OUTPUT/ray. Rerunning with the same output "
+                          "and storage resumes from its last checkpoint")
+
+
 class TrainConfig(_Strict):
     cache: CacheRef | None = Field(None, description="the cache to distil from; none: supervised training on "
                                                      "data.train_urls (methods that need no teacher, e.g. ce)")
@@ -132,6 +147,7 @@ class TrainConfig(_Strict):
     output: str = Field(description="folder for checkpoints, metrics.jsonl, curves.png, config.yaml")
     log_every: int = Field(10, ge=1, description="steps between metrics lines")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (exact mid-epoch resume)")
+    ray: RayOptions | None = Field(None, description="run on Ray Train (also: kdcache train --ray); see RayOptions")
 
     @model_validator(mode="after")
     def _source(self) -> TrainConfig:

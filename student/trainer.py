@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -87,13 +88,33 @@ def build_student(cfg: TrainConfig) -> tuple[torch.nn.Module, int, tuple, tuple]
     return (student, *resolve_input(student, st.model_kwargs, st.input_size, st.mean, st.std))
 
 
+def open_cache(cfg: TrainConfig, needs: Needs | None = None) -> tuple[str, CacheStore, Manifest]:
+    """``cfg``'s cache: its URL, read-only store and manifest, checked once against what the methods need (every
+    missing target named) before anything is built. The Ray driver calls it too, so that a config error stops the
+    run before any worker starts (a worker's error would restart the group ``ray.max_failures`` times)."""
+    c = cfg.cache
+    url = c.url or find_cache(c.root, c.id, c.storage_options).url
+    store = CacheStore(url, c.storage_options, read_only=True)
+    m = store.read_manifest(allow_partial=c.allow_partial)
+    # the cache's mixes are replayed as built: data.mixup/cutmix may only restate them
+    check_mix(url, m.config.views.mix, cfg.data.mixup, cfg.data.cutmix)
+    check_cache(needs or needs_of(cfg.methods, cfg.method_options), m)
+    return url, store, m
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` trains, resuming from ``output/last.pt``."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, device: torch.device | None = None,
+                 on_checkpoint: Callable[[Trainer, bool], None] | None = None) -> None:
+        """``device``: where this rank trains (default: cuda:LOCAL_RANK when CUDA is there, as under torchrun);
+        ``on_checkpoint(trainer, final)``: called on every rank after each checkpoint and, with ``final``, after
+        ``final.json`` (Ray Train reports its checkpoints through it)."""
+        self.cfg, self.progress, self.on_checkpoint = cfg, progress, on_checkpoint
         self.rank, self.world = _distributed()
-        if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if device is not None:
+            self.device = device
+        elif cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         else:
             self.device = torch.device("cpu")
@@ -129,14 +150,7 @@ class Trainer:
     # --- what it trains from -------------------------------------------------------------
 
     def _open_cache(self, needs) -> Manifest:
-        """The cache's manifest, checked once against what the methods need, before anything is built."""
-        c = self.cfg.cache
-        self.cache_url = c.url or find_cache(c.root, c.id, c.storage_options).url
-        self.store = CacheStore(self.cache_url, c.storage_options, read_only=True)
-        m = self.store.read_manifest(allow_partial=c.allow_partial)
-        # the cache's mixes are replayed as built: data.mixup/cutmix may only restate them
-        check_mix(self.cache_url, m.config.views.mix, self.cfg.data.mixup, self.cfg.data.cutmix)
-        check_cache(needs, m)  # every missing target named
+        self.cache_url, self.store, m = open_cache(self.cfg, needs)
         return m
 
     def _teacher_context(self, m: Manifest | None) -> TeacherContext:
@@ -239,6 +253,7 @@ class Trainer:
                                   **logs})
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                         self.save(self.out / "last.pt", epoch_done=False)
+                        self._checkpointed(final=False)
             bar.close()
             result = {"epoch": epoch, "step": self.step, "samples_per_s": seen / max(time.time() - t0, 1e-9)}
             if self.cfg.data.val_urls:
@@ -250,11 +265,17 @@ class Trainer:
                            f"{result['samples_per_s']:.1f} samples/s{val}", file=sys.stderr)
             self.epoch, self.result = epoch + 1, result
             self.save(self.out / "last.pt", epoch_done=True)
+            self._checkpointed(final=False)
         result = {**self.result, "train_seconds": time.time() - t_fit, "cache": self._cache_ref()}
         if self.rank == 0:
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
             atomic_write(LocalFileSystem(), str(final), json.dumps(result, indent=1).encode())
+        self._checkpointed(final=True)
         return result
+
+    def _checkpointed(self, final: bool) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self, final)
 
     def evaluate(self) -> dict[str, float]:
         model = self.ema.module if self.ema is not None else self.model.student
