@@ -147,6 +147,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .sweep import format_sweep, run_sweep
+
+    table = run_sweep(a.sweep, address=a.address, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_sweep(table))
+    failed = [r["trial"] for r in table if r["status"] == "failed"]
+    if failed:
+        print(f"kdcache sweep: {len(failed)} of {len(table)} trials failed ({', '.join(failed)}); their errors are in "
+              "the table; rerun the sweep to retry them (finished trials are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
@@ -319,6 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray: the Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
+
+    w = sub.add_parser("sweep", help="train many students from one cache at once, as Ray tasks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the trials of a sweep file (a base training config and a grid and/or list of "
+                                   "overrides) concurrently on Ray, each a kdcache train run with its own resources (one "
+                                   "GPU each where there are GPUs), all reading the same cache. A failed trial is "
+                                   "reported without stopping the others; a rerun skips finished trials. Writes "
+                                   "OUTPUT/results.json and results.png and prints the table.",
+                       epilog="sweep file:\n  base: train.yaml\n  output: runs/sweep\n  grid: {student.model: "
+                              "[resnet18, mobilenetv3_small_100], seed: [0, 1, 2]}\n  trials: [{methods: ce}, "
+                              "{methods: ce+kd}]\n  resources: {CPU: 1}\n  max_retries: 1")
+    w.add_argument("sweep", help="the sweep YAML")
+    w.add_argument("--address", default=None, help="the Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
+    w.set_defaults(fn=cmd_sweep)
 
     e = sub.add_parser("eval", help="evaluate a trained student",
                        description="Top-1/top-5 with timm's centre-crop eval transform on validation tars.")
