@@ -96,7 +96,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(small_cache
     cfg = write_config(small_cache, tmp_path / "r.yaml", tmp_path / "run", ray={"num_workers": 2, "max_failures": 2})
     marker = tmp_path / "killed"
     r = run([sys.executable, "-m", "jobs.cli", "train", str(cfg), "--no-progress"],  # the ray: section alone
-            KDCACHE_CRASH_AT="train:step 3", KDCACHE_CRASH_MARKER=str(marker))
+            KDCACHE_CRASH_AT="train:step 3#1", KDCACHE_CRASH_MARKER=str(marker))
     assert marker.exists(), "no worker reached the crash point"
     assert r.returncode == 0, r.stderr[-4000:]
     assert_same_weights(tmp_path / "run", torchrun_run)
