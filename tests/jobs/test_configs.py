@@ -48,7 +48,8 @@ PAIRS = {
     "train_scalekd_swinl_resnet50.yaml": "scalekd_swin_large_traditional.yaml",
     "train_scalekd_swinl_resnet50d_advanced.yaml": "scalekd_swin_large.yaml",
     "train_scalekd_swinl_deitb_advanced.yaml": "scalekd_swin_large_deit.yaml",
-    "train_vanillakd_beitv2_resnet50.yaml": "vanillakd_beitv2_logits.yaml",
+    "train_vanillakd_a1_beitv2b_resnet50.yaml": "vanillakd_a1_beitv2b.yaml",
+    "train_vanillakd_a2_beitv2b_resnet50.yaml": "vanillakd_a2_beitv2b.yaml",
     "train_vitkd_deit3b_deits.yaml": "vitkd_deit3_base.yaml",
 }
 
@@ -57,8 +58,9 @@ PAIRS = {
 def test_train_config_is_served_by_its_cache_config(path):
     """What the training config's methods need (logits, taps by the point they name, the TPP tail), the cache
     config it names in its header caches — resolved on the teacher's architecture (meta device, no weights) —
-    and the student predicts the teacher's classes."""
-    from student.config import TrainConfig
+    the student predicts the teacher's classes, its data.mixup / data.cutmix are the cache's views.mix (as the
+    trainer checks against the manifest before step 0) and it repeats no more views than the cache holds."""
+    from student.config import TrainConfig, check_mix
     from student.methods import needs_of
 
     assert path.name in PAIRS, f"{path.name}: say in PAIRS which shipped cache config serves it"
@@ -76,6 +78,10 @@ def test_train_config_is_served_by_its_cache_config(path):
     assert not needs.tpp or cache.targets.tpp is not None, f"{cache_path.name} has no TPP pack"
     classes = train.student.model_kwargs.get("num_classes")
     assert classes == teacher.num_classes, f"student predicts {classes} classes, the teacher {teacher.num_classes}"
+    check_mix(cache_path.name, cache.views.mix, train.data.mixup, train.data.cutmix)
+    views = min(cache.views.num_views, train.data.max_views or cache.views.num_views)
+    assert train.data.aug_repeats <= views, f"aug_repeats {train.data.aug_repeats} > {views} cached views"
+    assert train.data.aug_repeats == 1 or train.data.view_policy == "cycle"
 
 
 def test_every_config_the_help_and_readme_cite_exists():
