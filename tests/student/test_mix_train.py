@@ -27,7 +27,7 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from pipeline.store import CacheStore
 from pipeline.tars import Sample, iter_samples
-from pipeline.views import apply_view, mix_block, sample_view
+from pipeline.views import apply_view, mix_block, sample_mix, sample_view
 from storage_schemas import arrays as A
 from storage_schemas.errors import CacheError
 from storage_schemas.views import MixRecord, ViewRecord
@@ -114,6 +114,39 @@ def test_batch_holds_the_mix_rebuilt_by_hand_and_its_mixed_label(mixed_cache, ta
             torch.testing.assert_close(soft[i], want, rtol=0, atol=1e-6)
     assert sum(modes.values()) == m.stats.num_valid_rows // m.num_views
     assert modes["mixup"] > 50 and modes["cutmix"] > 50 and modes["none"] > 10
+
+
+def test_partner_classes_are_as_independent_as_timms_reversed_batch_pairs(mixed_cache, tars):
+    """timm pairs sample i with sample B-1-i of a shuffled batch, so a partner's class is independent of the
+    sample's: a share sum_c p_c^2 of the pairs share a class. Our partner comes from the sample's block of
+    ``window`` positions of its tar: the same holds as far as the tar is not ordered by class. Measured on the
+    digits cache against timm's reversal on shuffled batches of its labels; and a tar sorted by class fails it."""
+    m = mixed_cache["manifest"]
+    same = []
+    for t, sh in enumerate(m.dataset.shards):
+        for v in range(m.num_views):
+            rows = tars.rows(t, v)
+            for p in range(sh.count):
+                mix = A.decode_view(rows, p).mix
+                if mix.mode != "none":
+                    same.append(tars.labels[t][p] == tars.labels[t][mix.partner])
+    labels = np.concatenate([tars.labels[t] for t in range(len(m.dataset.shards))])
+    rng = np.random.default_rng(0)
+    timm_same = []
+    for _ in range(100):  # timm: batches of 64 of a shuffled epoch, each sample mixed with its reversed-order twin
+        order = labels[rng.permutation(len(labels))]
+        for b in range(len(order) // 64):
+            batch = order[b * 64:(b + 1) * 64]
+            timm_same += list(batch == batch[::-1])
+    prior = float(((np.bincount(labels) / len(labels)) ** 2).sum())  # ~0.1 for 10 balanced classes
+    assert abs(np.mean(timm_same) - prior) < 0.01
+    assert len(same) > 500 and abs(np.mean(same) - np.mean(timm_same)) < 0.05  # ~4 binomial s.d. of ours
+    # the same draw on a tar written in class order: the partner mostly shares the class
+    sorted_labels = np.repeat(np.arange(10), 100)
+    recipe = mixed_cache["cfg"].views
+    partners = [sample_mix(recipe, tar=0, position=p, view=v, count=1000) for p in range(1000) for v in range(2)]
+    assert np.mean([sorted_labels[p // 2] == sorted_labels[r.partner] for p, r in enumerate(partners)
+                    if r.mode != "none"]) > 0.5
 
 
 def test_random_policy_mixes_with_the_partners_record_of_the_same_view(mixed_cache, tars):
@@ -396,3 +429,88 @@ def test_export_writes_the_mix_fields_in_views_json(mixed_cache, tars, tmp_path)
                 assert ViewRecord.model_validate(got) == A.decode_view(tars.rows(t, v), p)  # reads back as stored
                 checked[mix.mode] += 1
     assert checked["mixup"] > 50 and checked["cutmix"] > 50 and checked["none"] > 10
+
+
+# --- workers and ranks: every sample once, the same mixes as one process --------------------------------------
+
+RECORDER = '''
+import sys, torch
+from jobs.config_io import load_config
+from student.config import TrainConfig
+from student.trainer import Trainer
+
+cfg = load_config(TrainConfig, sys.argv[1])
+trainer = Trainer(cfg, progress=False)
+seen, step = [], trainer.train_step
+
+
+def record(batch):
+    for i, key in enumerate(batch.keys):
+        seen.append((trainer.epoch, key, int(batch.views[i]), batch.x[i].clone(), float(batch.lam[i]), int(batch.partner_labels[i]),
+                     batch.targets.topk.values[i].float().clone()))
+    return step(batch)
+
+
+trainer.train_step = record
+trainer.fit()
+torch.save(seen, f"{cfg.output}/seen-rank{trainer.rank}.pt")
+'''
+
+
+def _train_and_record(cfg: TrainConfig, tmp_path: Path, nproc: int = 1) -> list[tuple]:
+    """Train ``cfg`` in ``nproc`` processes (torchrun and gloo when 2) and return what every training step's batch
+    held, per sample: (epoch, key, view, image, λ, partner label, cached top-k logits)."""
+    script, path = tmp_path / "record.py", tmp_path / f"{Path(cfg.output).name}.yaml"
+    script.write_text(RECORDER)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if nproc == 1:
+        args = [sys.executable, str(script), str(path)]
+    else:
+        import socket
+
+        with socket.socket() as sock:  # a free loopback port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        args = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", port, str(script), str(path)]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = []
+    for rank in range(nproc):
+        out += torch.load(Path(cfg.output) / f"seen-rank{rank}.pt", weights_only=True)
+    return out
+
+
+def test_workers_and_ranks_train_every_sample_once_with_the_mixes_of_one_process(mixed_cache, tmp_path):
+    """Training from the mixed cache with 2 DataLoader workers, and with 2 DDP ranks (torchrun, gloo) x 2 workers:
+    every sample of the tars is trained on exactly once in the epoch, and each sample's image (its mix with its
+    partner), λ, partner label and cached targets are those of the same epoch in one process without workers."""
+    keys = {s.key for sh in mixed_cache["manifest"].dataset.shards for s in iter_samples(sh.url)}  # from the tars
+    assert len(keys) == mixed_cache["manifest"].dataset.num_samples == 359  # keys are unique across tars
+
+    def by_key(seen: list[tuple], epoch: int) -> dict:
+        this = [rest for e, *rest in seen if e == epoch]
+        counts = Counter(k for k, *_ in this)
+        assert set(counts) == keys and set(counts.values()) == {1}, counts.most_common(3)
+        assert {v for _, v, *_ in this} == {epoch % 2}  # policy cycle on the 2-view cache: view e % 2 in epoch e
+        return {k: rest for k, *rest in this}
+
+    runs = {}
+    for name, workers, nproc in (("w0", 0, 1), ("w2", 2, 1), ("ddp", 2, 2)):
+        cfg = train_config(mixed_cache, tmp_path / name, num_workers=workers)
+        cfg.optim.epochs, cfg.log_every = 2, 100
+        runs[name] = _train_and_record(cfg, tmp_path, nproc)
+        assert len(runs[name]) == 2 * 359, name
+    mixed = 0
+    for epoch in (0, 1):
+        ref = by_key(runs["w0"], epoch)
+        for name in ("w2", "ddp"):
+            got = by_key(runs[name], epoch)
+            for k, (view, x, lam, partner, topk) in ref.items():
+                v2, x2, lam2, partner2, topk2 = got[k]
+                assert (v2, lam2, partner2) == (view, lam, partner), (name, epoch, k)
+                assert torch.equal(x2, x) and torch.equal(topk2, topk), (name, epoch, k)
+        mixed += sum(lam < 1 for _, _, lam, _, _ in ref.values())
+    assert mixed > 500  # prob 0.9 over 2 x 359 views: most are mixed
