@@ -146,6 +146,46 @@ def test_lam_mode_box_distribution_matches_timm(name):
             assert (box[:, 1] + box[:, 3] <= 1 + 1e-6).all()
 
 
+@pytest.mark.parametrize("name", ["vanillakd_a2", "deit"])
+def test_a_samples_lam_and_mode_follow_the_law_of_timms_batch_mode(name):
+    """timm's default ``mode='batch'`` (VanillaKD's and DeiT's) draws one mode and λ per batch for all its samples;
+    one draw per view gives each sample the same law (what differs is only that a batch's samples share theirs).
+    Reference: timm's own ``_params_per_batch``, CutMix λ corrected at 224 px by ``cutmix_bbox_and_lam`` as its
+    ``_mix_batch`` does; mixup λ there is Beta(α, α) itself."""
+    recipe = _recipe(**RECIPES[name])
+    mix = recipe.mix
+    ours = _ours(recipe)
+    np.random.seed(1)
+    m = timm_mixup.Mixup(mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, cutmix_minmax=mix.cutmix_minmax,
+                         prob=mix.prob, switch_prob=mix.switch_prob, mode="batch", correct_lam=mix.correct_lam,
+                         label_smoothing=0.0, num_classes=10)
+    ref = []
+    for _ in range(N):  # one batch each: its λ is every one of its samples' λ
+        lam, cut = m._params_per_batch()
+        # batch mode keeps λ in float64, the cache stores float32 (as timm's elem mode rounds it): with α = 0.1 about
+        # 4 % of the draws lie within float32 rounding of 1 (1 - λ < 3e-8), a mix no image or label can show; the
+        # cache stores them unmixed, as timm's elem mode does
+        lam = float(np.float32(lam))
+        if lam == 1.0:
+            ref.append(("none", 1.0))
+        elif cut:
+            _, lam = timm_mixup.cutmix_bbox_and_lam((3, 224, 224), lam, ratio_minmax=mix.cutmix_minmax,
+                                                    correct_lam=mix.correct_lam)
+            ref.append(("cutmix", float(lam)))
+        else:
+            ref.append(("mixup", float(lam)))
+    for mode in ("none", "mixup", "cutmix"):
+        assert abs(np.mean([r.mode == mode for r in ours]) - np.mean([md == mode for md, _ in ref])) < SHARE_MAX
+    for mode in ("mixup", "cutmix"):
+        lam = np.array([r.lam for r in ours if r.mode == mode])
+        ref_lam = np.array([la for md, la in ref if md == mode])
+        assert _ks(lam, ref_lam) < KS_C * np.sqrt((len(lam) + len(ref_lam)) / (len(lam) * len(ref_lam))), mode
+    lam = np.array([r.lam for r in ours if r.mode == "mixup"])
+    beta = np.random.default_rng(2).beta(mix.mixup_alpha, mix.mixup_alpha, N).astype(np.float32)
+    beta = beta[beta < 1]  # Beta(α, α) itself, less what float32 rounds to 1 (unmixed, above)
+    assert _ks(lam, beta) < KS_C * np.sqrt((len(lam) + len(beta)) / (len(lam) * len(beta)))
+
+
 def test_cutmix_lam_is_the_box_complement_when_corrected():
     for mix, corrected in ((dict(cutmix_alpha=1.0), True), (dict(cutmix_alpha=1.0, correct_lam=False), False),
                            (dict(cutmix_minmax=(0.3, 0.6), correct_lam=False), True)):
