@@ -76,13 +76,13 @@ def write_digits(out: str, *, train_shards: int = 4, val_shards: int = 2, size: 
                     "json": json.dumps({"digits_index": i}, sort_keys=True).encode("utf-8"),
                 })
                 n += 1
-            _write_tar(fs, f"{root.rstrip('/')}/{split}-{shard:06d}.tar", samples)
+            write_tar(fs, f"{root.rstrip('/')}/{split}-{shard:06d}.tar", samples)
         result[split] = f"{base}/{split}-{{000000..{num_shards - 1:06d}}}.tar"
         result["counts"][split] = len(indices)
     return result
 
 
-def _write_tar(fs, path: str, samples: list[dict]) -> None:
+def write_tar(fs, path: str, samples: list[dict]) -> None:
     """Write samples (bytes values) to ``path`` atomically: a temporary name, then a rename."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     done = False
