@@ -1,8 +1,9 @@
 """The caching job body: index the tars, plan the store, run units on Ray, finalise.
 
-``run_cache_job`` is what ``kdcache cache`` calls. Work units are (input tar, view);
-Ray Data maps them over an actor pool of :class:`~pipeline.unit.UnitRunner` (one actor
-per GPU where there are GPUs), which restarts lost actors and retries their units.
+``run_cache_job`` is what ``kdcache cache`` calls. Work units are (input tar, view), grouped
+into tasks of one tar and several views that read and decode the tar once (:func:`~pipeline.plan.plan_tasks`);
+Ray Data maps the tasks over an actor pool of :class:`~pipeline.unit.UnitRunner` (one actor
+per GPU where there are GPUs), which restarts lost actors and retries their tasks.
 A rerun resumes: units with a completion record are skipped, and a unit recomputed
 after a crash produces the same bytes.
 """
@@ -40,7 +41,16 @@ from . import catalog
 from . import tpp as tpp_mod
 from .crash_points import crash_point
 from .lease import Lease
-from .plan import TeacherProbe, grown_manifest, now, plan_change, plan_manifest, requested_identity, summarize
+from .plan import (
+    TeacherProbe,
+    grown_manifest,
+    now,
+    plan_change,
+    plan_manifest,
+    plan_tasks,
+    requested_identity,
+    summarize,
+)
 from .store import CacheStore
 from .tars import TarIndex, dataset_fingerprint, expand_urls, index_tar
 from .teacher import Teacher
@@ -135,14 +145,19 @@ class UnitActor:
         self.runner = UnitRunner(url, secrets, num_threads=num_threads, manifest=Manifest.model_validate_json(manifest))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One row per unit; a unit that fails on something the user can fix (bad input with
+        """One row per task (``tar``, ``views`` as "0,1,…"), one row out per unit it caches: a task decodes its tar
+        once for all its views (:meth:`~pipeline.unit.UnitRunner.run_views`); retried after a lost worker, it skips
+        the units that have a record. A task that fails on something the user can fix (bad input with
         ``on_bad_sample: error``) returns its error as a row (see :func:`storage_schemas.errors.portable`)
-        instead of raising, having written nothing, so the driver can say it in one line."""
-        run, rows = returning_errors(self.runner), []
-        for t, v in zip(batch["tar"], batch["view"], strict=True):
-            r = run(int(t), int(v))
-            rows.append((int(t), int(v), 0, 0.0, *r) if isinstance(r, _Failed)
-                        else (r.tar, r.view, r.valid, r.seconds, "", ""))
+        instead of raising, so the driver can say it in one line."""
+        run, rows = returning_errors(self.runner.run_views), []
+        for t, vs in zip(batch["tar"], batch["views"], strict=True):
+            views = [int(v) for v in str(vs).split(",")]
+            r = run(int(t), views, skip_done=True)
+            if isinstance(r, _Failed):
+                rows.append((int(t), views[0], 0, 0.0, *r))
+            else:
+                rows += [(u.tar, u.view, u.valid, u.seconds, "", "") for u in r]
         cols = ("tar", "view", "valid", "seconds", "error_kind", "error")
         return {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols)}
 
@@ -174,21 +189,23 @@ def result(value):
 def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, int]], progress: bool,
               on_unit: Callable[[dict], None] | None = None) -> None:
     """Cache the ``pending`` units of ``m`` (the layout being written: during a growth, not yet the
-    stored manifest) on a Ray Data actor pool."""
+    stored manifest) on a Ray Data actor pool, in tasks of one tar and several views (:func:`plan_tasks`)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = cfg.job.device == "cuda" or (cfg.job.device == "auto" and gpus > 0)
     num_actors = cfg.job.num_actors or (max(gpus, 1) if use_gpu else 1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and samples
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-operator INFO lines drown the bar
-    ds = ray.data.from_items([{"tar": t, "view": v} for t, v in pending], override_num_blocks=len(pending))
+    tasks = plan_tasks(m, pending, min_tasks=num_actors)
+    ds = ray.data.from_items([{"tar": t, "views": ",".join(map(str, vs))} for t, vs in tasks],
+                             override_num_blocks=len(tasks))
     with warnings.catch_warnings():
         # Ray 2.5x deprecates passing actor options as keyword arguments but has no named
         # replacement for max_task_retries yet; the bound on retries per unit matters (a unit
         # that kills its worker every time must fail the job, not loop forever).
         warnings.simplefilter("ignore", category=DeprecationWarning)
         ds = ds.map_batches(
-            UnitActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(pending))),
+            UnitActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(tasks))),
             num_cpus=cfg.job.cpus_per_actor, num_gpus=1 if use_gpu else 0,
             fn_constructor_kwargs={"url": url, "secrets": cfg.secrets(), "manifest": m.model_dump_json(),
                                    "num_threads": max(1, int(cfg.job.cpus_per_actor))},
@@ -384,7 +401,7 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
 
 def build_cache_in_process(cfg: CacheConfig, log: Callable[[str], None] = print) -> Manifest:
     """Build the new cache ``cfg`` describes at ``output.url`` in this process, without Ray: the
-    steps of :func:`run_cache_job` (the same bytes), every unit run in turn by one
+    steps of :func:`run_cache_job` (the same bytes), every task (a tar, its views decoded once) run in turn by one
     :class:`~pipeline.unit.UnitRunner`. For tests and debugging: no lease, no resume, no growth."""
     url = cfg.output.url
     if url is None:
@@ -399,8 +416,8 @@ def build_cache_in_process(cfg: CacheConfig, log: Callable[[str], None] = print)
     threads = torch.get_num_threads()  # UnitRunner sets the process-wide count an actor would use
     try:
         runner = UnitRunner(url, cfg.secrets(), num_threads=max(1, int(cfg.job.cpus_per_actor)), manifest=m)
-        for tar, view in pending_units(store, m):
-            runner(tar, view)
+        for tar, views in plan_tasks(m, pending_units(store, m)):
+            runner.run_views(tar, views)
     finally:
         torch.set_num_threads(threads)
     return finalise(store, m, time.time() - t0)

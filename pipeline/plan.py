@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import importlib.metadata as md
+import math
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from storage_schemas import arrays as A
@@ -158,6 +160,45 @@ def plan_change(existing: Manifest, cfg: CacheConfig, urls: list[str], url: str)
             f"{url}: this cache is still being built ({existing.units_complete}/{existing.units_total} units); finish "
             f"it with its own config (num_views {existing.num_views}, its {len(had)} tars) before adding views or tars.")
     return views, added
+
+
+# What the target rows of one task may take in memory: a task holds a full-unit row buffer per view until its tar
+# has streamed (a unit's Zarr shard is written whole, by one writer). ImageNet-sized tars (1,250 samples): top-k
+# logits and ScaleKD's Swin-L final tap (147 KB a view, 184 MB a unit) fit any number of views; ViTKD's three
+# taps (0.9-1.2 MB a view, up to 1.5 GB a unit) fit 2 views a task.
+TASK_ROW_BYTES = 3 << 30
+
+
+def unit_row_bytes(m: Manifest, tar: int) -> int:
+    """Bytes of one unit's row buffers (every array, the tar's sample count of rows): what a task holds per view."""
+    row = sum(math.prod(a.shape[2:]) * np.dtype(a.dtype).itemsize for a in m.arrays.values())
+    return m.dataset.shards[tar].count * row
+
+
+def plan_tasks(m: Manifest, pending: list[tuple[int, int]], *, min_tasks: int = 1,
+               row_bytes: int = TASK_ROW_BYTES) -> list[tuple[int, tuple[int, ...]]]:
+    """Group the ``pending`` units (tar, view) into tasks (tar, views): one read and decode of a tar serves every
+    view of its task (decode once). A tar's pending views go into as few tasks as ``row_bytes`` allows (each
+    task holds :func:`unit_row_bytes` per view), split evenly, in view order; then, while there are fewer than
+    ``min_tasks`` tasks (e.g. actors to keep busy), the task with the most views is halved. Tasks come in tar
+    order, then view order; every pending unit is in exactly one task."""
+    by_tar: dict[int, list[int]] = {}
+    for t, v in pending:
+        by_tar.setdefault(t, []).append(v)
+    tasks: list[tuple[int, tuple[int, ...]]] = []
+    for t, views in by_tar.items():
+        views = sorted(views)
+        cap = max(1, row_bytes // max(1, unit_row_bytes(m, t)))
+        parts = -(-len(views) // cap)
+        tasks += [(t, tuple(int(v) for v in chunk)) for chunk in np.array_split(views, parts)]
+    while len(tasks) < min_tasks:
+        i = max(range(len(tasks)), key=lambda k: (len(tasks[k][1]), -k), default=None)
+        if i is None or len(tasks[i][1]) < 2:
+            break
+        t, views = tasks[i]
+        half = -(-len(views) // 2)
+        tasks[i:i + 1] = [(t, views[:half]), (t, views[half:])]
+    return tasks
 
 
 def summarize(m: Manifest, done: list[UnitCompletion], seconds: float | None) -> Stats:

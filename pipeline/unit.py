@@ -1,39 +1,43 @@
-"""One work unit (input tar, view): stream the tar, sample and apply each view, run the teacher,
-encode the targets, write one Zarr shard per array, then the unit's completion record.
+"""Work units (input tar, view), run a tar at a time: stream the tar and decode it once, sample and apply each
+view, run the teacher, encode the targets, write one Zarr shard per array and unit, then the unit's completion record.
 
-:class:`UnitRunner` is what a Ray actor holds: ``__init__`` loads the teacher once, ``__call__``
-runs a unit as a chain of stages over :class:`~pipeline.tars.Sample`:
+:class:`UnitRunner` is what a Ray actor holds: ``__init__`` loads the teacher once, :meth:`UnitRunner.run_views`
+runs a task (a tar and several of its views; ``runner(tar, view)`` one unit) as a chain of stages over
+:class:`~pipeline.tars.Sample`:
 
-    samples   the tar streamed and decoded, checked against the cache's index of it
-    with_view the view record sampled (seeded by recipe seed, tar, position, view) and applied at the
-              teacher's input, on a thread pool ahead of the teacher
-    mixed     (a recipe with ``views.mix`` only) each view mixed with its partner's own view, see
-              :meth:`UnitRunner.mixed`
-    batched   batches of ``job.batch_size``; skipped samples are recorded, the others go through the
+    samples   the tar streamed and decoded, once, checked against the cache's index of it
+    with_view for each view of the task, the view record sampled (seeded by recipe seed, tar, position, view)
+              and applied at the teacher's input, on a thread pool ahead of the teacher
+    then per view, as when the unit runs alone:
+    MixStage  (a recipe with ``views.mix`` only) each view mixed with its partner's own view
+    batches   of ``job.batch_size``; skipped samples are recorded, the others go through the
               teacher and every codec into :class:`UnitRows`
-    write     the unit's rows as one whole Zarr shard per array, then its completion record
+    write     each unit's rows as one whole Zarr shard per array (one writer), then its completion record
 
-It works without Ray too (tests, debugging, ``pipeline.job.build_cache_in_process``).
+Each unit sees the same samples, batches and teacher calls whether its task has one view or many, so it writes
+the same bytes (tests/pipeline/test_decode_once.py). It works without Ray too (tests, debugging,
+``pipeline.job.build_cache_in_process``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from functools import partial
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from storage_schemas import arrays as A
+from storage_schemas import layout
 from storage_schemas.codecs import FidelityAcc
 from storage_schemas.errors import storage_error
 from storage_schemas.manifest import Manifest, SkippedSample, UnitCompletion
 from storage_schemas.views import MixRecord
 
-from .stages import batched, prefetch_map
+from .stages import prefetch_map
 from .store import CacheStore
 from .targets import encode_targets, input_fingerprint, to_numpy
 from .tars import Sample, iter_samples
@@ -109,6 +113,92 @@ class UnitRows:
         )
 
 
+class MixStage:
+    """Mixed views (``views.mix``) of one unit (``tar``, ``view``): :meth:`push` each sample's own view in tar order
+    (skipped samples too), get back the samples whose view is now mixed with its partner's own view of ``view``
+    (:func:`~pipeline.views.mix_views`), as soon as both are at hand, in an order fixed by the tar; :meth:`close`
+    at the end of the tar. Push-driven, so that one pass over a tar can feed a stage per view (decode once).
+
+    Partners are drawn over the positions of the sample's block (:func:`~pipeline.views.mix_block`:
+    ``window`` positions of the cache's index; which samples are bad is known only once decoded); a view
+    whose partner turns out skipped, or missing from a truncated tar, is cached unmixed and its record says
+    so (mode ``none``). Samples arrive in tar order and partners never leave their block, so when the stream
+    enters a block the previous one is done: its views still waiting had a partner the tar did not deliver,
+    and none of its views is wanted any more.
+
+    Memory: within the current block, the own views some later sample still wants as partner and the views
+    waiting for a partner not yet decoded, both known from the records, which
+    :func:`~pipeline.views.sample_mix` draws without the images. A sample's own view is one tensor whether
+    held, waiting or both, so this stage holds at most ``window`` views (128 by default: about 77 MB at
+    224 px in float32), whatever the tar's size. Measured as own views alive at once on a 1,250-sample tar
+    with window 128: a peak of 53 at prob 1 (38 at prob 0.5), against 468 with partners drawn over the whole
+    tar (window >= count). The prefetch lookahead before this stage and the batch after it come on top, as
+    for unmixed views; with several views decoded at once, one stage per view.
+    """
+
+    def __init__(self, recipe, *, tar: int, view: int, count: int) -> None:
+        self.recipe, self.tar, self.view, self.count = recipe, tar, view, count
+        self.window = recipe.mix.window
+        self.block: range = range(0)
+        self.drawn: dict[int, MixRecord] = {}
+        self.wanted: Counter = Counter()  # position -> how many samples of the block still want its view
+        self.held: dict[int, torch.Tensor] = {}  # position -> its own view, while a sample still wants it as partner
+        self.waiting: dict[int, list[Sample]] = defaultdict(list)  # partner position -> samples waiting for it
+        self.bad: set[int] = set()
+
+    def _release(self, q: int) -> None:
+        self.wanted[q] -= 1
+        if self.wanted[q] == 0:
+            self.held.pop(q, None)
+
+    def _mix(self, s: Sample, partner_x: torch.Tensor | None) -> Sample:
+        self._release(s.record.mix.partner)
+        if partner_x is None:  # the partner is bad or missing: unmixed, and the record says so
+            return dataclasses.replace(s, record=s.record.model_copy(update={"mix": MixRecord()}))
+        return dataclasses.replace(s, x=mix_views(s.x, partner_x, s.record.mix))
+
+    def close(self) -> list[Sample]:
+        """The current block's views still waiting, unmixed (their partners never came)."""
+        out = [self._mix(w, None) for q in sorted(self.waiting) for w in self.waiting[q]]
+        self.waiting.clear()
+        self.held.clear()
+        self.bad.clear()
+        return out
+
+    def push(self, s: Sample) -> list[Sample]:
+        """Take sample ``s`` (its own view in ``s.x``; ``s.image`` None when skipped); return those now ready."""
+        out: list[Sample] = []
+        p = s.position
+        if p not in self.block:
+            out += self.close()
+            self.block = mix_block(p, self.count, self.window)
+            self.drawn = {q: sample_mix(self.recipe, tar=self.tar, position=q, view=self.view, count=self.count)
+                          for q in self.block}
+            self.wanted.clear()
+            self.wanted.update(m.partner for m in self.drawn.values() if m.mode != "none")
+        if s.image is None:
+            self.bad.add(p)
+            if self.drawn[p].mode != "none":  # a skipped sample needs no partner
+                self._release(self.drawn[p].partner)
+            out.append(s)
+            out += [self._mix(w, None) for w in self.waiting.pop(p, [])]
+            return out
+        own = s.x
+        if self.wanted[p]:
+            self.held[p] = own
+        q = s.record.mix.partner
+        if s.record.mix.mode == "none":
+            out.append(s)
+        elif q in self.bad:
+            out.append(self._mix(s, None))
+        elif q in self.held:
+            out.append(self._mix(s, self.held[q]))
+        else:
+            self.waiting[q].append(s)
+        out += [self._mix(w, own) for w in self.waiting.pop(p, [])]
+        return out
+
+
 class UnitRunner:
     """Holds the teacher and the open store; ``runner(tar, view)`` caches one unit."""
 
@@ -145,108 +235,94 @@ class UnitRunner:
         return dataclasses.replace(s, view=view, record=rec, x=x)
 
     def mixed(self, viewed: Iterator[Sample], tar: int, view: int) -> Iterator[Sample]:
-        """Mixed views (``views.mix``): each sample's view mixed with its partner's own view of ``view``
-        (:func:`~pipeline.views.mix_views`), yielded as soon as both are at hand, in an order fixed by the tar.
-
-        Partners are drawn over the positions of the sample's block (:func:`~pipeline.views.mix_block`:
-        ``window`` positions of the cache's index; which samples are bad is known only once decoded); a view
-        whose partner turns out skipped, or missing from a truncated tar, is cached unmixed and its record says
-        so (mode ``none``). Samples arrive in tar order and partners never leave their block, so when the stream
-        enters a block the previous one is done: its views still waiting had a partner the tar did not deliver,
-        and none of its views is wanted any more.
-
-        Memory: within the current block, the own views some later sample still wants as partner and the views
-        waiting for a partner not yet decoded, both known from the records, which
-        :func:`~pipeline.views.sample_mix` draws without the images. A sample's own view is one tensor whether
-        held, waiting or both, so this stage holds at most ``window`` views (128 by default: about 77 MB at
-        224 px in float32), whatever the tar's size. Measured as own views alive at once on a 1,250-sample tar
-        with window 128: a peak of 53 at prob 1 (38 at prob 0.5), against 468 with partners drawn over the whole
-        tar (window >= count). The prefetch lookahead before this stage and the batch after it come on top, as
-        for unmixed views.
-        """
-        count, window = self.m.dataset.shards[tar].count, self.cfg.views.mix.window
-        block, drawn = range(0), {}
-        wanted: Counter = Counter()  # position -> how many samples of the block still want its view
-        held: dict[int, torch.Tensor] = {}  # position -> its own view, while a sample still wants it as partner
-        waiting: dict[int, list[Sample]] = defaultdict(list)  # partner position -> samples waiting for it
-        bad: set[int] = set()
-
-        def release(q: int) -> None:
-            wanted[q] -= 1
-            if wanted[q] == 0:
-                held.pop(q, None)
-
-        def mix(s: Sample, partner_x: torch.Tensor | None) -> Sample:
-            release(s.record.mix.partner)
-            if partner_x is None:  # the partner is bad or missing: unmixed, and the record says so
-                return dataclasses.replace(s, record=s.record.model_copy(update={"mix": MixRecord()}))
-            return dataclasses.replace(s, x=mix_views(s.x, partner_x, s.record.mix))
-
-        def close_block() -> Iterator[Sample]:
-            for q in sorted(waiting):  # partners the tar did not deliver
-                yield from (mix(w, None) for w in waiting[q])
-            waiting.clear()
-            held.clear()
-            bad.clear()
-
+        """Mixed views (``views.mix``) of the stream ``viewed`` (view ``view`` of tar ``tar``, in tar order): see
+        :class:`MixStage`, which this feeds."""
+        stage = MixStage(self.cfg.views, tar=tar, view=view, count=self.m.dataset.shards[tar].count)
         for s in viewed:
-            p = s.position
-            if p not in block:
-                yield from close_block()
-                block = mix_block(p, count, window)
-                drawn = {q: sample_mix(self.cfg.views, tar=tar, position=q, view=view, count=count) for q in block}
-                wanted.clear()
-                wanted.update(m.partner for m in drawn.values() if m.mode != "none")
-            if s.image is None:
-                bad.add(p)
-                if drawn[p].mode != "none":  # a skipped sample needs no partner
-                    release(drawn[p].partner)
-                yield s
-                yield from (mix(w, None) for w in waiting.pop(p, []))
-                continue
-            own = s.x
-            if wanted[p]:
-                held[p] = own
-            q = s.record.mix.partner
-            if s.record.mix.mode == "none":
-                yield s
-            elif q in bad:
-                yield mix(s, None)
-            elif q in held:
-                yield mix(s, held[q])
-            else:
-                waiting[q].append(s)
-            yield from (mix(w, own) for w in waiting.pop(p, []))
-        yield from close_block()
+            yield from stage.push(s)
+        yield from stage.close()
 
     def __call__(self, tar: int, view: int) -> UnitCompletion:
-        """Cache unit (``tar``, ``view``): its arrays, then its completion record. A write the store refuses
-        (no space, no permission, a quota) is a :class:`~storage_schemas.errors.CacheError` naming the unit; the
-        unit then has no record and a rerun redoes it."""
+        """Cache unit (``tar``, ``view``) alone (:meth:`run_views` with one view)."""
+        return self.run_views(tar, [view])[0]
+
+    def run_views(self, tar: int, views: Sequence[int], *, skip_done: bool = False) -> list[UnitCompletion]:
+        """Cache the units (``tar``, v) of every v in ``views`` from one read and decode of the tar: their arrays,
+        then each unit's completion record, unit by unit. ``skip_done``: leave out the units that already have a
+        record (a task retried after its worker was lost: the units it finished stay as they are).
+
+        A write the store refuses (no space, no permission, a quota) is a
+        :class:`~storage_schemas.errors.CacheError` naming the unit; that unit then has no record and a rerun redoes
+        it (with the task's other units that have none)."""
+        views = list(views)
+        if skip_done:
+            views = [v for v in views if not self.store.exists(layout.unit_record_path(tar, v))]
+        if not views:
+            return []
+        where = f"{self.store.url} (units: tar {tar}, views {', '.join(map(str, views))})"
         try:
-            return self._run(tar, view)
+            return self._run(tar, views)
         except OSError as e:
-            err = storage_error(e, where=f"{self.store.url} (unit: tar {tar}, view {view})")
+            err = storage_error(e, where=where)
             if err is None:
                 raise
             raise err from e
 
-    def _run(self, tar: int, view: int) -> UnitCompletion:
+    def _run(self, tar: int, views: list[int]) -> list[UnitCompletion]:
+        """Decode once, view many times: each decoded sample is viewed for every view of the task on the thread pool
+        (pairs (sample, view), in tar order), and each view's stream goes on, as the one-view pipeline's did, into
+        its own mixing stage, batches and :class:`UnitRows`. So every unit sees the same samples, batches and
+        teacher calls as when run alone, and writes the same bytes.
+
+        Memory on top of one unit run alone: a full-unit row buffer per view (what :func:`~pipeline.plan.plan_tasks`
+        bounds), a batch and a mixing stage per view, and a lookahead of ``2 x batch_size`` views per view; decoded
+        images stay alive only while one of their views is in flight (about ``3 x batch_size`` of them)."""
         t0 = time.time()
-        acc = UnitRows(self.m, tar, self.teacher)
-        viewed = prefetch_map(partial(self.with_view, view=view), self.samples(tar), workers=self.threads,
-                              lookahead=2 * self.cfg.job.batch_size)
-        if self.cfg.views.mix is not None:
-            viewed = self.mixed(viewed, tar, view)
-        for batch in batched(viewed, self.cfg.job.batch_size):
-            for s in batch:
-                if s.image is None:
-                    acc.skip(s)
-            good = [s for s in batch if s.image is not None]
-            if good:
-                x = torch.stack([s.x for s in good])
-                acc.add(good, x, self.teacher(x, [(self.cfg.views.seed, s.tar, s.position, view) for s in good]))
-        shas, sizes = self.store.write_unit(self.m, tar, view, acc.arrays())
-        done = acc.completion(view, shas, sizes, time.time() - t0)
-        self.store.write_unit_record(done)  # last: its presence means the unit is complete
+        bs = self.cfg.job.batch_size
+        units = {v: _UnitState(UnitRows(self.m, tar, self.teacher),
+                               MixStage(self.cfg.views, tar=tar, view=v, count=self.m.dataset.shards[tar].count)
+                               if self.cfg.views.mix is not None else None) for v in views}
+        pairs = ((s, v) for s in self.samples(tar) for v in views)
+        viewed = prefetch_map(lambda sv: self.with_view(*sv), pairs, workers=self.threads,
+                              lookahead=2 * bs * len(views))
+        for v, s in zip(itertools.cycle(views), viewed):
+            u = units[v]
+            for ready in (u.mix.push(s) if u.mix else (s,)):
+                u.batch.append(ready)
+                if len(u.batch) == bs:
+                    self._flush(u, v)
+        for v, u in units.items():
+            if u.mix:
+                for ready in u.mix.close():
+                    u.batch.append(ready)
+                    if len(u.batch) == bs:
+                        self._flush(u, v)
+            self._flush(u, v)
+        done = []
+        seconds = (time.time() - t0) / len(views)  # the units share the read and decode: an equal share each
+        for v, u in units.items():
+            shas, sizes = self.store.write_unit(self.m, tar, v, u.acc.arrays())
+            rec = u.acc.completion(v, shas, sizes, seconds)
+            self.store.write_unit_record(rec)  # last: its presence means the unit is complete
+            done.append(rec)
         return done
+
+    def _flush(self, u: _UnitState, view: int) -> None:
+        """The batch gathered for ``view``: skipped samples recorded, the others through the teacher into its rows."""
+        batch, u.batch = u.batch, []
+        for s in batch:
+            if s.image is None:
+                u.acc.skip(s)
+        good = [s for s in batch if s.image is not None]
+        if good:
+            x = torch.stack([s.x for s in good])
+            u.acc.add(good, x, self.teacher(x, [(self.cfg.views.seed, s.tar, s.position, view) for s in good]))
+
+
+@dataclasses.dataclass
+class _UnitState:
+    """One unit of a task while its tar streams: its rows, its mixing stage (``views.mix`` only) and its batch."""
+
+    acc: UnitRows
+    mix: MixStage | None
+    batch: list[Sample] = dataclasses.field(default_factory=list)
