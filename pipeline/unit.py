@@ -275,8 +275,9 @@ class UnitRunner:
         teacher calls as when run alone, and writes the same bytes.
 
         Memory on top of one unit run alone: a full-unit row buffer per view (what :func:`~pipeline.plan.plan_tasks`
-        bounds), a batch and a mixing stage per view, and a lookahead of ``2 x batch_size`` views per view; decoded
-        images stay alive only while one of their views is in flight (about ``3 x batch_size`` of them)."""
+        bounds), a batch and a mixing stage per view, and a lookahead of ``2 x batch_size`` views per view; a decoded
+        image stays alive only while one of its views is in flight (in the lookahead, a batch, or waiting in a mixing
+        stage for its partner), never the whole tar."""
         t0 = time.time()
         bs = self.cfg.job.batch_size
         units = {v: _UnitState(UnitRows(self.m, tar, self.teacher),
@@ -300,7 +301,8 @@ class UnitRunner:
             self._flush(u, v)
         done = []
         seconds = (time.time() - t0) / len(views)  # the units share the read and decode: an equal share each
-        for v, u in units.items():
+        for v in views:
+            u = units.pop(v)  # its row buffers go once written
             shas, sizes = self.store.write_unit(self.m, tar, v, u.acc.arrays())
             rec = u.acc.completion(v, shas, sizes, seconds)
             self.store.write_unit_record(rec)  # last: its presence means the unit is complete
