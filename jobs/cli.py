@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  labels 0..CLASSES-1, balanced, in a seeded order; palette, texture orientation and shapes "
                     "depend on the class, so a student can learn them.\n"
                     "Deterministic: the same arguments give the same bytes (with the same Pillow/libjpeg). Prints "
-                    "the train/val brace URLs, counts and bytes as JSON. About 35 images/s per worker on this "
-                    "project's 2-core machine.",
+                    "the train/val brace URLs, counts and bytes as JSON. About 40 images/s per "
+                    "process on this project's 2-core machine.",
         epilog="examples:\n  kdcache data synthetic --out /data/syn --classes 1000 --images 5000 --val-images 500\n"
                "  kdcache data synthetic --out /tmp/tiny --classes 10 --images 40 --per-tar 20 --size 64x48\n"
                "  kdcache data synthetic --out s3://bkt/syn --images 1281167 --workers 16   # ImageNet's train size")

@@ -6,18 +6,18 @@ samples a tar, so :mod:`pipeline.tars` and the caching job read them as they rea
 
 What is ImageNet-like, and how:
 - sizes: :func:`draw_size` draws width x height from a seeded mixture resembling ImageNet's training set
-  (most images have a long side of 500 px, the rest a long side spread around it; 4:3 most often, then 3:2,
-  square and others; 3 in 4 landscape), so a typical image is 500x375 and every one lies within
-  :data:`MIN_SIDE`..:data:`MAX_SIDE`;
+  (3 in 4 have a long side of 500 px, the rest a long side spread around it; 4:3 most often, then 3:2, square
+  and others; of the non-square ones 3 in 4 landscape), so a typical image is 500x375 and every one lies
+  within :data:`MIN_SIDE`..:data:`MAX_SIDE`;
 - bytes: content compresses like a photograph, about 110 KB at quality 90 for 500x375 (ImageNet's mean is
-  ~110 KB), not like flat colour (a few KB) or white noise (~300 KB): a smooth field with a 1/f-like spectrum
-  (noise at several octaves, larger octaves stronger), a few filled shapes with hard edges, an oriented
-  grating and mild per-pixel grain;
+  ~110 KB), not like flat colour (4 KB) or white noise (170 KB, and nearly all of it in the finest detail): a
+  smooth field with a 1/f-like spectrum (noise at several octaves, larger octaves stronger), a few shapes with
+  hard edges, an oriented grating and per-pixel grain;
 - labels: balanced (each class ``images // classes`` or one more times) in a seeded random order, and
   learnable: a class fixes the palette, the grating's orientation and frequency and the shapes' kind and
   colour, an image varies everything else.
 
-Deterministic: the bytes of every tar are a function of the arguments (and of the Pillow/libjpeg build):
+Deterministic: the bytes of every tar are a function of the arguments (and of the numpy, Pillow and libjpeg builds):
 each image is drawn from its own generator seeded by (seed, split, index), so tars can be written in any
 order or in parallel (``workers``).
 """
@@ -46,8 +46,8 @@ _CLASS_STREAM = 0x636C73  # "cls": the seed word of a class's own generator
 
 
 def draw_size(rng: np.random.Generator) -> tuple[int, int]:
-    """(width, height) from ImageNet-like proportions: long side 500 with probability 0.65, else lognormal
-    around 420 (σ 0.35); aspect 4:3 (0.55), 3:2 (0.2), 1:1 (0.1), else log-uniform in [1, 2]; portrait with
+    """(width, height) from ImageNet-like proportions: long side 500 with probability 0.75, else lognormal
+    around 450 (σ 0.35); aspect 4:3 (0.55), 3:2 (0.2), 1:1 (0.1), else log-uniform in [1, 2]; portrait with
     probability 0.25. Sides clipped to [MIN_SIDE, MAX_SIDE]."""
     long = 500.0 if rng.random() < 0.75 else 450.0 * math.exp(0.35 * rng.standard_normal())
     u = rng.random()
