@@ -64,6 +64,13 @@ class Distiller(torch.nn.Module):
         self.student, self.methods = student, methods
         self.student_indices = tuple(dict.fromkeys(i for m in methods for i in m.student_indices()))
 
+    def no_weight_decay(self) -> set[str]:
+        """The student's own exclusions from weight decay (a timm ViT's ``pos_embed``, ``cls_token``…) under this
+        wrapper's names: ``create_optimizer_v2`` asks the module it is given, and the DeiT / ViTKD recipes do not
+        decay them (timm also skips every 1-D parameter: biases and norms)."""
+        own = getattr(self.student, "no_weight_decay", None)
+        return {f"student.{name}" for name in own()} if own is not None else set()
+
     def forward(self, x: torch.Tensor, targets: TeacherTargets, labels: torch.Tensor, step: int) -> dict:
         out = student_forward(self.student, x, self.student_indices)
         losses: dict[str, torch.Tensor] = {}

@@ -19,12 +19,15 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_explains_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("data", "cache", "inspect", "verify", "train", "eval", "demo"):
+    for cmd in ("data", "cache", "inspect", "verify", "train", "sweep", "eval", "demo"):
         assert cmd in r.stdout
     r = run("cache", "--help")
     assert "--set" in r.stdout and "RAY_ADDRESS" in r.stdout and "resume" in r.stdout
     r = run("train", "--help")
-    assert "Mixup/CutMix are refused" in r.stdout and "--online-teacher" in r.stdout and "torchrun" in r.stdout
+    assert "Mixup/CutMix come from the cache" in r.stdout and "--online-teacher" in r.stdout and "torchrun" in r.stdout
+    assert "--ray" in r.stdout and "ray job submit" in r.stdout
+    r = run("sweep", "--help")
+    assert "grid" in r.stdout and "rerun skips finished trials" in r.stdout
 
 
 def test_data_digits(tmp_path):

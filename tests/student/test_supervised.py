@@ -71,3 +71,19 @@ def test_methods_that_need_a_teacher_are_refused_without_a_cache(digits, tmp_pat
         Trainer(config(digits, tmp_path / "o", methods="ce+kd"), progress=False)
     with pytest.raises(ValueError, match="give either cache"):
         TrainConfig.model_validate({"student": {"model": "resnet18"}, "output": "o"})
+
+
+def test_the_students_own_no_weight_decay_list_is_kept(digits, tmp_path):
+    """A ViT student's pos_embed and cls_token are not decayed, as timm's optimiser does for the bare model
+    (DeiT / ViTKD recipes): the trainer hands timm the student inside a wrapper, which must pass its list on."""
+    from timm.optim import create_optimizer_v2
+
+    t = Trainer(config(digits, tmp_path / "run", val=False), progress=False)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    undecayed = {names[id(p)] for g in t.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    bare = create_optimizer_v2(t.model.student, opt=t.cfg.optim.opt, lr=1e-3, weight_decay=t.cfg.optim.weight_decay)
+    student_names = {id(p): n for n, p in t.model.student.named_parameters()}
+    expected = {f"student.{student_names[id(p)]}" for g in bare.param_groups if g["weight_decay"] == 0.0
+                for p in g["params"]}
+    assert {"student.pos_embed", "student.cls_token"} <= expected
+    assert {n for n in undecayed if n.startswith("student.")} == expected
