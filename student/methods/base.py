@@ -353,8 +353,12 @@ def method_options(spec: str | Sequence[str], options: Mapping[str, Mapping[str,
         cls = _REGISTRY[n]
         try:
             out.append((cls, cls.Options.model_validate(dict(options.get(n) or {}))))
-        except ValidationError as e:
-            raise ConfigError(f"method_options.{n}: {e}") from e
+        except ValidationError as e:  # one line per problem, no pydantic banner: it ends the CLI's one-line error
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) + ': ' if err['loc'] else ''}"
+                f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors())
+            raise ConfigError(f"method_options.{n}: {problems}") from None
     return out
 
 

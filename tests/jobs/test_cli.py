@@ -52,6 +52,22 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert "job.batch_size" in capsys.readouterr().err
 
 
+def test_bad_method_options_are_one_line_at_the_shell(tmp_path):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"cache: {{url: {tmp_path / 'none.zarr'}}}\nstudent: {{model: resnet18}}\nmethods: ce+vitkd\n"
+                   "method_options: {vitkd: {shallow_taps: [{name: block0, index: 0}], student_shallow: [0, 1], "
+                   f"alfa: 1}}}}\noutput: {tmp_path / 'run'}\n")
+    r = run("train", str(cfg), "--no-progress")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("kdcache train: error: method_options.vitkd: ")
+    assert "alfa: unknown key" in lines[0] and "must pair up one to one" not in lines[0]  # field errors first
+    cfg.write_text(cfg.read_text().replace(", alfa: 1", ""))
+    r = run("train", str(cfg), "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "must pair up one to one" in r.stderr and "pydantic" not in r.stderr
+
+
 def test_missing_input_is_named(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"input: {{urls: '{tmp_path}/nope-{{0..3}}.tar'}}\noutput: {{url: {tmp_path}/o.zarr}}\n"
