@@ -4,7 +4,7 @@ A sweep file names a base training config and the trials: a ``grid`` over config
 a list of ``trials`` (each a set of key overrides; with a grid, each is combined with every grid point)::
 
     base: train_demo_vitkd.yaml          # a training config (path relative to this file), or the config inline
-    output: runs/sweep-vitkd              # one run folder per trial, and the results table
+    output: runs/sweep-vitkd              # one run folder per trial, and the table (relative: to the current folder)
     grid:
       student.model: [resnet18, mobilenetv3_small_100]
       seed: [0, 1, 2]
@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ class SweepSpec(BaseModel):
 
     base: str | dict[str, Any] = Field(description="the training config: a YAML path (relative to the sweep file) "
                                                    "or the config inline")
-    output: str = Field(description="folder for one run folder per trial and results.json / results.png")
+    output: str = Field(description="folder for one run folder per trial and results.json / results.png (relative: "
+                                    "to the current folder, like a training config's paths)")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="config key → values; every combination")
     trials: list[dict[str, Any]] = Field(default_factory=list, description="explicit trials: config key → value")
     resources: dict[str, float] | None = Field(None, description="Ray resources per trial (default: 1 GPU where "
@@ -71,8 +73,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(format_errors(e, str(path))) from None
     if isinstance(spec.base, str) and not Path(spec.base).is_absolute():
         spec.base = str(path.parent / spec.base)
-    if not Path(spec.output).is_absolute():
-        spec.output = str((path.parent / spec.output).resolve())
+    spec.output = str(Path(spec.output).resolve())  # like a training config's paths: relative to where it runs
     return spec
 
 
@@ -117,14 +118,16 @@ def _finished(output: Path, config: dict) -> dict | None:
     return json.loads(final.read_text())
 
 
-def _train(config: dict) -> dict:
-    """One trial, in its Ray task."""
+def _train(config: dict, cwd: str) -> dict:
+    """One trial, in its Ray task; relative paths of the config mean what they meant where the sweep was started."""
     import ray
     import torch
 
     from student.config import TrainConfig
     from student.trainer import Trainer
 
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
@@ -161,7 +164,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, log=print) -> lis
                 "resources": {k: v for k, v in res.items() if k not in ("CPU", "GPU")} or None,
                 "max_retries": spec.max_retries, "retry_exceptions": False}
         remote = ray.remote(_train).options(**opts)
-        futures = {remote.remote(config): name for name, config in todo}
+        futures = {remote.remote(config, os.getcwd()): name for name, config in todo}
         t0 = time.time()
         while futures:
             ready, _ = ray.wait(list(futures), num_returns=1)

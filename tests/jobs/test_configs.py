@@ -12,7 +12,8 @@ from storage_schemas.config import CacheConfig
 
 ALL = sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml"))
 TRAIN = [p for p in ALL if p.name.startswith("train_")]
-CONFIGS = [p for p in ALL if p not in TRAIN and p.name != "demo_students.yaml"]  # that one: test_demo.py
+SWEEPS = [p for p in ALL if p.name.startswith("sweep_")]
+CONFIGS = [p for p in ALL if p not in TRAIN + SWEEPS and p.name != "demo_students.yaml"]  # that one: test_demo.py
 
 
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.name)
@@ -92,3 +93,27 @@ def test_every_config_the_help_and_readme_cite_exists():
     for doc in (root / "README.md", root / "jobs" / "cli.py", *ALL):
         cited |= set(re.findall(r"jobs/configs/([\w.-]+\.yaml)", doc.read_text()))
     assert cited and sorted(c for c in cited if not (root / "jobs" / "configs" / c).exists()) == []
+
+
+def test_the_demo_sweep_trains_what_the_demo_trains():
+    """sweep_demo.yaml's 24 trials are the configs `kdcache demo --seeds 0 1 2` builds from demo_students.yaml
+    (jobs.demo_students: line-up, baselines, epochs, seeds), all but the output folder."""
+    from jobs.demo_students import baseline_of, load_students, run_config
+    from jobs.sweep import load_sweep, trial_configs
+    from student.config import TrainConfig
+
+    cache, val = "kdcache-demo/cache.zarr", "kdcache-demo/data/val-{000000..000001}.tar"
+    spec = load_students()
+    demo = []
+    for run in spec.runs:
+        c = spec.config(run, quick=False)
+        for seed in (0, 1, 2):
+            for cfg in (c, baseline_of(c)):
+                d = run_config(cfg, cache_url=cache, val_urls=val, runs_dir=Path("x"), epochs=run.epochs["full"],
+                               seed=seed, teacher_sha256="")
+                demo.append(TrainConfig.model_validate(d).model_dump(mode="json", exclude={"output"}))
+    sweep = [TrainConfig.model_validate(c).model_dump(mode="json", exclude={"output"})
+             for _, _, c in trial_configs(load_sweep(Path(__file__).parents[2] / "jobs/configs/sweep_demo.yaml"))]
+    key = lambda d: (d["student"]["model"], str(d["methods"]), d["seed"])  # noqa: E731
+    assert len(sweep) == len(demo) == 24
+    assert sorted(sweep, key=key) == sorted(demo, key=key)

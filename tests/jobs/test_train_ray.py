@@ -122,7 +122,7 @@ def write_sweep(small_cache, tmp_path: Path, trials: list[dict]) -> Path:
                  data={"batch_size": 32, "shuffle_buffer": 64, "val_urls": small_cache["digits"]["val"],
                        "eval_crop_pct": 1.0})
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": "base.yaml", "output": "sweep", "trials": trials,
+    path.write_text(yaml.safe_dump({"base": "base.yaml", "output": str(tmp_path / "sweep"), "trials": trials,
                                     "resources": {"CPU": 1}, "max_retries": 0}))
     return path
 
