@@ -35,8 +35,8 @@ from storage_schemas.manifest import UnitCompletion
 from tests.conftest import cache_config
 
 from .test_job import data_files
+from .test_kill_points import normal_manifest  # the manifest with its times and output URL left out
 
-TIMED = {"created", "updated", "time", "seconds", "samples_per_second", "checksums_sha256"}
 MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.9, "window": 32}
 
 
@@ -91,17 +91,6 @@ def build(cfg: CacheConfig, *, old: bool) -> object:
         for t, views in plan_tasks(m, pending_units(store, m)):
             runner.run_views(t, views)
     return finalise(store, m, 1.0)
-
-
-def normal_manifest(path: Path) -> dict:
-    def drop(o):
-        if isinstance(o, dict):
-            return {k: drop(v) for k, v in o.items() if k not in TIMED}
-        return [drop(v) for v in o] if isinstance(o, list) else o
-
-    m = json.loads((path / layout.MANIFEST).read_text())
-    m["config"]["output"].pop("url")
-    return drop(m)
 
 
 def records(path: Path) -> dict[str, dict]:
