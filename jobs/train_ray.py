@@ -31,6 +31,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.store import atomic_write
 from student.config import RayOptions, TrainConfig
 
 RESULT_FILES = ("final.json", "metrics.jsonl", "config.yaml", "curves.png")  # besides last.pt, in the final checkpoint
@@ -79,15 +82,12 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, progress: bool
 
 
 def _copy_into(src: Path, dst: Path, names: tuple[str, ...]) -> None:
-    """Copy the ``names`` present in ``src`` into ``dst``, each through a temporary name and a rename."""
-    dst.mkdir(parents=True, exist_ok=True)
+    """Copy the ``names`` present in ``src`` into ``dst``, each whole or not at all (``atomic_write``)."""
     for name in names:
         f, target = src / name, dst / name
         if not f.exists() or target.exists() and target.samefile(f):
             continue
-        tmp = dst / f".{name}.tmp-{os.getpid()}"
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, target)
+        atomic_write(LocalFileSystem(), str(target), f.read_bytes())
 
 
 def _worker(config: dict) -> None:
