@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--online-teacher", metavar="CHECKPOINT", default=None,
                    help="run the cache's teacher live from CHECKPOINT (must match the cache's weights) instead of "
-                        "reading targets: for comparisons and equivalence checks")
+                        "reading targets: for comparisons and equivalence checks; with data.mixup/data.cutmix on a "
+                        "cache of unmixed views it mixes each batch as timm does, the teacher on the mixed batch")
     t.add_argument("--online-views", choices=["cached", "fresh"], default="cached",
                    help="with --online-teacher: the stored view records (default), or fresh views every epoch "
                         "(mixed as the cache's views.mix, if any)")

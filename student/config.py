@@ -52,8 +52,10 @@ class DataOptions(_Strict):
     input_storage_options: dict[str, Any] = Field(default_factory=dict)
     val_urls: str | list[str] | None = Field(None, description="validation tars (centre-crop eval)")
     eval_crop_pct: float = Field(0.875, gt=0, le=1)
-    mixup: float | None = Field(None, ge=0, description="Mixup α; omitted: as the cache's views.mix (must match it)")
-    cutmix: float | None = Field(None, ge=0, description="CutMix α; omitted: as the cache's views.mix (must match it)")
+    mixup: float | None = Field(None, ge=0, description="Mixup α; omitted: as the cache's views.mix (must match it); "
+                                                       "with online_teacher on an unmixed cache: timm's batch Mixup")
+    cutmix: float | None = Field(None, ge=0, description="CutMix α; omitted: as the cache's views.mix (must match it); "
+                                                        "with online_teacher on an unmixed cache: timm's batch CutMix")
     train_urls: str | list[str] | None = Field(
         None, description="without a cache: the training tars (supervised; epoch e uses view index e of data.views)")
     views: ViewRecipe | None = Field(None, description="without a cache: the view recipe (default: ViewRecipe())")
@@ -67,24 +69,30 @@ class DataOptions(_Strict):
         return self
 
 
-def check_mix(url: str, mix: MixRecipe | None, mixup: float | None, cutmix: float | None) -> None:
-    """Raise ConfigError unless ``data.mixup``/``data.cutmix`` agree with the cache's mix recipe ``mix``.
+def check_mix(url: str, mix: MixRecipe | None, mixup: float | None, cutmix: float | None, *,
+              online: bool = False) -> bool:
+    """Raise ConfigError unless ``data.mixup``/``data.cutmix`` agree with the cache's mix recipe ``mix``; return
+    whether batches are mixed in the trainer (timm's batch Mixup, :mod:`student.batch_mix`).
 
     A cache can only be trained from with the mixes it holds: the teacher's output on a mixed image is not a mix
     of its outputs on the two images, so a cache of unmixed views has no target for a mixed input, and a mixed
     cache's targets belong to its own λ, mode and box, which the student replays (reference/methods.md:
     "Teacher sees exactly the student's input"). Omitted values mean "as cached"; given, each must equal the
     cache's ``views.mix`` α (0 for a cache without ``views.mix``); the error names the caching config key that
-    provides the mix."""
+    provides the mix. With the teacher in the loop (``online``) an unmixed cache may be mixed per batch: the
+    teacher then sees the mixed batch itself."""
     have = (0.0, 0.0) if mix is None else (mix.mixup_alpha, mix.cutmix_alpha)
     asked = (have[0] if mixup is None else mixup, have[1] if cutmix is None else cutmix)
     if asked == have:
-        return
+        return False
+    if mix is None and online:
+        return True
     want = f"views.mix: {{mixup_alpha: {asked[0]}, cutmix_alpha: {asked[1]}}}"
     if mix is None:
         raise ConfigError(f"data.mixup={asked[0]}, data.cutmix={asked[1]}: the cache {url} holds unmixed views (its "
                          "caching config has no views.mix), and the teacher's outputs on a mixed image are not a mix "
-                         f"of its outputs on the two: build a cache with {want} in its caching config, or leave "
+                         f"of its outputs on the two: build a cache with {want} in its caching config, train with the "
+                         "teacher in the loop (--online-teacher, which mixes each batch as timm does), or leave "
                          "data.mixup and data.cutmix out")
     fields = ", ".join(f"{k}={v}" for k, v in mix.model_dump(mode="json").items())
     raise ConfigError(f"data.mixup={asked[0]}, data.cutmix={asked[1]} do not match the cache {url}, which replays "

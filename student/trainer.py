@@ -41,6 +41,7 @@ from storage_schemas.errors import CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import ViewRecipe
 
+from .batch_mix import BatchMix
 from .config import TrainConfig, check_mix
 from .data import CacheDataset, TarDataset, merge_states
 from .evaluate import eval_loader, evaluate
@@ -104,7 +105,7 @@ def open_cache(cfg: TrainConfig, needs: Needs | None = None) -> tuple[str, Cache
     store = CacheStore(url, c.storage_options, read_only=True)
     m = store.read_manifest(allow_partial=c.allow_partial)
     # the cache's mixes are replayed as built: data.mixup/cutmix may only restate them
-    check_mix(url, m.config.views.mix, cfg.data.mixup, cfg.data.cutmix)
+    check_mix(url, m.config.views.mix, cfg.data.mixup, cfg.data.cutmix, online=cfg.online_teacher is not None)
     check_cache(needs or needs_of(cfg.methods, cfg.method_options), m)
     return url, store, m
 
@@ -137,6 +138,12 @@ class Trainer:
         self.teacher = (Teacher.from_manifest(m, cfg.online_teacher.checkpoint, cfg.online_teacher.storage_options,
                                               device=self.device) if cfg.online_teacher else None)
         self.dataset = self._cache_dataset(needs.logits) if m else self._tar_dataset()
+        self.batch_mix = None  # timm's batch Mixup/CutMix, with the teacher in the loop on an unmixed cache
+        if m is not None and check_mix(self.cache_url, m.config.views.mix, cfg.data.mixup, cfg.data.cutmix,
+                                       online=self.teacher is not None):
+            BatchMix.check_sizes(self.size, self.teacher.input_size)
+            self.batch_mix = BatchMix(cfg.data.mixup or 0.0, cfg.data.cutmix or 0.0, self.num_classes, cfg.seed,
+                                      self.rank)
         o = cfg.optim
         self.optimizer = create_optimizer_v2(self.model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay,
                                              momentum=o.momentum)
@@ -211,9 +218,13 @@ class Trainer:
         return batch.labels.to(self.device)
 
     def train_step(self, batch) -> dict[str, float]:
+        labels = self.labels(batch)
+        if self.batch_mix is not None:  # the teacher and the student see the same mixed batch
+            x, x_teacher, labels = self.batch_mix(batch.x, batch.x_teacher, labels, self.step)
+            batch = batch._replace(x=x, x_teacher=x_teacher)
         targets = self.targets(batch)
         with self.amp:
-            out = self.ddp(batch.x.to(self.device), targets, self.labels(batch), self.step)
+            out = self.ddp(batch.x.to(self.device), targets, labels, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         if self.cfg.optim.clip_grad:

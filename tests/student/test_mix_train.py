@@ -400,8 +400,9 @@ def test_cli_refuses_a_mix_the_cache_does_not_hold(mixed_cache, small_cache, tmp
     assert r.stderr.strip().splitlines()[-1] == (
         f"kdcache train: error: data.mixup=0.0, data.cutmix=1.0: the cache {plain} holds unmixed views (its caching "
         "config has no views.mix), and the teacher's outputs on a mixed image are not a mix of its outputs on the "
-        "two: build a cache with views.mix: {mixup_alpha: 0.0, cutmix_alpha: 1.0} in its caching config, or leave "
-        "data.mixup and data.cutmix out")
+        "two: build a cache with views.mix: {mixup_alpha: 0.0, cutmix_alpha: 1.0} in its caching config, train with "
+        "the teacher in the loop (--online-teacher, which mixes each batch as timm does), or leave data.mixup and "
+        "data.cutmix out")
     assert not (tmp_path / "a" / "run").exists() and not (tmp_path / "b" / "run").exists()
 
 
