@@ -1,0 +1,109 @@
+"""Mixed views from the cache against mixing with the teacher in the loop, on the digits (issue 14 item 7).
+
+Three ways to train one student, same budget and seeds, all from the demo's teacher, data and view recipe:
+
+- ``no_mix``: the demo cache (unmixed views), vanilla KD (``ce+kd``);
+- ``cached_mix``: a cache of as many *mixed* views (``views.mix``: VanillaKD's A2 recipe, Mixup α 0.1, CutMix α 1.0,
+  switch 0.5, every view mixed), the teacher's targets on each mixed image, labels mixed as timm's
+  ``mixup_target`` — the teacher is not loaded;
+- ``online_mix``: the teacher in the loop on fresh views every epoch, each batch mixed by timm's ``Mixup``
+  (batch mode, the same α; :mod:`student.batch_mix`) — what VanillaKD's training script does, and the reference
+  a cache of mixed views stands in for.
+
+Student: the demo's MobileNetV3-S (a CNN, as VanillaKD's ResNet-50; its no-KD baseline leaves room under the
+teacher), with vanilla KD as the demo trains it. Top-1 on the demo's validation tars, per seed.
+
+    python -m bench.mixup_study --workdir kdcache-demo --seeds 0 1 2
+
+Writes ``bench/mixup_study.json`` and the key ``studies.mixup`` of ``bench/results.json``:
+``{"no_mix": [top-1 per seed], "cached_mix": [...], "online_mix": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from jobs.demo import demo_config, run_demo
+from jobs.demo_students import load_students, merge_config, run_config, train_one
+from pipeline.job import run_cache_job
+
+from .common import OUT, device_name, markdown_table, write_results
+from .kd_studies import study_cache
+
+MIX = {"mixup_alpha": 0.1, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}  # VanillaKD A2 (README)
+STUDENT = "MobileNetV3-S (CNN)"
+
+
+def student_config(epochs: int) -> tuple[dict, int]:
+    """The demo's run of :data:`STUDENT`, with vanilla KD; its epochs unless ``epochs`` is given."""
+    spec = load_students()
+    run = next(r for r in spec.runs if r.label == STUDENT)
+    cfg = merge_config(merge_config(spec.common, run.config), {"methods": "ce+kd", "method_options": {}})
+    return cfg, epochs or run.epochs.full
+
+
+def conditions(wd: Path) -> dict[str, tuple[str, dict]]:
+    """name → (cache kind, config overrides)."""
+    online = {"online_teacher": {"checkpoint": str(wd / "teacher.safetensors"), "views": "fresh"},
+              "data": {"mixup": MIX["mixup_alpha"], "cutmix": MIX["cutmix_alpha"]}}
+    return {"no_mix": ("plain", {}), "cached_mix": ("mixed", {}), "online_mix": ("plain", online)}
+
+
+def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
+    t0 = time.time()
+    if not (wd / "teacher.json").exists():
+        run_demo(str(wd), students=False)  # data, teacher and the demo cache
+    demo = demo_config(wd, quick=False)  # the demo cache itself (a no-op when it is complete)
+    caches = {"plain": (demo.output.url, run_cache_job(demo, progress=False, log=lambda s: None).teacher.weights_sha256),
+              "mixed": study_cache(wd, "mixed4", [f"views.num_views={demo.views.num_views}",
+                                                  f"views.mix={json.dumps(MIX)}"])}
+    base, epochs = student_config(epochs)
+    rows, top1 = [], {}
+    for seed in seeds:  # seeds outermost: a partial run still compares the conditions on the same seeds
+        for name in names:
+            kind, extra = conditions(wd)[name]
+            url, sha = caches[kind]
+            cfg = run_config(merge_config(base, extra), cache_url=url, runs_dir=wd / "studies" / "runs",
+                             val_urls=f"{wd}/data/val-{{000000..000001}}.tar", epochs=epochs, seed=seed,
+                             teacher_sha256=sha)
+            r = train_one(cfg, progress=False)
+            top1.setdefault(name, []).append(r["top1"])
+            print(f"  {name} seed {seed}: {r['top1']:.2f}% ({r['train_seconds'] or 0:.0f} s)", flush=True)
+    for name in names:
+        rows.append({"condition": name, "top1_mean": statistics.mean(top1[name]),
+                     "top1_std": statistics.pstdev(top1[name]), "top1_per_seed": top1[name]})
+    return {"device": device_name(), "student": f"{STUDENT}, ce+kd", "epochs": epochs, "seeds": seeds, "mix": MIX,
+            "rows": rows, "mixup": top1, "seconds": time.time() - t0}
+
+
+def save(res: dict) -> Path:
+    """``bench/mixup_study.json``, and ``studies.mixup`` in ``bench/results.json`` (other keys kept)."""
+    path = write_results("mixup_study", res)
+    results = OUT / "results.json"
+    data = json.loads(results.read_text()) if results.exists() else {}
+    data.setdefault("studies", {})["mixup"] = res["mixup"]
+    results.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
+    p.add_argument("--epochs", type=int, default=0, help="student epochs (default: the demo's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", choices=["no_mix", "cached_mix", "online_mix"],
+                   default=["no_mix", "cached_mix", "online_mix"], help="conditions to run")
+    a = p.parse_args(argv)
+    res = run(a.workdir.resolve(), a.epochs, a.seeds, a.only)
+    print(f"\nstudent top-1 ({res['student']}, {res['epochs']} epochs, seeds {res['seeds']}, mix {MIX})")
+    print(markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"]))
+    print(f"written {save(res)} and studies.mixup in {OUT / 'results.json'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
