@@ -43,7 +43,7 @@ def student_config(epochs: int) -> tuple[dict, int]:
     spec = load_students()
     run = next(r for r in spec.runs if r.label == STUDENT)
     cfg = merge_config(merge_config(spec.common, run.config), {"methods": "ce+kd", "method_options": {}})
-    return cfg, epochs or run.epochs.full
+    return cfg, epochs or run.epochs["full"]
 
 
 def conditions(wd: Path) -> dict[str, tuple[str, dict]]:

@@ -81,19 +81,23 @@ def test_train_students_means_per_seed_logs_and_reuses_finished_runs(reference, 
 
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 4  # (baseline, KD) × 2 seeds
-    logged = {}
+    logged, per_run = {}, {}
     for r in runs:
         evals = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
         cfg = yaml.safe_load((r / "config.yaml").read_text())
         logged.setdefault(cfg["methods"], []).append(next(e["val_top1"] for e in evals if "val_top1" in e))
+        per_run[cfg["methods"], cfg["seed"]] = logged[cfg["methods"]][-1]
     assert row["baseline_top1"] == statistics.mean(logged["ce"])
     assert row["kd_top1"] == statistics.mean(logged["ce+kd"])
     assert row["gain"] == row["kd_top1"] - row["baseline_top1"]
     assert [s["seed"] for s in row["seeds"]] == [0, 1]
     assert sorted(s["kd_top1"] for s in row["seeds"]) == sorted(logged["ce+kd"])
     assert sorted(s["baseline_top1"] for s in row["seeds"]) == sorted(logged["ce"])
-    spread = max(statistics.stdev(logged["ce"]), statistics.stdev(logged["ce+kd"]))
-    assert row["beyond_noise"] == (row["gain"] > 2 * spread)
+    assert row["seeds"] == [{"seed": s, "baseline_top1": per_run["ce", s], "kd_top1": per_run["ce+kd", s]}
+                            for s in (0, 1)]
+    paired = [per_run["ce+kd", s] - per_run["ce", s] for s in (0, 1)]  # the same seed's two runs, by hand
+    assert row["gain_std"] == pytest.approx(abs(paired[0] - paired[1]) / 2 ** 0.5)
+    assert row["beyond_noise"] == (row["gain"] > 2 * row["gain_std"])
 
     stamps = {r: (r / "last.pt").stat().st_mtime_ns for r in runs}
     assert train_students(**kw, jobs=2) == [row]  # nothing retrained (by 2 processes): same numbers, checkpoints untouched
