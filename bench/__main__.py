@@ -2,11 +2,11 @@
 
 Writes ``bench/results.json`` (device, the headline ratios, bytes per view, and each
 benchmark's full results) and ``bench/results.md`` (the tables), plus the PNG plots of the
-views and codec studies. Every ratio is measured in this run, on this device, in interleaved
+views and codec studies; ``studies.mixup`` holds the mixed-views study (``bench.mixup_study``). Every ratio is measured in this run, on this device, in interleaved
 rounds (``--rounds``), as its median over rounds with an interval, and each goal gets a
 verdict: met, not met or undecided (see ``bench.common``).
 
-    python -m bench                    # everything (estimated 75 min on 2 idle CPU cores: caching 35, studies 32)
+    python -m bench                    # everything (estimated 100 min on 2 idle CPU cores: caching 35, studies 32, mixup 25)
     python -m bench --skip-studies     # caching and student speed only (estimated 40 min)
     python -m bench --report-only      # rebuild the report from the last JSON of each benchmark
 """
@@ -17,18 +17,19 @@ import argparse
 import json
 from pathlib import Path
 
-from . import cache_throughput, kd_studies, student_speed
+from . import cache_throughput, kd_studies, mixup_study, student_speed
 from .common import OUT, RATIO_COLUMNS, device_name, markdown_table, ratio_rows, verdict_lines
 
 
-def report(cache: dict, speed: dict, studies: dict | None) -> tuple[dict, str]:
+def report(cache: dict, speed: dict, studies: dict | None, mixup: dict | None = None) -> tuple[dict, str]:
     cache_ratios = ("cache_job_vs_teacher_forward", "cache_job_end_to_end_vs_teacher_forward")
     ratios = {**{k: cache[k] for k in cache_ratios}, **speed["ratios"]}
     spreads = {**{k: cache["ratios_spread"][k] for k in cache_ratios}, **speed["ratios_spread"]}
     verdicts = cache["verdicts"] + speed["verdicts"]
     results = {"device": device_name(), "ratios": ratios, "ratios_spread": spreads, "verdicts": verdicts,
                "bytes_per_view": {r["codec"]: r["bytes_per_view"] for r in cache["bytes"]},
-               "cache_throughput": cache, "student_speed": speed, "kd_studies": studies}
+               "cache_throughput": cache, "student_speed": speed, "kd_studies": studies,
+               "studies": {"mixup": mixup["mixup"]} if mixup else {}}
     # one row per ratio, a teacher's ratio as name[teacher]
     flat, flat_spreads = {}, {}
     for k, v in ratios.items():
@@ -62,6 +63,8 @@ def report(cache: dict, speed: dict, studies: dict | None) -> tuple[dict, str]:
                markdown_table(studies["codecs"], ["codec", "bytes_per_view", "top1_mean", "top1_std"])]
     else:
         md += ["", "The accuracy studies were not part of this run (`python -m bench.kd_studies`)."]
+    if mixup:
+        md += ["", mixup_study.markdown(mixup)]
     return results, "\n".join(md) + "\n"
 
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of the caching and student-speed benchmarks (see their --help)")
-    p.add_argument("--skip-studies", action="store_true", help="skip the views/codec accuracy studies")
+    p.add_argument("--skip-studies", action="store_true", help="skip the accuracy studies (views, codecs, mixed views)")
     p.add_argument("--epochs", type=int, default=12, help="student epochs in the studies")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the studies")
     p.add_argument("--report-only", action="store_true",
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             return json.loads(f.read_text()) if f.exists() else None
 
         cache, speed, studies = last("cache_throughput"), last("student_speed"), last("kd_studies")
+        mixup = last("mixup_study")
         if cache is None or speed is None:
             raise SystemExit("--report-only: run python -m bench.cache_throughput and bench.student_speed first")
         if "ratios_spread" not in cache or "ratios_spread" not in speed:
@@ -92,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         speed = student_speed.main(["--workdir", str(a.workdir), "--rounds", str(a.rounds)])
         studies = None if a.skip_studies else kd_studies.main(
             ["--workdir", str(a.workdir), "--epochs", str(a.epochs), "--seeds", *map(str, a.seeds)])
-    results, md = report(cache, speed, studies)
+        mixup = None if a.skip_studies else mixup_study.main(
+            ["--workdir", str(a.workdir), "--seeds", *map(str, a.seeds)])
+    results, md = report(cache, speed, studies, mixup)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "results.md").write_text(md)
     print("\n" + md)

@@ -15,8 +15,8 @@ teacher), with vanilla KD as the demo trains it. Top-1 on the demo's validation 
 
     python -m bench.mixup_study --workdir kdcache-demo --seeds 0 1 2
 
-Writes ``bench/mixup_study.json`` and the key ``studies.mixup`` of ``bench/results.json``:
-``{"no_mix": [top-1 per seed], "cached_mix": [...], "online_mix": [...]}``.
+Writes ``bench/mixup_study.json``, the key ``studies.mixup`` of ``bench/results.json``
+(``{"no_mix": [top-1 per seed], "cached_mix": [...], "online_mix": [...]}``) and its section of ``bench/results.md``.
 """
 
 from __future__ import annotations
@@ -80,13 +80,32 @@ def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
             "rows": rows, "mixup": top1, "seconds": time.time() - t0}
 
 
+HEADING = "## Mixed views: cached vs online"
+
+
+def markdown(res: dict) -> str:
+    """The study's section of ``bench/results.md``."""
+    return "\n".join([f"{HEADING} ({res['student']}, {res['epochs']} epochs, seeds {res['seeds']}, mix {res['mix']})",
+                      markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"])])
+
+
 def save(res: dict) -> Path:
-    """``bench/mixup_study.json``, and ``studies.mixup`` in ``bench/results.json`` (other keys kept)."""
+    """``bench/mixup_study.json``; ``studies.mixup`` in ``bench/results.json`` and this study's section of
+    ``bench/results.md`` (replaced, or added at the end; the rest of both kept)."""
     path = write_results("mixup_study", res)
     results = OUT / "results.json"
     data = json.loads(results.read_text()) if results.exists() else {}
     data.setdefault("studies", {})["mixup"] = res["mixup"]
     results.write_text(json.dumps(data, indent=1))
+    md_path = OUT / "results.md"
+    md = md_path.read_text() if md_path.exists() else ""
+    start = md.find(HEADING)
+    if start < 0:
+        md = md.rstrip("\n") + "\n\n" + markdown(res) + "\n"
+    else:
+        end = md.find("\n## ", start + 1)
+        md = md[:start] + markdown(res) + "\n" + (md[end:] if end >= 0 else "")
+    md_path.write_text(md)
     return path
 
 
@@ -101,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run(a.workdir.resolve(), a.epochs, a.seeds, a.only)
     print(f"\nstudent top-1 ({res['student']}, {res['epochs']} epochs, seeds {res['seeds']}, mix {MIX})")
     print(markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"]))
-    print(f"written {save(res)} and studies.mixup in {OUT / 'results.json'}")
+    print(f"written {save(res)}, studies.mixup in {OUT / 'results.json'} and its section of {OUT / 'results.md'}")
     return res
 
 

@@ -1,0 +1,29 @@
+"""bench.mixup_study writes its numbers where the issue asks, keeping everything else of the report."""
+
+from __future__ import annotations
+
+import json
+
+from bench import common, mixup_study
+
+
+def _res(top1: dict) -> dict:
+    rows = [{"condition": k, "top1_mean": sum(v) / len(v), "top1_std": 0.0, "top1_per_seed": v} for k, v in top1.items()]
+    return {"student": "s", "epochs": 6, "seeds": [0, 1], "mix": mixup_study.MIX, "rows": rows, "mixup": top1}
+
+
+def test_save_sets_studies_mixup_and_replaces_only_its_own_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "OUT", tmp_path)
+    monkeypatch.setattr(mixup_study, "OUT", tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"ratios": {"a": 1.0}}))
+    (tmp_path / "results.md").write_text("# report\n\n## Goals\n- met: x\n")
+    first = {"no_mix": [60.0, 62.0], "cached_mix": [58.0, 59.0], "online_mix": [57.0, 61.0]}
+    mixup_study.save(_res(first))
+    second = {k: [v[0] + 1, v[1]] for k, v in first.items()}
+    mixup_study.save(_res(second))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data == {"ratios": {"a": 1.0}, "studies": {"mixup": second}}
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# report\n\n## Goals\n- met: x\n\n## Mixed views: cached vs online")
+    assert md.count("## Mixed views") == 1 and "| no_mix | 61.5 |" in md and "[61.0, 62.0]" in md
+    assert json.loads((tmp_path / "mixup_study.json").read_text())["mixup"] == second
