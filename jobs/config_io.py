@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,3 +62,13 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] = 
         return model.model_validate(d)
     except ValidationError as e:
         raise ConfigError(format_errors(e, source)) from None
+
+
+def finished_run(output: Path, config: dict) -> dict | None:
+    """The ``final.json`` of the run folder ``output`` if it holds a run of this very config (its ``config.yaml``,
+    which the trainer writes, equal to ``config``) that finished; else None (not run, unfinished, or another
+    config). What ``kdcache sweep`` and ``kdcache train --ray`` check before starting Ray."""
+    final, saved = output / "final.json", output / "config.yaml"
+    if not final.exists() or not saved.exists() or yaml.safe_load(saved.read_text()) != config:
+        return None
+    return json.loads(final.read_text())

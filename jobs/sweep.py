@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage_schemas.errors import ConfigError
 
-from .config_io import format_errors, load_config
+from .config_io import finished_run, format_errors, load_config
 
 
 class SweepSpec(BaseModel):
@@ -110,14 +110,6 @@ def trial_configs(spec: SweepSpec) -> list[tuple[str, dict[str, Any], dict[str, 
     return out
 
 
-def _finished(output: Path, config: dict) -> dict | None:
-    """The trial's final.json, if it finished with this very config."""
-    final, saved = output / "final.json", output / "config.yaml"
-    if not final.exists() or not saved.exists() or yaml.safe_load(saved.read_text()) != config:
-        return None
-    return json.loads(final.read_text())
-
-
 def _train(config: dict, cwd: str) -> dict:
     """One trial, in its Ray task; relative paths of the config mean what they meant where the sweep was started."""
     import ray
@@ -149,7 +141,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, log=print) -> lis
     for name, overrides, config in trials:
         row = {"trial": name, "student": config["student"]["model"], "methods": config["methods"],
                "overrides": overrides, "output": config["output"]}
-        done = _finished(Path(config["output"]), config)
+        done = finished_run(Path(config["output"]), config)
         if done is not None:
             rows[name] = {**row, "status": "done before", "top1": done.get("val_top1"),
                           "train_seconds": done.get("train_seconds")}

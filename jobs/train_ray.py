@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.store import atomic_write
 from student.config import RayOptions, TrainConfig
+
+from .config_io import finished_run
 
 RESULT_FILES = ("final.json", "metrics.jsonl", "config.yaml", "curves.png")  # besides last.pt, in the final checkpoint
 
@@ -56,6 +59,10 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, progress: bool
     opts = cfg.ray or RayOptions()
     out = Path(cfg.output).resolve()
     cfg = cfg.model_copy(update={"output": str(out), "ray": opts})
+    done = finished_run(out, cfg.model_dump(mode="json"))
+    if done is not None:  # as the trainer does without Ray: a finished run is not redone, and Ray is not started
+        print(f"{out} holds this run, finished (final.json): nothing to train", file=sys.stderr)
+        return done
     if cfg.cache is not None:
         open_cache(cfg)  # a config that cannot train stops here, not after max_failures restarts of the workers
     init_ray(address)

@@ -88,6 +88,7 @@ def test_ray_two_workers_give_torchruns_weights_and_a_rerun_does_nothing(small_c
     assert again.returncode == 0, again.stderr[-4000:]
     assert json.loads(again.stdout[again.stdout.index("{"):])["step"] == final["step"]
     assert (out / "last.pt").read_bytes() == before  # finished: nothing retrained
+    assert "holds this run, finished" in again.stderr and "Started a local Ray" not in again.stderr
 
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(small_cache, torchrun_run, tmp_path):
@@ -127,15 +128,19 @@ def write_sweep(small_cache, tmp_path: Path, trials: list[dict]) -> Path:
     return path
 
 
-def test_sweep_of_three_trials_writes_the_table_and_a_rerun_does_nothing(small_cache, tmp_path):
+def test_sweep_writes_the_table_reports_a_failed_trial_and_a_rerun_does_nothing(small_cache, tmp_path):
     from student.config import TrainConfig
     from student.trainer import Trainer
 
     trials = [{"methods": "ce", "seed": 0}, {"methods": "ce+kd", "seed": 0}, {"methods": "ce+kd", "seed": 1}]
-    sweep = write_sweep(small_cache, tmp_path, trials)
+    # with a fourth trial that fails: it is reported, the others finish
+    sweep = write_sweep(small_cache, tmp_path, [*trials, {"student.model": "no_such_model"}])
     r = run([sys.executable, "-m", "jobs.cli", "sweep", str(sweep)])
-    assert r.returncode == 0, r.stderr[-4000:]
-    table = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert r.returncode == 1, r.stderr[-4000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdcache sweep: 1 of 4 trials failed") and "rerun the sweep" in last
+    *table, bad = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert bad["status"] == "failed" and "no_such_model" in bad["error"]
     assert [(t["methods"], t["overrides"]["seed"], t["status"]) for t in table] == [
         ("ce", 0, "done"), ("ce+kd", 0, "done"), ("ce+kd", 1, "done")]
     assert (tmp_path / "sweep" / "results.png").stat().st_size > 1000
@@ -152,19 +157,9 @@ def test_sweep_of_three_trials_writes_the_table_and_a_rerun_does_nothing(small_c
         torch.set_num_threads(threads)
     assert_same_weights(tmp_path / "direct", Path(table[1]["output"]))
     stamps = {t["trial"]: (Path(t["output"]) / "last.pt").stat().st_mtime_ns for t in table}
+    write_sweep(small_cache, tmp_path, trials)  # the failed trial taken out
     again = run([sys.executable, "-m", "jobs.cli", "sweep", str(sweep)])
     assert again.returncode == 0, again.stderr[-4000:]
     assert "3 trials, 3 finished before, 0 to run" in again.stderr and "Started a local Ray" not in again.stderr
     assert {t["trial"]: (Path(t["output"]) / "last.pt").stat().st_mtime_ns for t in table} == stamps
     assert [t["status"] for t in json.loads((tmp_path / "sweep" / "results.json").read_text())] == ["done before"] * 3
-
-
-def test_a_failed_trial_is_reported_and_the_others_finish(small_cache, tmp_path):
-    sweep = write_sweep(small_cache, tmp_path, [{"student.model": "no_such_model"}, {"methods": "ce"}])
-    r = run([sys.executable, "-m", "jobs.cli", "sweep", str(sweep)])
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("kdcache sweep: 1 of 2 trials failed") and "rerun the sweep" in last
-    bad, good = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    assert bad["status"] == "failed" and "no_such_model" in bad["error"]
-    assert good["status"] == "done" and good["top1"] > 0
