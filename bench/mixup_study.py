@@ -9,6 +9,9 @@ Three ways to train one student, same budget and seeds, all from the demo's teac
 - ``online_mix``: the teacher in the loop on fresh views every epoch, each batch mixed by timm's ``Mixup``
   (batch mode, the same α; :mod:`student.batch_mix`) — what VanillaKD's training script does, and the reference
   a cache of mixed views stands in for.
+- ``online_view_mix`` (with ``--only``): the teacher in the loop on fresh *per-view* mixes every epoch, drawn from
+  the mixed cache's recipe as the cache draws them (``--online-views fresh``): tells a cached mix's staleness (a
+  sample meets the same few mixes every epoch) from the per-view pairing itself.
 
 Student: the demo's MobileNetV3-S (a CNN, as VanillaKD's ResNet-50; its no-KD baseline leaves room under the
 teacher), with vanilla KD as the demo trains it. Top-1 on the demo's validation tars, per seed.
@@ -48,9 +51,10 @@ def student_config(epochs: int) -> tuple[dict, int]:
 
 def conditions(wd: Path) -> dict[str, tuple[str, dict]]:
     """name → (cache kind, config overrides)."""
-    online = {"online_teacher": {"checkpoint": str(wd / "teacher.safetensors"), "views": "fresh"},
-              "data": {"mixup": MIX["mixup_alpha"], "cutmix": MIX["cutmix_alpha"]}}
-    return {"no_mix": ("plain", {}), "cached_mix": ("mixed", {}), "online_mix": ("plain", online)}
+    fresh = {"online_teacher": {"checkpoint": str(wd / "teacher.safetensors"), "views": "fresh"}}
+    online = {**fresh, "data": {"mixup": MIX["mixup_alpha"], "cutmix": MIX["cutmix_alpha"]}}
+    return {"no_mix": ("plain", {}), "cached_mix": ("mixed", {}), "online_mix": ("plain", online),
+            "online_view_mix": ("mixed", fresh)}
 
 
 def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
@@ -78,6 +82,22 @@ def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
                      "top1_std": statistics.pstdev(top1[name]), "top1_per_seed": top1[name]})
     return {"device": device_name(), "student": f"{STUDENT}, ce+kd", "epochs": epochs, "seeds": seeds, "mix": MIX,
             "rows": rows, "mixup": top1, "seconds": time.time() - t0}
+
+
+def merge_previous(res: dict, path: Path) -> dict:
+    """``res`` with the conditions of the last run at ``path`` that this one did not run (same student, epochs,
+    seeds and mix), so that ``--only`` adds a condition to the table instead of replacing it."""
+    if not path.exists():
+        return res
+    old = json.loads(path.read_text())
+    if any(old.get(k) != res[k] for k in ("student", "epochs", "seeds", "mix")):
+        return res
+    ran = {r["condition"] for r in res["rows"]}
+    kept = [r for r in old["rows"] if r["condition"] not in ran]
+    order = list(conditions(Path(".")))
+    rows = sorted(kept + res["rows"], key=lambda r: order.index(r["condition"]))
+    return {**res, "rows": rows, "mixup": {r["condition"]: r["top1_per_seed"] for r in rows},
+            "seconds": res["seconds"] + old.get("seconds", 0.0)}
 
 
 HEADING = "## Mixed views: cached vs online"
@@ -114,10 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
     p.add_argument("--epochs", type=int, default=0, help="student epochs (default: the demo's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", nargs="+", choices=["no_mix", "cached_mix", "online_mix"],
-                   default=["no_mix", "cached_mix", "online_mix"], help="conditions to run")
+    p.add_argument("--only", nargs="+", choices=["no_mix", "cached_mix", "online_mix", "online_view_mix"],
+                   default=["no_mix", "cached_mix", "online_mix"],
+                   help="conditions to run (the others of the last run with the same settings are kept)")
     a = p.parse_args(argv)
     res = run(a.workdir.resolve(), a.epochs, a.seeds, a.only)
+    res = merge_previous(res, OUT / "mixup_study.json")
     print(f"\nstudent top-1 ({res['student']}, {res['epochs']} epochs, seeds {res['seeds']}, mix {MIX})")
     print(markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"]))
     print(f"written {save(res)}, studies.mixup in {OUT / 'results.json'} and its section of {OUT / 'results.md'}")

@@ -27,3 +27,14 @@ def test_save_sets_studies_mixup_and_replaces_only_its_own_section(tmp_path, mon
     assert md.startswith("# report\n\n## Goals\n- met: x\n\n## Mixed views: cached vs online")
     assert md.count("## Mixed views") == 1 and "| no_mix | 61.5 |" in md and "[61.0, 62.0]" in md
     assert json.loads((tmp_path / "mixup_study.json").read_text())["mixup"] == second
+
+
+def test_a_partial_run_adds_its_conditions_to_the_last_one(tmp_path):
+    path = tmp_path / "mixup_study.json"
+    path.write_text(json.dumps({**_res({"no_mix": [60.0, 62.0], "cached_mix": [58.0, 59.0]}), "seconds": 5.0}))
+    merged = mixup_study.merge_previous({**_res({"online_view_mix": [61.0, 63.0]}), "seconds": 1.0}, path)
+    assert [r["condition"] for r in merged["rows"]] == ["no_mix", "cached_mix", "online_view_mix"]
+    assert merged["mixup"] == {"no_mix": [60.0, 62.0], "cached_mix": [58.0, 59.0], "online_view_mix": [61.0, 63.0]}
+    assert merged["seconds"] == 6.0
+    other = {**_res({"online_view_mix": [61.0, 63.0]}), "epochs": 3, "seconds": 1.0}  # other settings: not merged
+    assert mixup_study.merge_previous(other, path)["mixup"] == {"online_view_mix": [61.0, 63.0]}
