@@ -12,6 +12,8 @@ Three ways to train one student, same budget and seeds, all from the demo's teac
 - ``online_view_mix`` (with ``--only``): the teacher in the loop on fresh *per-view* mixes every epoch, drawn from
   the mixed cache's recipe as the cache draws them (``--online-views fresh``): tells a cached mix's staleness (a
   sample meets the same few mixes every epoch) from the per-view pairing itself.
+- ``cached_mix_per_epoch`` (with ``--only``): a mixed cache of as many views as epochs, so that no mix repeats (as
+  ``jobs/configs/vanillakd_a2_beitv2b.yaml`` caches one view per epoch).
 
 Student: the demo's MobileNetV3-S (a CNN, as VanillaKD's ResNet-50; its no-KD baseline leaves room under the
 teacher), with vanilla KD as the demo trains it. Top-1 on the demo's validation tars, per seed.
@@ -54,7 +56,7 @@ def conditions(wd: Path) -> dict[str, tuple[str, dict]]:
     fresh = {"online_teacher": {"checkpoint": str(wd / "teacher.safetensors"), "views": "fresh"}}
     online = {**fresh, "data": {"mixup": MIX["mixup_alpha"], "cutmix": MIX["cutmix_alpha"]}}
     return {"no_mix": ("plain", {}), "cached_mix": ("mixed", {}), "online_mix": ("plain", online),
-            "online_view_mix": ("mixed", fresh)}
+            "online_view_mix": ("mixed", fresh), "cached_mix_per_epoch": ("mixed_per_epoch", {})}
 
 
 def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
@@ -66,6 +68,9 @@ def run(wd: Path, epochs: int, seeds: list[int], names: list[str]) -> dict:
               "mixed": study_cache(wd, "mixed4", [f"views.num_views={demo.views.num_views}",
                                                   f"views.mix={json.dumps(MIX)}"])}
     base, epochs = student_config(epochs)
+    if "cached_mix_per_epoch" in names:  # one mixed view per sample and epoch, as the VanillaKD configs cache
+        caches["mixed_per_epoch"] = study_cache(wd, f"mixed{epochs}", [f"views.num_views={epochs}",
+                                                                      f"views.mix={json.dumps(MIX)}"])
     rows, top1 = [], {}
     for seed in seeds:  # seeds outermost: a partial run still compares the conditions on the same seeds
         for name in names:
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default="kdcache-demo", type=Path, help="the demo's workdir (made if missing)")
     p.add_argument("--epochs", type=int, default=0, help="student epochs (default: the demo's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--only", nargs="+", choices=["no_mix", "cached_mix", "online_mix", "online_view_mix"],
+    p.add_argument("--only", nargs="+", choices=list(conditions(Path("."))),
                    default=["no_mix", "cached_mix", "online_mix"],
                    help="conditions to run (the others of the last run with the same settings are kept)")
     a = p.parse_args(argv)
