@@ -13,9 +13,9 @@ Four parts, on ImageNet-shaped synthetic JPEGs (:mod:`pipeline.synthetic`, 1,000
    top-10 logits, the final tap 49×1536, the TPP tail) and vit_large_patch16_224 (KD + ViTKD + ScaleKD: top-10
    logits, blocks 0 and 1 and the final tap, 3×196×1024, the TPP tail), random init (timm builds them without
    weights; the job seeds a teacher that has none), 224 px, fp16 taps. In each of ``--rounds`` rounds: the
-   teacher's forward alone over the first half of the job's own batches (replayed as the job replays them, in
-   this process, the teacher built as the job's actor builds it), the full Ray job into a fresh cache, the other
-   half of the forward (:mod:`bench.cache_throughput`'s functions). The data are ``--images`` images in tars of
+   teacher's forward alone over the first half of the job's own batches (replayed as the job replays them; run
+   in a Ray worker with the actor's threads and teacher, :class:`ForwardActor`), the full Ray job into a fresh
+   cache, the other half of the forward (:mod:`bench.cache_throughput`'s functions). The data are ``--images`` images in tars of
    ``--per-tar``; the first tar is the actor's warm-up (its first forward calls) and is left out of the steady
    state, which is views/s inside the other units (their completion records); end to end is every view over the
    job's whole time (index pass, teacher probe, TPP pack, actor start, manifest: fixed costs that a job of
@@ -135,24 +135,49 @@ def job_teacher(cfg: CacheConfig) -> Teacher:
     return t
 
 
+class ForwardActor:
+    """The teacher's forward alone in a Ray worker, as the job's actor runs it: the same kind of process (Ray
+    worker, the same niceness), the same threads (``torch.set_num_threads`` and ``OMP_NUM_THREADS``, as
+    :class:`pipeline.unit.UnitRunner` on a ``cpus_per_actor`` actor), the same teacher (:func:`job_teacher`).
+    Measured in the driver instead, Swin-L's forward alone ran 1.7× slower than inside the job's units in every
+    round on this machine (ViT-L 1.1×), which made the ratio a property of the driver process."""
+
+    def __init__(self, cfg: CacheConfig, batches: list[torch.Tensor], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.teacher, self.batches = job_teacher(cfg), batches
+        self.teacher(batches[0])  # warm-up
+
+    def seconds(self, lo: int, hi: int) -> float:
+        """Seconds of the forward over ``batches[lo:hi]``."""
+        return forward_seconds(self.teacher, self.batches[lo:hi])
+
+
 def caching(model: str, data: dict, tmp: Path, rounds: int, batch_size: int, chunk_rows: int) -> dict:
     """One teacher, ``rounds`` rounds of: forward alone over the first half of the steady-state batches, the Ray
     job into a fresh cache, the other half. The last round's cache stays (``cache``): the real bytes per view."""
     urls = expand_urls(data["train"])
     make = partial(scale_config, model, TEACHERS[model], data["train"], batch_size=batch_size, chunk_rows=chunk_rows)
-    teacher = job_teacher(make(str(tmp / "probe.zarr")))
-    batches = replay(make(str(tmp / "probe.zarr")), urls, teacher, tars=range(WARM_TARS, len(urls)))
+    import ray
+
+    cfg = make(str(tmp / "probe.zarr"))
+    teacher = job_teacher(cfg)
+    batches = replay(cfg, urls, teacher, tars=range(WARM_TARS, len(urls)))
+    del teacher
+    gc.collect()
     n = sum(len(b) for b in batches)
     total = data["counts"]["train"]  # one view a sample
-    teacher(batches[0])  # warm-up
+    threads = max(1, int(cfg.job.cpus_per_actor))
+    # no CPUs reserved (the job's actor needs them all); it only runs while the job does not
+    fwd_actor = ray.remote(num_cpus=0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})(
+        ForwardActor).remote(cfg, batches, threads)
     half = len(batches) // 2
     secs: dict[str, list[float]] = {"forward": [], "job": [], "in_units": [], "warm_unit": []}
     for r in range(rounds):
-        fwd = forward_seconds(teacher, batches[:half])
+        fwd = ray.get(fwd_actor.seconds.remote(0, half))
         out = tmp / f"{model}-round{r}.zarr"
         js = job_seconds(make(str(out)), len(urls), unit_runner=False, warm_tars=WARM_TARS)
         time.sleep(SETTLE_S)  # Ray winds the job's actor down after it returns: not on the forward's clock
-        secs["forward"].append(fwd + forward_seconds(teacher, batches[half:]))
+        secs["forward"].append(fwd + ray.get(fwd_actor.seconds.remote(half, len(batches))))
         secs["job"].append(js["job"])
         secs["in_units"].append(js["in_units"])
         secs["warm_unit"].append(sum(u.seconds for u in CacheStore(str(out)).read_unit_records()
@@ -162,7 +187,8 @@ def caching(model: str, data: dict, tmp: Path, rounds: int, batch_size: int, chu
         print(f"{model} round {r + 1}/{rounds}: forward {n / secs['forward'][-1]:.2f}, job steady state "
               f"{n / js['in_units']:.2f}, job end to end {total / js['job']:.2f} views/s "
               f"(job {js['job']:.0f} s)", flush=True)
-    del teacher, batches
+    ray.kill(fwd_actor)
+    del batches
     gc.collect()
     rate = {"forward": [n / s for s in secs["forward"]], "steady": [n / s for s in secs["in_units"]],
             "end_to_end": [total / s for s in secs["job"]]}
@@ -396,11 +422,13 @@ def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[st
     if not ds.targets:
         return {"read_rows": 0.0, "collate_and_share": 0.0}
     store, m = ds.store(), ds.m
+    one = store.read_unit(m, 0, 0, ds.targets)  # warm-up (metadata); rows of one tar kept for the collation
+    n = 0
     t0 = time.process_time()
-    rows = [store.read_unit(m, t, 0, ds.targets) for t in range(len(m.dataset.shards)) for _ in range(repeats)]
+    for _ in range(repeats):
+        for t in range(len(m.dataset.shards)):  # each tar's rows dropped before the next, as a worker drops them
+            n += len(store.read_unit(m, t, 0, ds.targets)[ds.targets[0]])
     read = time.process_time() - t0
-    n = sum(len(r[ds.targets[0]]) for r in rows)
-    one = rows[0]
     t0 = time.process_time()
     done = 0
     for _ in range(repeats):
@@ -628,7 +656,9 @@ def markdown(res: dict) -> str:
     """The "Real scale" section of ``bench/results.md`` (the parts that ran)."""
     h, d = res["scale"], res
     lines = [MD_BEGIN, f"## Real scale (issue 15) on {d['machine']}", "",
-             f"`python -m bench --scale` (parts: {', '.join(d['parts'])}), {d['finished']}, {d['minutes']:.1f} min; "
+             f"`python -m bench --scale` (parts: {', '.join(d['parts'])}), {d['finished']}, {d['minutes']:.1f} min"
+             + (f" (parts measured at: {', '.join(f'{k} {v}' for k, v in d['parts_finished'].items())})"
+                if len(set(d.get("parts_finished", {}).values())) > 1 else "") + "; "
              f"load average before/after {d['load'][0]:.1f}/{d['load'][1]:.1f}"
              f"{' (a loaded machine: other work ran beside it)' if d['loaded'] else ''}. Synthetic ImageNet-shaped "
              f"JPEGs ({d['data']['jpeg_kb_mean']:.0f} KB mean), random-init teachers, 224 px. Medians; spreads are "
@@ -831,6 +861,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PART_KEYS = {"data_path": ("data_path",), "caching": ("caching", "bytes"), "reader": ("reader",)}
+
+
+def merged(res: dict, last: dict | None) -> dict:
+    """``res`` of a run of some parts, completed with the other parts' results of the last run ``last`` (each
+    part's ``finished`` time kept in ``parts_finished``), its ``scale`` figures recomputed."""
+    if last is None:
+        return res
+    out = dict(res)
+    out["parts_finished"] = {p: res["finished"] for p in res["parts"]}
+    for part in PARTS:
+        if part in res["parts"] or part not in last.get("parts", []):
+            continue
+        for key in PART_KEYS[part]:
+            out[key] = last.get(key)
+        if part == "reader":
+            out["data"] = {**out["data"], "reader_images": last["data"].get("reader_images"),
+                           "reader_per_tar": last["data"].get("reader_per_tar")}
+        out["parts_finished"][part] = last.get("parts_finished", {}).get(part, last["finished"])
+    out["parts"] = [p for p in PARTS if p in out["parts_finished"]]
+    out["scale"] = headline(out["data_path"], out["caching"], out["reader"], out["bytes"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
     if a.workdir is not None:
@@ -839,6 +893,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         with tempfile.TemporaryDirectory(prefix="kdcache-scale-") as tmp:
             res = run(a, Path(tmp))
+    last = OUT / "scale.json"
+    if set(a.parts) != set(PARTS) and last.exists():  # a partial rerun: the other parts as last measured
+        res = merged(res, json.loads(last.read_text()))
     write_report(res)
     print("\n" + markdown(res))
     print(f"written {OUT / 'scale.json'}, the key 'scale' of {OUT / 'results.json'} and {OUT / 'results.md'}")

@@ -180,3 +180,19 @@ def test_steady_rate_starts_after_every_worker_made_a_batch():
 def test_steady_cpu_counts_each_worker_after_its_first_batch():
     stamps = [(0, 1.0, 16), (1, 0.5, 16), (0, 1.2, 16), (1, 0.9, 16), (0, 1.4, 8)]
     assert scale.steady_cpu(stamps) == (40, pytest.approx(0.8))  # worker 0: 0.4 s for 24, worker 1: 0.4 s for 16
+
+
+def test_a_partial_rerun_keeps_the_other_parts_of_the_last_run():
+    data_path, jobs, read, nbytes = _fake_parts()
+    last = {"parts": list(scale.PARTS), "finished": "t0", "data_path": data_path, "caching": jobs, "bytes": nbytes,
+            "reader": read, "data": {"images": 18, "reader_images": 192, "reader_per_tar": 32}}
+    new_jobs = {scale.VIT: {**jobs[scale.SWIN], "teacher": scale.VIT}}
+    res = {"parts": ["caching"], "finished": "t1", "data_path": None, "caching": new_jobs, "bytes": nbytes,
+           "reader": None, "data": {"images": 18, "reader_images": None, "reader_per_tar": 32}}
+    out = scale.merged(res, last)
+    assert out["caching"] is new_jobs and out["data_path"] is data_path and out["reader"] is read
+    assert out["parts"] == list(scale.PARTS) and out["data"]["reader_images"] == 192
+    assert out["parts_finished"] == {"caching": "t1", "data_path": "t0", "reader": "t0"}
+    assert set(out["scale"]["job_vs_forward"]) == {scale.VIT}
+    assert set(out["scale"]["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
+    assert scale.merged(res, None) is res
