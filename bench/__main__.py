@@ -9,15 +9,17 @@ verdict: met, not met or undecided (see ``bench.common``).
     python -m bench                    # everything (estimated 100 min on 2 idle CPU cores: caching 35, studies 32, mixup 25)
     python -m bench --skip-studies     # caching and student speed only (estimated 40 min)
     python -m bench --report-only      # rebuild the report from the last JSON of each benchmark
+    python -m bench --scale            # only the real-scale report of issue 15 (≤ 25 min on 2 idle cores; bench.scale)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from . import cache_throughput, kd_studies, mixup_study, student_speed
+from . import cache_throughput, kd_studies, mixup_study, scale, student_speed
 from .common import OUT, RATIO_COLUMNS, device_name, markdown_table, ratio_rows, verdict_lines
 
 
@@ -78,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the studies")
     p.add_argument("--report-only", action="store_true",
                    help="rerun nothing: rebuild results.json/.md from each benchmark's last JSON in bench/")
+    p.add_argument("--scale", action="store_true",
+                   help="run only bench.scale (issue 15's real-scale figures), with bench.scale's options: writes "
+                        "the key 'scale' of results.json and its section of results.md, keeping the rest")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # every other option is bench.scale's (python -m bench.scale --help)
+        scale.main([x for x in argv if x != "--scale"])
+        return
     a = p.parse_args(argv)
     if a.report_only:
         def last(name: str) -> dict | None:
@@ -99,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         mixup = None if a.skip_studies else mixup_study.main(
             ["--workdir", str(a.workdir), "--seeds", *map(str, a.seeds)])
     results, md = report(cache, speed, studies, mixup)
+    last_scale = OUT / "scale.json"
+    if last_scale.exists():  # the last `--scale` run's figures stay in the report
+        res = json.loads(last_scale.read_text())
+        results["scale"] = res["scale"]
+        md = scale.with_section(md, scale.markdown(res))
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "results.md").write_text(md)
     print("\n" + md)

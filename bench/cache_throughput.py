@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
@@ -86,10 +86,13 @@ def config(data: dict, out: str, model: str, kwargs: dict, size: int, taps: list
     })
 
 
-def replay(cfg: CacheConfig, urls: list[str], teacher: Teacher) -> list[torch.Tensor]:
-    """The exact batches ``[B, 3, H, W]`` the job will run: every view of every sample, as the job replays it."""
+def replay(cfg: CacheConfig, urls: list[str], teacher: Teacher, tars: Sequence[int] | None = None
+           ) -> list[torch.Tensor]:
+    """The exact batches ``[B, 3, H, W]`` the job will run: every view of every sample, as the job replays it
+    (of the tars ``tars``, indices into ``urls``; default all)."""
     batches = []
-    for shard, url in enumerate(urls):
+    for shard in range(len(urls)) if tars is None else tars:
+        url = urls[shard]
         for view in range(cfg.views.num_views):
             xs = []
             for s in iter_samples(url):
@@ -109,15 +112,19 @@ def forward_seconds(teacher: Teacher, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def job_seconds(cfg: CacheConfig, num_tars: int) -> dict:
-    """One caching job into the fresh ``cfg.output.url``, then the unit runner over the same units:
-    seconds end to end, inside units (from the completion records) and of the unit runner."""
+def job_seconds(cfg: CacheConfig, num_tars: int, *, unit_runner: bool = True,
+                warm_tars: int = 0) -> dict:
+    """One caching job into the fresh ``cfg.output.url``, then (``unit_runner``) the unit runner over the same
+    units: seconds end to end, inside units (from the completion records; those of the first ``warm_tars`` tars
+    left out, the actor's warm-up) and of the unit runner."""
     t0 = time.perf_counter()
     run_cache_job(cfg, progress=False, log=lambda s: None)
     job_s = time.perf_counter() - t0
     # time spent inside units (in the actor), from the completion records: the job's
     # steady state; the rest is fixed start-up (index pass, actor start, teacher load)
-    in_units_s = sum(r.seconds for r in CacheStore(cfg.output.url).read_unit_records())
+    in_units_s = sum(r.seconds for r in CacheStore(cfg.output.url).read_unit_records() if r.tar >= warm_tars)
+    if not unit_runner:
+        return {"job": job_s, "in_units": in_units_s}
     # the unit runner in-process, no Ray in the loop: rerunning a unit rewrites the same bytes
     runner = UnitRunner(cfg.output.url, {}, num_threads=torch.get_num_threads())
     t0 = time.perf_counter()

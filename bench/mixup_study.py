@@ -128,8 +128,8 @@ def save(res: dict) -> Path:
     if start < 0:
         md = md.rstrip("\n") + "\n\n" + markdown(res) + "\n"
     else:
-        end = md.find("\n## ", start + 1)
-        md = md[:start] + markdown(res) + "\n" + (md[end:] if end >= 0 else "")
+        ends = [e for e in (md.find("\n## ", start + 1), md.find("\n<!--", start + 1)) if e >= 0]  # next section
+        md = md[:start] + markdown(res) + "\n" + (md[min(ends):] if ends else "")
     md_path.write_text(md)
     return path
 

@@ -17,15 +17,18 @@ def test_save_sets_studies_mixup_and_replaces_only_its_own_section(tmp_path, mon
     monkeypatch.setattr(mixup_study, "OUT", tmp_path)
     (tmp_path / "results.json").write_text(json.dumps({"ratios": {"a": 1.0}}))
     (tmp_path / "results.md").write_text("# report\n\n## Goals\n- met: x\n")
+    scale = "\n<!-- scale: begin -->\n## Real scale\n<!-- scale: end -->\n"
     first = {"no_mix": [60.0, 62.0], "cached_mix": [58.0, 59.0], "online_mix": [57.0, 61.0]}
     mixup_study.save(_res(first))
+    with (tmp_path / "results.md").open("a") as f:  # another section after it (bench.scale's)
+        f.write(scale)
     second = {k: [v[0] + 1, v[1]] for k, v in first.items()}
     mixup_study.save(_res(second))
     data = json.loads((tmp_path / "results.json").read_text())
     assert data == {"ratios": {"a": 1.0}, "studies": {"mixup": second}}
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# report\n\n## Goals\n- met: x\n\n## Mixed views: cached vs online")
-    assert md.count("## Mixed views") == 1 and "| no_mix | 61.5 |" in md and "[61.0, 62.0]" in md
+    assert md.endswith(scale) and md.count("## Mixed views") == 1 and "| no_mix | 61.5 |" in md and "[61.0, 62.0]" in md
     assert json.loads((tmp_path / "mixup_study.json").read_text())["mixup"] == second
 
 

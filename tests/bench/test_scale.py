@@ -1,0 +1,198 @@
+"""The pure pieces of bench/scale.py: configs, the report's assembly, the markdown section, relocation of a cache's
+tars, and the stored-bytes recomputation against what the job stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import scale
+from bench.common import ratio_summary, spread
+
+
+def test_scale_configs_cache_what_the_methods_need():
+    swin = scale.scale_config(scale.SWIN, scale.TEACHERS[scale.SWIN], "/d/train-{000000..000001}.tar", "/c.zarr",
+                              batch_size=6, chunk_rows=6)
+    vit = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], "/d/train-{000000..000001}.tar", "/c.zarr",
+                             batch_size=6, chunk_rows=6)
+    assert [(t.name, t.index, t.norm) for t in swin.targets.features] == [("final", -1, True)]
+    assert [(t.name, t.index, t.norm) for t in vit.targets.features] == [
+        ("block0", 0, False), ("block1", 1, False), ("final", -1, True)]
+    for cfg in (swin, vit):
+        assert cfg.targets.tpp is not None and cfg.targets.logits.k == 10 and cfg.targets.feature_dtype == "fp16"
+        assert cfg.teacher.checkpoint is None and not cfg.teacher.pretrained  # random init
+        assert cfg.teacher.input_size == 224 and cfg.views.num_views == 1 and cfg.job.chunk_rows == 6
+
+
+def test_reader_configurations_name_the_caches_they_read():
+    assert set(scale.READER) == {"images_only", "logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
+    assert scale.READER["images_only"][1:] == (False, ())
+    assert {name for name, _ in scale.GOALS["reader"]} <= set(scale.READER)
+
+
+def test_with_section_replaces_the_scale_section_or_appends_it():
+    section = f"{scale.MD_BEGIN}\nnew\n{scale.MD_END}\n"
+    assert scale.with_section("# bench\n\ntext\n", section) == f"# bench\n\ntext\n\n{section}"
+    old = f"# bench\n\n{scale.MD_BEGIN}\nold\n{scale.MD_END}\n\n## after\n"
+    assert scale.with_section(old, section) == f"# bench\n\n{scale.MD_BEGIN}\nnew\n{scale.MD_END}\n\n## after\n"
+    assert scale.with_section("", section).strip() == section.strip()
+
+
+class _Counting:
+    """A stand-in dataset: epoch e yields (e, 0), (e, 1)."""
+
+    def __init__(self) -> None:
+        self.epoch = None
+
+    def set_epoch(self, e: int) -> None:
+        self.epoch = e
+
+    def __iter__(self):
+        return iter([(self.epoch, 0), (self.epoch, 1)])
+
+
+def test_epochs_reads_consecutive_epochs_in_one_iteration():
+    assert list(scale.Epochs(_Counting(), 3, first=2)) == [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+
+
+def _fake_parts():
+    rounds = [1.0, 1.1, 0.9, 1.0, 1.05]
+    data_path = {"views_per_core_s": {"decode_per_view": spread([20.0, 21, 19, 20, 20]),
+                                      "decode_once": spread([60.0, 61, 59, 60, 60])},
+                 "cores_per_gpu": {"decode_per_view": {scale.SWIN: 57, scale.VIT: 56, "eva02_large_patch14_448": 7},
+                                   "decode_once": {scale.SWIN: 19, scale.VIT: 19, "eva02_large_patch14_448": 3}},
+                 "images": 32, "views": 4, "rounds": 5}
+    job = {"teacher": scale.SWIN, "views_steady": 18, "views_total": 24, "rounds": 5,
+           "views_per_s": {k: spread(rounds) for k in ("forward", "steady", "end_to_end")},
+           "job_vs_forward": ratio_summary([0.97, 0.98, 0.99, 0.96, 0.98], [1.0] * 5),
+           "job_end_to_end_vs_forward": ratio_summary([0.2] * 5, [1.0] * 5), "job_fixed_seconds": 60.0}
+    ratios = {"logits_top10": ratio_summary([0.99] * 5, [1.0] * 5),
+              "scalekd_swinl_final": ratio_summary([0.97, 0.96, 0.98, 0.99, 0.97], [1.0] * 5),
+              "vitkd_3taps": ratio_summary([0.85, 0.86, 0.95, 0.87, 0.88], [1.0] * 5)}
+    read = {"ratios": {"local": ratios}, "rows": [], "workers": 2, "batch_size": 16, "samples_per_epoch": 48,
+            "rounds": 5, "epochs": 4, "slice_epochs": 2}
+    nbytes = {"per_view": {"scalekd_swinl_final_fp16": 138279.9}, "tpp_pack_bytes": {scale.SWIN: 245632609}}
+    return data_path, {scale.SWIN: job}, read, nbytes
+
+
+def test_headline_has_the_issue_keys_and_judges_the_goals():
+    data_path, jobs, read, nbytes = _fake_parts()
+    h = scale.headline(data_path, jobs, read, nbytes)
+    assert h["data_path_views_per_core_s"] == {"decode_per_view": 20.0, "decode_once": 60.0}
+    assert h["cores_per_gpu"] == {scale.SWIN: 19, scale.VIT: 19, "eva02_large_patch14_448": 3}
+    assert h["job_vs_forward"][scale.SWIN] == pytest.approx(0.98)
+    assert set(h["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
+    assert h["reader_vs_images_only_s3"] == {}
+    verdicts = {v["ratio"]: v["verdict"] for v in h["verdicts"]}
+    assert verdicts == {f"job_vs_forward[{scale.SWIN}]": "met",  # interval 0.96–0.99 ≥ 0.95
+                        "reader_vs_images_only[scalekd_swinl_final]": "met",
+                        "reader_vs_images_only[vitkd_3taps]": "undecided"}  # 0.85–0.95 straddles 0.90
+
+
+def test_headline_and_markdown_of_a_partial_run():
+    h = scale.headline(None, None, None, None)
+    assert h["data_path_views_per_core_s"] is None and h["job_vs_forward"] == {} and h["verdicts"] == []
+    res = {"scale": h, "machine": "cpu", "parts": ["caching"], "finished": "now", "minutes": 1.0, "load": [0.1, 0.2],
+           "loaded": False, "data": {"jpeg_kb_mean": 110.0}, "data_path": None, "caching": None, "reader": None}
+    md = scale.markdown(res)
+    assert md.startswith(scale.MD_BEGIN) and md.rstrip().endswith(scale.MD_END) and "Caching job" not in md
+
+
+def test_markdown_of_a_full_run_has_every_table():
+    data_path, jobs, read, nbytes = _fake_parts()
+    res = {"scale": scale.headline(data_path, jobs, read, nbytes), "machine": "cpu", "parts": list(scale.PARTS),
+           "finished": "now", "minutes": 20.0, "load": [2.0, 2.5], "loaded": True,
+           "data": {"jpeg_kb_mean": 110.0, "images": 24, "per_tar": 6, "reader_images": 48, "reader_per_tar": 24},
+           "data_path": data_path, "caching": jobs, "reader": read}
+    md = scale.markdown(res)
+    for title in ("Data path per core", "Caching job vs teacher forward alone", "Student reader at real size",
+                  "Bytes per view", "Ratios and goals", "loaded machine"):
+        assert title in md, title
+    assert "| decode_once | 60 (59–61) | 19 | 19 | 3 |" in md
+
+
+def test_relocated_points_the_manifest_at_the_new_tars(small_cache):
+    from pipeline.store import CacheStore
+    from pipeline.tars import dataset_fingerprint, index_tar
+
+    m = CacheStore(str(small_cache["path"]), read_only=True).read_manifest()
+    urls = {s.url: f"s3://bkt/data/{i}.tar" for i, s in enumerate(m.dataset.shards)}
+    r = scale.relocated(m, urls)
+    assert [s.url for s in r.dataset.shards] == list(urls.values())
+    assert [(s.size, s.count) for s in r.dataset.shards] == [(s.size, s.count) for s in m.dataset.shards]
+    assert r.arrays == m.arrays and r.features == m.features and r.stats == m.stats
+    # the fingerprint is the job's formula over the new URLs (checked on the original against the tars themselves)
+    assert m.dataset.fingerprint == dataset_fingerprint([index_tar(s.url) for s in m.dataset.shards])
+    assert r.dataset.fingerprint != m.dataset.fingerprint and len(r.dataset.fingerprint) == 64
+
+
+def test_tap_bytes_recomputed_as_fp16_equal_what_the_job_stored(small_cache):
+    from pipeline.store import CacheStore
+
+    url = str(small_cache["path"])
+    m = CacheStore(url, read_only=True).read_manifest()
+    stored = m.summary()["targets"]
+    tap = m.features[-1]
+    assert tap.dtype == "fp16"
+    assert scale.tap_bytes_per_view(url, tap.name, "fp16") == pytest.approx(stored[tap.target]["bytes_per_view"],
+                                                                            rel=1e-9)
+    assert 0 < scale.tap_bytes_per_view(url, tap.name, "int8") < stored[tap.target]["bytes_per_view"]
+
+
+def test_synthetic_forward_answers_the_real_shapes_after_one_real_call():
+    import torch
+
+    from pipeline.teacher import Teacher
+    from storage_schemas.config import TeacherConfig
+    from storage_schemas.taps import TapSpec
+
+    cfg = TeacherConfig(model="vit_tiny_patch16_224", model_kwargs={
+        "img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10})
+    taps = [TapSpec(name="block0", index=0), TapSpec(name="final", index=-1, norm=True)]
+    x = torch.randn(5, 3, 32, 32)
+    real = Teacher(cfg, taps, tail_input_index=1)(x)
+    calls = []
+    with scale.synthetic_forward(seed=0):
+        t = Teacher(cfg, taps, tail_input_index=1)
+        inner = t.model.forward_intermediates
+        t.model.forward_intermediates = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        outs = [t(x) for _ in range(3)]
+    assert len(calls) == 1  # the first call's first rows only
+    for out in outs:
+        assert out.logits.shape == real.logits.shape and out.tail_input.shape == real.tail_input.shape
+        assert {k: v.shape for k, v in out.features.items()} == {k: v.shape for k, v in real.features.items()}
+    assert not torch.equal(outs[1].features["final"], outs[2].features["final"])  # drawn anew each call
+    # per channel about the real output's moments (drawn from the first two rows' mean and std)
+    ref = real.features["final"][:2].reshape(-1, 32)
+    drawn = torch.cat([o.features["final"] for o in outs]).reshape(-1, 32)
+    assert torch.allclose(drawn.mean(0), ref.mean(0), atol=0.5 * float(ref.std(0).max()))
+    assert Teacher.__call__ is not None and "synthetic" not in Teacher.__call__.__qualname__  # restored
+
+
+def test_steady_rate_starts_after_every_worker_made_a_batch():
+    # two workers: batches made at 1.0 and 1.5 (each worker's first), then every 0.5 s
+    produced = [(1.0, 16), (1.5, 16), (2.0, 16), (2.5, 16), (3.0, 8)]
+    assert scale.steady_rate(produced, 2) == (40, 1.5)  # the batches after 1.5 s, over 1.5 → 3.0
+    assert scale.steady_rate(list(reversed(produced)), 2) == (40, 1.5)  # arrival order does not matter
+    assert scale.steady_rate(produced, 0) == (56, 2.0)  # in-process loading: after the first batch
+    assert scale.steady_rate([(1.0, 16)], 2) == (0, 0.0)
+
+
+def test_steady_cpu_counts_each_worker_after_its_first_batch():
+    stamps = [(0, 1.0, 16), (1, 0.5, 16), (0, 1.2, 16), (1, 0.9, 16), (0, 1.4, 8)]
+    assert scale.steady_cpu(stamps) == (40, pytest.approx(0.8))  # worker 0: 0.4 s for 24, worker 1: 0.4 s for 16
+
+
+def test_a_partial_rerun_keeps_the_other_parts_of_the_last_run():
+    data_path, jobs, read, nbytes = _fake_parts()
+    last = {"parts": list(scale.PARTS), "finished": "t0", "data_path": data_path, "caching": jobs, "bytes": nbytes,
+            "reader": read, "data": {"images": 18, "reader_images": 192, "reader_per_tar": 32}}
+    new_jobs = {scale.VIT: {**jobs[scale.SWIN], "teacher": scale.VIT}}
+    res = {"parts": ["caching"], "finished": "t1", "data_path": None, "caching": new_jobs, "bytes": nbytes,
+           "reader": None, "data": {"images": 18, "reader_images": None, "reader_per_tar": 32}}
+    out = scale.merged(res, last)
+    assert out["caching"] is new_jobs and out["data_path"] is data_path and out["reader"] is read
+    assert out["parts"] == list(scale.PARTS) and out["data"]["reader_images"] == 192
+    assert out["parts_finished"] == {"caching": "t1", "data_path": "t0", "reader": "t0"}
+    assert set(out["scale"]["job_vs_forward"]) == {scale.VIT}
+    assert set(out["scale"]["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
+    assert scale.merged(res, None) is res
