@@ -44,9 +44,10 @@ SEED = 2026
 TIMED = {"created", "updated", "time", "seconds", "samples_per_second", "checksums_sha256"}
 
 
-def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict, timeout: float = 300, settle: bool = True) -> subprocess.CompletedProcess:
     """``cmd`` in its own process group, which is killed whole afterwards (a driver killed at a crash point
-    leaves its private Ray's processes behind); then waits for orphaned Ray actors to go."""
+    leaves its private Ray's processes behind); then (``settle``) waits for orphaned Ray actors to go — not while
+    another job's actors are meant to live on (they would hold it up to its 60 s limit)."""
     p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     out, err = p.communicate(timeout=timeout)
@@ -55,7 +56,7 @@ def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.Completed
     except ProcessLookupError:
         pass
     deadline = time.time() + 60
-    while _actor_pids() and time.time() < deadline:
+    while settle and _actor_pids() and time.time() < deadline:
         time.sleep(0.25)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
@@ -227,7 +228,8 @@ def test_a_reader_during_a_growth_reads_the_previous_extent(cache_runs, digits, 
             assert owner.poll() is None, owner.communicate()[1][-3000:]
             time.sleep(0.2)
         assert (out / layout.GROWTH).exists(), "the owner is not held inside its growth"
-        seen = run([sys.executable, "-m", "jobs.cli", "inspect", str(out), "--json"], env)
+        # the owner's actors live on while it is held: the reader's runs do not wait for them to go
+        seen = run([sys.executable, "-m", "jobs.cli", "inspect", str(out), "--json"], env, settle=False)
         assert seen.returncode == 0, seen.stderr[-2000:]
         info = json.loads(seen.stdout)
         assert (info["status"], info["num_views"]) == ("complete", 1), {k: info.get(k) for k in ("status", "num_views")}
@@ -235,7 +237,8 @@ def test_a_reader_during_a_growth_reads_the_previous_extent(cache_runs, digits, 
         for name, cache in (("during", out), ("before", before)):
             tcfg = train_config({"path": cache}, digits, tmp_path / name, data__val_urls=None).model_dump(mode="json")
             (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tcfg))
-            r = run([sys.executable, "-m", "jobs.cli", "train", str(tmp_path / f"{name}.yaml"), "--no-progress"], env)
+            r = run([sys.executable, "-m", "jobs.cli", "train", str(tmp_path / f"{name}.yaml"), "--no-progress"], env,
+                    settle=False)
             assert r.returncode == 0, r.stderr[-3000:]
             weights[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
             if name == "during":
