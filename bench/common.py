@@ -73,6 +73,31 @@ def write_results(name: str, results: dict) -> Path:
     return path
 
 
+def with_section(md: str, section: str, begin: str, end: str) -> str:
+    """``md`` with the section between the marker lines ``begin`` and ``end`` replaced by ``section`` (which
+    carries the markers), or ``section`` appended when ``md`` has none."""
+    if begin in md and end in md:
+        head, rest = md.split(begin, 1)
+        return head + section.rstrip("\n") + rest.split(end, 1)[1]
+    return md.rstrip("\n") + "\n\n" + section
+
+
+def update_report(keys: Sequence[str], value, section: str, begin: str, end: str, out: Path | None = None) -> None:
+    """One benchmark's part of the report, the rest kept: ``value`` at the nested key ``keys`` of
+    ``results.json`` and ``section`` (marked by ``begin`` … ``end``) in ``results.md``, both in ``out``
+    (default :data:`OUT`)."""
+    out = OUT if out is None else out
+    rj = out / "results.json"
+    results = json.loads(rj.read_text()) if rj.exists() else {}
+    node = results
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    rj.write_text(json.dumps(results, indent=1))
+    md = out / "results.md"
+    md.write_text(with_section(md.read_text() if md.exists() else "", section, begin, end))
+
+
 # --- rounds and their statistics ---------------------------------------------------------------
 
 

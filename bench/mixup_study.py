@@ -36,7 +36,7 @@ from jobs.demo import demo_config, run_demo
 from jobs.demo_students import load_students, merge_config, run_config, train_one
 from pipeline.job import run_cache_job
 
-from .common import OUT, device_name, markdown_table, write_results
+from .common import OUT, device_name, markdown_table, update_report, write_results
 from .kd_studies import study_cache
 
 MIX = {"mixup_alpha": 0.1, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}  # VanillaKD A2 (README)
@@ -105,32 +105,21 @@ def merge_previous(res: dict, path: Path) -> dict:
             "seconds": res["seconds"] + old.get("seconds", 0.0)}
 
 
-HEADING = "## Mixed views: cached vs online"
+MD_BEGIN, MD_END = "<!-- mixup: begin (python -m bench.mixup_study) -->", "<!-- mixup: end -->"
 
 
 def markdown(res: dict) -> str:
-    """The study's section of ``bench/results.md``."""
-    return "\n".join([f"{HEADING} ({res['student']}, {res['epochs']} epochs, seeds {res['seeds']}, mix {res['mix']})",
-                      markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"])])
+    """The study's section of ``bench/results.md``, between :data:`MD_BEGIN` and :data:`MD_END`."""
+    return "\n".join([MD_BEGIN, f"## Mixed views: cached vs online ({res['student']}, {res['epochs']} epochs, seeds "
+                                 f"{res['seeds']}, mix {res['mix']})",
+                      markdown_table(res["rows"], ["condition", "top1_mean", "top1_std", "top1_per_seed"]), MD_END, ""])
 
 
 def save(res: dict) -> Path:
     """``bench/mixup_study.json``; ``studies.mixup`` in ``bench/results.json`` and this study's section of
     ``bench/results.md`` (replaced, or added at the end; the rest of both kept)."""
     path = write_results("mixup_study", res)
-    results = OUT / "results.json"
-    data = json.loads(results.read_text()) if results.exists() else {}
-    data.setdefault("studies", {})["mixup"] = res["mixup"]
-    results.write_text(json.dumps(data, indent=1))
-    md_path = OUT / "results.md"
-    md = md_path.read_text() if md_path.exists() else ""
-    start = md.find(HEADING)
-    if start < 0:
-        md = md.rstrip("\n") + "\n\n" + markdown(res) + "\n"
-    else:
-        ends = [e for e in (md.find("\n## ", start + 1), md.find("\n<!--", start + 1)) if e >= 0]  # next section
-        md = md[:start] + markdown(res) + "\n" + (md[min(ends):] if ends else "")
-    md_path.write_text(md)
+    update_report(["studies", "mixup"], res["mixup"], markdown(res), MD_BEGIN, MD_END, OUT)
     return path
 
 

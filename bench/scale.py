@@ -82,9 +82,11 @@ from .common import (
     ratio_summary,
     round_orders,
     spread,
+    update_report,
     verdict_lines,
     with_spread,
 )
+from .common import with_section as common_with_section
 
 SWIN, VIT = "swin_large_patch4_window7_224", "vit_large_patch16_224"
 # teacher: the KD methods it is cached for (jobs.cache_for derives taps, logits and TPP tail from them)
@@ -762,22 +764,14 @@ def _flat(h: dict) -> tuple[dict, dict, list]:
 def with_section(md: str, section: str) -> str:
     """``md`` with its scale section (between :data:`MD_BEGIN` and :data:`MD_END`) replaced by ``section``, or
     ``section`` appended when it has none."""
-    if MD_BEGIN in md and MD_END in md:
-        head, rest = md.split(MD_BEGIN, 1)
-        return head + section.rstrip("\n") + rest.split(MD_END, 1)[1]
-    return md.rstrip("\n") + "\n\n" + section
+    return common_with_section(md, section, MD_BEGIN, MD_END)
 
 
 def write_report(res: dict, out: Path = OUT) -> None:
     """``bench/scale.json``, the ``scale`` key of ``bench/results.json`` (its other keys kept) and the scale
     section of ``bench/results.md``."""
     (out / "scale.json").write_text(json.dumps(res, indent=1))
-    rj = out / "results.json"
-    results = json.loads(rj.read_text()) if rj.exists() else {}
-    results["scale"] = res["scale"]
-    rj.write_text(json.dumps(results, indent=1))
-    md = out / "results.md"
-    md.write_text(with_section(md.read_text() if md.exists() else "", markdown(res)))
+    update_report(["scale"], res["scale"], markdown(res), MD_BEGIN, MD_END, out)
 
 
 PARTS = ("data_path", "caching", "reader")

@@ -27,7 +27,7 @@ def test_save_sets_studies_mixup_and_replaces_only_its_own_section(tmp_path, mon
     data = json.loads((tmp_path / "results.json").read_text())
     assert data == {"ratios": {"a": 1.0}, "studies": {"mixup": second}}
     md = (tmp_path / "results.md").read_text()
-    assert md.startswith("# report\n\n## Goals\n- met: x\n\n## Mixed views: cached vs online")
+    assert md.startswith(f"# report\n\n## Goals\n- met: x\n\n{mixup_study.MD_BEGIN}\n## Mixed views: cached vs online")
     assert md.endswith(scale) and md.count("## Mixed views") == 1 and "| no_mix | 61.5 |" in md and "[61.0, 62.0]" in md
     assert json.loads((tmp_path / "mixup_study.json").read_text())["mixup"] == second
 
