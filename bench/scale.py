@@ -66,7 +66,7 @@ from storage_schemas import arrays as A
 from storage_schemas.codecs import tap_codec
 from storage_schemas.config import CacheConfig
 from storage_schemas.manifest import Manifest
-from student.batch import collate_rows
+from student.batch import collate_rows, stack
 from student.data import CacheDataset
 
 from . import decode_once
@@ -419,8 +419,8 @@ def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[st
     """CPU milliseconds per sample, in this process, of what a worker does for ``ds``'s targets on top of the
     images: reading every tar's target rows (:meth:`pipeline.store.CacheStore.read_unit`: read, zstd, checksums,
     Zarr's copies) and collating them into batches as the DataLoader hands them over
-    (:func:`student.batch.collate_rows`' stack, then the move into shared memory that a worker's batch takes
-    on its way to the main process)."""
+    (:func:`student.batch.stack` into the shared memory that carries a worker's batch to the main process, as
+    :func:`student.batch.collate_rows` does in a worker)."""
     if not ds.targets:
         return {"read_rows": 0.0, "collate_and_share": 0.0}
     store, m = ds.store(), ds.m
@@ -435,9 +435,7 @@ def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[st
     done = 0
     for _ in range(repeats):
         for lo in range(0, len(one[ds.targets[0]]), batch_size):
-            batch = {k: torch.from_numpy(np.stack(list(v[lo:lo + batch_size]))) for k, v in one.items()}
-            for t in batch.values():
-                t.share_memory_()
+            batch = {k: stack(list(v[lo:lo + batch_size]), shared=True) for k, v in one.items()}
             done += len(batch[ds.targets[0]])
     return {"read_rows": 1e3 * read / n, "collate_and_share": 1e3 * (time.process_time() - t0) / done}
 

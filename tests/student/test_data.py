@@ -401,3 +401,39 @@ def test_aug_repeats_resume_mid_epoch_is_exact(small_cache):
         make(small_cache, **{**kw, "aug_repeats": 1}).load_state_dict(state)
     old = {k: v for k, v in state.items() if k != "aug_repeats"}  # a state saved before aug_repeats existed
     make(small_cache, **{**kw, "aug_repeats": 1}).load_state_dict(old)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of three dtypes (fp16 taps, a uint8 code, a scalar) and an image, as a cache's samples carry them."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict:
+        g = np.random.default_rng(i)
+        return {"tap": g.standard_normal((3, 5, 7)).astype(np.float16), "code": g.integers(0, 255, 4, np.uint8),
+                "scalar": np.int64(i), "x": torch.from_numpy(g.standard_normal((3, 4, 4)).astype(np.float32))}
+
+
+def _stacked(items: list[dict]) -> dict:
+    from student.batch import stack
+
+    return {k: stack([it[k] for it in items]) for k in items[0]}
+
+
+def test_stack_fills_shared_memory_in_a_worker_with_the_rows_stacked_by_numpy():
+    """A worker's batch is stacked straight into shared memory (no second copy on its way out), in the main
+    process into private memory; either way the values are NumPy's own stack of the rows."""
+    from student.batch import stack
+
+    items = [_Rows()[i] for i in range(3)]
+    for k in items[0]:
+        want = np.stack([np.asarray(it[k]) for it in items])
+        for shared in (False, True):
+            got = stack([it[k] for it in items], shared)
+            assert got.is_shared() == shared and got.dtype == torch.from_numpy(want).dtype
+            assert np.array_equal(got.numpy(), want), k
+    assert not _stacked(items)["tap"].is_shared()  # outside a worker: private
+    worker = next(iter(DataLoader(_Rows(), batch_size=3, num_workers=1, collate_fn=_stacked)))
+    main = _stacked(items)
+    assert all(torch.equal(worker[k], main[k]) for k in main)
