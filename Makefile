@@ -23,11 +23,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/kdcache demo $(DEMO_ARGS)
 
-# Two pytest-xdist workers: the Ray tests in turn on one (see tests/conftest.py), the rest on the other;
-# TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

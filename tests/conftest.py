@@ -163,11 +163,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "ray" not in item.keywords:
             item.add_marker(pytest.mark.ray)
-        if "ray" in item.keywords:
-            # Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) every Ray test runs on one
-            # worker, in turn: one Ray instance at a time on the machine, and the tests that find a job's actor
-            # processes by name (to kill them, or to wait for them to go) never see another test's.
-            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
