@@ -158,7 +158,7 @@ def test_the_shipped_teacher_is_what_its_record_says(digits):
     assert SHIPPED_TEACHER.stat().st_size < 8e6
 
 
-@pytest.mark.skipif(os.environ.get("KDCACHE_SLOW") != "1", reason="retrains the demo teacher (~20 min on 2 cores); "
+@pytest.mark.skipif(os.environ.get("KDCACHE_SLOW") != "1", reason="retrains the demo teacher (~6 min on 2 cores); "
                     "KDCACHE_SLOW=1 runs it")
 def test_retraining_the_shipped_teacher_reproduces_its_accuracy(digits, tmp_path):
     """The recorded recipe (jobs.demo.train_teacher, the seeds in demo_teacher.json) trained again here gives the
