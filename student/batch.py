@@ -65,10 +65,9 @@ def stack(items: Sequence[torch.Tensor | np.ndarray | np.generic], shared: bool 
     """The stack of CPU tensors, arrays or scalars of one shape and dtype, as a tensor. ``shared`` (default: in a
     DataLoader worker) stacks straight into shared memory, as torch's ``default_collate`` does, so that the
     batch reaches the main process as it is: a stack in private memory is copied into a new shared segment on
-    its way. Stacked by NumPy into the tensor's memory: for a batch of 16 ViTKD tap rows at real size (19 MB
-    fp16) that took 25 ms of CPU against 38 ms for a private stack and its copy into shared memory, and for
-    16 images at 224 px 14 ms against 27 ms or more for ``torch.stack`` (measured on this project's 2-core
-    machine, 2026-11-30; bench.scale's reader breakdown shows the collation's cost per sample)."""
+    its way. Stacked by NumPy into the tensor's memory; on one thread, as in a worker, that is about a tenth
+    less CPU than a private stack and its copy for a batch of 16 ViTKD tap rows at real size (19 MB fp16) and
+    for 16 images at 224 px (``python -m bench.collate``)."""
     arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in items]  # views, no copies
     first = torch.from_numpy(arrays[0])
     if shared is None:

@@ -1,0 +1,94 @@
+"""``python -m bench.collate``: what a DataLoader worker's collation costs at real sizes, two ways.
+
+A worker hands its batch to the main process through shared memory. ``private+share`` is how the student's
+collate worked until 2026-11-30 (and how ``torch.stack`` behaves outside ``default_collate``): stack into private
+memory, then the DataLoader copies the batch into a fresh shared segment. ``shared`` is
+:func:`student.batch.stack` in a worker: allocate the shared segment first and let NumPy stack into it. Measured
+for a batch of ViTKD tap rows at real size (3 taps × 196 tokens × 1024 channels, fp16, 1.2 MB a sample) and one
+of 224-px images (fp32), in CPU milliseconds of this process per batch (``process_time``: every thread, which the
+machine's other work hardly moves), configurations taking turns in interleaved rounds; ratio = shared ÷
+private+share per round. Writes ``bench/collate.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from student.batch import stack
+
+from .common import (
+    device_name,
+    markdown_table,
+    ratio_summary,
+    round_orders,
+    spread,
+    with_spread,
+    write_results,
+)
+
+SHAPES = {"vitkd_3taps_rows": ((3, 196, 1024), np.float16), "images_224": ((3, 224, 224), np.float32)}
+
+
+def private_then_shared(items: list) -> torch.Tensor:
+    """The old way: a stack in private memory, then the DataLoader's move of it into shared memory."""
+    out = torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.from_numpy(np.stack(items))
+    return out.share_memory_()
+
+
+def cpu_ms(fn: Callable[[list], torch.Tensor], items: list, repeats: int) -> float:
+    t0 = time.process_time()
+    for _ in range(repeats):
+        fn(items)
+    return 1e3 * (time.process_time() - t0) / repeats
+
+
+def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
+    g = np.random.default_rng(seed)
+    data = {}
+    for name, (shape, dtype) in SHAPES.items():
+        arrays = [g.standard_normal(shape).astype(dtype) for _ in range(batch_size)]
+        data[name] = arrays if name.endswith("rows") else [torch.from_numpy(a) for a in arrays]
+    ways = {"private+share": private_then_shared, "shared": lambda items: stack(items, shared=True)}
+    configs = [f"{n}/{w}" for n in SHAPES for w in ways]
+    ms: dict[str, list[float]] = {c: [] for c in configs}
+    for c in configs:  # warm-up: allocator, page cache of the shared-memory folder
+        n, w = c.split("/")
+        cpu_ms(ways[w], data[n], 2)
+    for order in round_orders(configs, rounds, seed):
+        for c in order:
+            n, w = c.split("/")
+            ms[c].append(cpu_ms(ways[w], data[n], repeats))
+    rows = []
+    for n in SHAPES:
+        r = ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"])
+        for w in ways:
+            s = spread(ms[f"{n}/{w}"])
+            rows.append({"batch": n, "collation": w, "cpu_ms_per_batch": with_spread(s["median"], s["min"], s["max"]),
+                         "vs private+share": "1" if w == "private+share" else
+                         with_spread(r["median"], *r["interval"])})
+    return {"device": device_name(), "batch_size": batch_size, "rounds": rounds, "repeats": repeats,
+            "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()},
+            "shared_vs_private": {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES},
+            "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=16, help="samples a batch (default 16, bench.scale's reader)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--repeats", type=int, default=10, help="batches per configuration per round (default 10)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    res = run(a.batch_size, a.rounds, a.repeats)
+    print(markdown_table(res["rows"], ["batch", "collation", "cpu_ms_per_batch", "vs private+share"]))
+    print(f"written to {write_results('collate', res)}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
