@@ -72,7 +72,7 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
                          "vs private+share": "1" if w == "private+share" else
                          with_spread(r["median"], *r["interval"])})
     return {"device": device_name(), "batch_size": batch_size, "rounds": rounds, "repeats": repeats,
-            "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()},
+            "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()}, "cpu_ms_per_round": ms,
             "shared_vs_private": {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES},
             "rows": rows}
 
