@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KD and as a no-KD baseline on the same budget. Prints a table and writes "
                                    "results.json and results.png into --workdir. Reruns reuse finished steps.",
                        epilog="examples:\n  kdcache demo                  # 1 seed: ~16 min on 2 cores (measured before the teacher shipped, less its training)\n"
-                              "  kdcache demo --quick          # 4.5 min: shipped teacher, 2 views, 2-epoch students\n"
+                              "  kdcache demo --quick          # 3.5 min: shipped teacher, 2 views, 2-epoch students\n"
                               "  kdcache demo --seeds 0 1 2    # the README's KD-gain table (mean ± std of 3 seeds)\n"
                               "  kdcache demo --train-teacher  # train the teacher here too (6 min more)")
     m.add_argument("--workdir", default="./kdcache-demo", help="where everything goes (default ./kdcache-demo)")
