@@ -879,13 +879,17 @@ def merged(res: dict, last: dict | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
+    last = OUT / "scale.json"
+    if set(a.parts) != set(PARTS) and not last.exists():  # checked first: nothing is measured in vain
+        raise SystemExit(f"--parts {' '.join(a.parts)} reruns those parts and keeps the others from {last}, which "
+                         "is not here (bench/*.json are not in git): run `python -m bench --scale` whole first; "
+                         "a report of some parts alone would drop the others from bench/results.md")
     if a.workdir is not None:
         a.workdir.mkdir(parents=True, exist_ok=True)
         res = run(a, a.workdir.resolve())
     else:
         with tempfile.TemporaryDirectory(prefix="kdcache-scale-") as tmp:
             res = run(a, Path(tmp))
-    last = OUT / "scale.json"
     if set(a.parts) != set(PARTS) and last.exists():  # a partial rerun: the other parts as last measured
         res = merged(res, json.loads(last.read_text()))
     write_report(res)

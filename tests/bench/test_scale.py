@@ -196,3 +196,15 @@ def test_a_partial_rerun_keeps_the_other_parts_of_the_last_run():
     assert set(out["scale"]["job_vs_forward"]) == {scale.VIT}
     assert set(out["scale"]["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
     assert scale.merged(res, None) is res
+
+
+def test_a_partial_rerun_without_a_last_run_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    """`--parts reader` on a clone without bench/scale.json (not in git) would write a report of the reader alone
+    over the committed one: refused in one line naming the file and what to run, before anything is measured."""
+    monkeypatch.setattr(scale, "OUT", tmp_path)
+    monkeypatch.setattr(scale, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as e:
+        scale.main(["--parts", "reader", "--workdir", str(tmp_path / "w")])
+    msg = str(e.value)
+    assert str(tmp_path / "scale.json") in msg and "python -m bench --scale" in msg
+    assert not (tmp_path / "results.md").exists() and not (tmp_path / "w").exists()
