@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "jobs/configs/demo_students.yaml from that cache without the teacher, each with "
                                    "KD and as a no-KD baseline on the same budget. Prints a table and writes "
                                    "results.json and results.png into --workdir. Reruns reuse finished steps.",
-                       epilog="examples:\n  kdcache demo                  # 1 seed: ~16 min on 2 cores (measured before the teacher shipped, less its training)\n"
+                       epilog="examples:\n  kdcache demo                  # 1 seed: 10 min on 2 idle cores\n"
                               "  kdcache demo --quick          # 3.5 min: shipped teacher, 2 views, 2-epoch students\n"
                               "  kdcache demo --seeds 0 1 2    # the README's KD-gain table (mean ± std of 3 seeds)\n"
                               "  kdcache demo --train-teacher  # train the teacher here too (6 min more)")
