@@ -63,9 +63,9 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
         for c in order:
             n, w = c.split("/")
             ms[c].append(cpu_ms(ways[w], data[n], repeats))
+    ratios = {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES}
     rows = []
-    for n in SHAPES:
-        r = ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"])
+    for n, r in ratios.items():
         for w in ways:
             s = spread(ms[f"{n}/{w}"])
             rows.append({"batch": n, "collation": w, "cpu_ms_per_batch": with_spread(s["median"], s["min"], s["max"]),
@@ -73,7 +73,7 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
                          with_spread(r["median"], *r["interval"])})
     return {"device": device_name(), "batch_size": batch_size, "rounds": rounds, "repeats": repeats,
             "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()}, "cpu_ms_per_round": ms,
-            "shared_vs_private": {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES},
+            "shared_vs_private": ratios,
             "rows": rows}
 
 

@@ -81,21 +81,21 @@ def stack(items: Sequence[torch.Tensor | np.ndarray | np.generic], shared: bool 
     return out
 
 
-def collate_rows(samples: list[Sample], names: Sequence[str] = (), shared: bool | None = None) -> dict:
+def collate_rows(samples: list[Sample], names: Sequence[str] = ()) -> dict:
     """DataLoader ``collate_fn``: stacks the samples' tensors and the rows of the target arrays ``names``
-    (``[B, ...]`` torch tensors, not yet decoded: cheap in a worker; in a worker, or with ``shared``, stacked
-    straight into shared memory: :func:`stack`)."""
+    (``[B, ...]`` torch tensors, not yet decoded: cheap in a worker; in a worker stacked straight into shared
+    memory: :func:`stack`)."""
     return {
-        "x": stack([s.x for s in samples], shared),
+        "x": stack([s.x for s in samples]),
         "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
-        "rows": {n: stack([s.rows[n] for s in samples], shared) for n in names} if samples else {},
+        "rows": {n: stack([s.rows[n] for s in samples]) for n in names} if samples else {},
         "key": [s.key for s in samples],
         "tar": torch.tensor([s.tar for s in samples]),
         "position": torch.tensor([s.position for s in samples]),
         "view": torch.tensor([s.view for s in samples]),
         "consumer": [s.consumer or 0 for s in samples],
         "num_consumers": samples[0].num_consumers if samples else None,
-        "x_teacher": stack([s.x_teacher for s in samples], shared) if samples and samples[0].x_teacher is not None
+        "x_teacher": stack([s.x_teacher for s in samples]) if samples and samples[0].x_teacher is not None
         else None,
         "lam": torch.tensor([_lam(s) for s in samples], dtype=torch.float32),
         "partner_label": torch.tensor([s.label if s.partner is None else s.partner.label for s in samples],
