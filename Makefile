@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/kdcache demo $(DEMO_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

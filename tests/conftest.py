@@ -158,17 +158,61 @@ def mixed_cache(small_digits, tiny_teacher, tmp_path_factory):
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marker added here must count
 def pytest_collection_modifyitems(config, items):
-    """A test that uses a Ray fixture is marked ``ray``; ``gpu`` tests are skipped, with the reason
-    shown, where there is no CUDA device."""
+    """A test that uses a Ray fixture is marked ``ray``, and must live in one of :data:`RAY_FILES`;
+    ``gpu`` tests are skipped, with the reason shown, where there is no CUDA device."""
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "ray" not in item.keywords:
             item.add_marker(pytest.mark.ray)
+        if "ray" in item.keywords and item.nodeid.split("::", 1)[0] not in RAY_FILES:
+            raise pytest.UsageError(f"{item.nodeid} is a Ray test in a file missing from RAY_FILES "
+                                    "(tests/conftest.py): add the file there, so that `make test` runs it on the "
+                                    "Ray worker and never beside another Ray test")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- Ray tests on one pytest-xdist worker, all others on the rest -------------------------------------
+
+# Every file that holds a ``ray`` test (checked at collection, above). ``make test`` runs pytest-xdist
+# with two workers: one takes these files, one after another; the other worker takes every other file.
+# The Ray tests cannot share the machine with each other (each starts Ray and its actors, and some wait for
+# every UnitActor process on the machine to go), but they spend much of their time starting processes,
+# which leaves a core for the Ray-free tests (measured: README, "Tests").
+RAY_FILES = frozenset({
+    "tests/jobs/test_cli.py", "tests/jobs/test_demo.py", "tests/jobs/test_train_ray.py",
+    "tests/pipeline/test_bad_input_job.py", "tests/pipeline/test_catalog.py", "tests/pipeline/test_decode_once.py",
+    "tests/pipeline/test_export_wds.py", "tests/pipeline/test_job.py", "tests/pipeline/test_kill_points.py",
+    "tests/pipeline/test_lease.py", "tests/student/test_trainer.py",
+})
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (a dev dependency): absent without it
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope, with all of :data:`RAY_FILES` as one scope (so one worker runs them
+    in turn) and every other file a scope of its own. The Ray scope is handed out first (it is the
+    longest), so one worker starts on it at once and the others share the rest."""
+    from collections import OrderedDict
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayFirst(OrderedDict):
+        def popitem(self, last: bool = True):
+            return ("ray", self.pop("ray")) if not last and "ray" in self else super().popitem(last)
+
+    class RayApart(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.workqueue = RayFirst()
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if path in RAY_FILES else path
+
+    return RayApart(config, log)
 
 
 # --- no Ray outside ``ray`` tests ------------------------------------------------------------------
