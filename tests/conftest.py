@@ -183,8 +183,8 @@ def pytest_collection_modifyitems(config, items):
 # every UnitActor process on the machine to go), but they spend much of their time starting processes,
 # which leaves a core for the Ray-free tests (measured: README, "Tests").
 RAY_FILES = frozenset({
-    "tests/jobs/test_cli.py", "tests/jobs/test_demo.py", "tests/jobs/test_train_ray.py",
-    "tests/pipeline/test_bad_input_job.py", "tests/pipeline/test_catalog.py", "tests/pipeline/test_decode_once.py",
+    "tests/jobs/test_demo.py", "tests/jobs/test_train_ray.py",
+    "tests/pipeline/test_bad_input_job.py", "tests/pipeline/test_catalog.py",
     "tests/pipeline/test_export_wds.py", "tests/pipeline/test_job.py", "tests/pipeline/test_kill_points.py",
     "tests/pipeline/test_lease.py", "tests/student/test_trainer.py",
 })

@@ -8,19 +8,14 @@ kept here verbatim; each tar's decodes are counted by wrapping the decoder the t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import sys
 import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 import pipeline.tars as tars_mod
 from pipeline.job import finalise, pending_units, probe_teacher, start
@@ -208,32 +203,3 @@ def test_plan_tasks_groups_a_tars_views_within_the_row_budget():
         tasks = plan_tasks(m, pending, min_tasks=actors, row_bytes=budget)
         assert sorted((t, v) for t, vs in tasks for v in vs) == sorted(pending)  # each unit in exactly one task
         assert all(unit_row_bytes(m, t) * len(vs) <= max(budget, unit_row_bytes(m, t)) for t, vs in tasks)
-
-
-@pytest.mark.ray
-def test_actor_killed_between_two_views_of_a_task_resumes_to_the_reference(reference, digits, tiny_teacher,
-                                                                            tmp_path):
-    """The Ray job on the reference config (2 views a tar, one task each): the actor is killed after the first
-    array shard of view 1 of tar 0, its task's view 0 complete. Ray retries the task, which skips view 0 (its record
-    is there) and redoes view 1 whole; the cache is the reference byte for byte, and verifies."""
-    from .test_kill_points import AT, MARKER, run
-
-    out = tmp_path / "out.zarr"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(cache_config(digits, tiny_teacher, str(out), job__lease_ttl_s=2.0)))
-    first = next(iter(reference["manifest"].arrays))
-    marker = tmp_path / "killed"
-    env = {**os.environ, "RAY_ADDRESS": "", AT: f"shard:{first} t0 v1#1", MARKER: str(marker)}
-    cmd = [sys.executable, "-m", "jobs.cli", "cache", str(cfg), "--no-progress"]
-    r = run(cmd, env)
-    assert marker.exists(), r.stderr[-2000:]
-    assert r.returncode in (0, -signal.SIGKILL), r.stderr[-3000:]
-    if r.returncode != 0:  # the driver went down with its actor: resume
-        time.sleep(2.5)  # the dead driver's lease expires
-        r = run(cmd + ["--resume"], {k: v for k, v in env.items() if k not in (AT, MARKER)})
-        assert r.returncode == 0, r.stderr[-3000:]
-    a, b = data_files(reference["path"]), data_files(out)
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
-    v = run([sys.executable, "-m", "jobs.cli", "verify", str(out)], env)
-    assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
-    assert np.all([(out / layout.unit_record_path(t, w)).exists() for t in range(4) for w in range(2)])
