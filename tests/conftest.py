@@ -192,24 +192,24 @@ RAY_FILES = frozenset({
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (a dev dependency): absent without it
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scheduling by scope, with all of :data:`RAY_FILES` as one scope (so one worker runs them
-    in turn) and every other file a scope of its own. The Ray scope is handed out first (it is the
-    longest), so one worker starts on it at once and the others share the rest."""
+    """xdist's scheduling by file (``--dist loadfile``), with all of :data:`RAY_FILES` as one scope (so one
+    worker runs them in turn) and every other file a scope of its own. The Ray scope is handed out first (it
+    is the longest), so one worker starts on it at once and the others share the rest."""
     from collections import OrderedDict
 
-    from xdist.scheduler import LoadScopeScheduling
+    from xdist.scheduler import LoadFileScheduling
 
     class RayFirst(OrderedDict):
         def popitem(self, last: bool = True):
             return ("ray", self.pop("ray")) if not last and "ray" in self else super().popitem(last)
 
-    class RayApart(LoadScopeScheduling):
+    class RayApart(LoadFileScheduling):
         def __init__(self, config, log=None):
             super().__init__(config, log)
             self.workqueue = RayFirst()
 
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
+            path = super()._split_scope(nodeid)
             return "ray" if path in RAY_FILES else path
 
     return RayApart(config, log)
