@@ -93,12 +93,20 @@ SWIN, VIT = "swin_large_patch4_window7_224", "vit_large_patch16_224"
 TEACHERS = {SWIN: ("kd", "scalekd"), VIT: ("kd", "vitkd", "scalekd")}
 WARM_TARS = 1  # the first tar of each job: the actor's warm-up, not in the steady state
 SETTLE_S = 5.0  # seconds between a job's end and the forward's second half
-# reader configuration: (teacher whose cache it reads, logits, taps)
+# the reader's caches: (teacher, targets.feature_dtype, output.feature_compression); the ViT-L taps also stored
+# without zstd and as int8, to show what each costs the reader (its goal is set for the default, fp16 with zstd)
+READER_CACHES = {"swin": (SWIN, "fp16", "zstd"), "vit": (VIT, "fp16", "zstd"), "vit_raw": (VIT, "fp16", "none"),
+                 "vit_int8": (VIT, "int8", "zstd"), "vit_int8_raw": (VIT, "int8", "none")}
+VIT_TAPS = ("block0", "block1", "final")
+# reader configuration: (the cache it reads, logits, taps)
 READER = {
-    "images_only": (SWIN, False, ()),
-    "logits_top10": (SWIN, True, ()),
-    "scalekd_swinl_final": (SWIN, False, ("final",)),
-    "vitkd_3taps": (VIT, False, ("block0", "block1", "final")),
+    "images_only": ("swin", False, ()),
+    "logits_top10": ("swin", True, ()),
+    "scalekd_swinl_final": ("swin", False, ("final",)),
+    "vitkd_3taps": ("vit", False, VIT_TAPS),
+    "vitkd_3taps_raw": ("vit_raw", False, VIT_TAPS),
+    "vitkd_3taps_int8": ("vit_int8", False, VIT_TAPS),
+    "vitkd_3taps_int8_raw": ("vit_int8_raw", False, VIT_TAPS),
 }
 SOURCES = ("local", "s3")
 GOALS = {"job_vs_forward": [(SWIN, 0.95), (VIT, 0.95)],
@@ -112,12 +120,12 @@ MD_BEGIN, MD_END = "<!-- scale: begin (python -m bench --scale) -->", "<!-- scal
 
 
 def scale_config(model: str, methods: Sequence[str], shards: str, out: str, *, batch_size: int,
-                 chunk_rows: int, feature_dtype: str = "fp16") -> CacheConfig:
+                 chunk_rows: int, feature_dtype: str = "fp16", feature_compression: str = "zstd") -> CacheConfig:
     """A real-size teacher's cache config: random init (no checkpoint), 224 px, one view, RandAugment, the
     targets of ``methods`` (top-10 logits; taps and TPP tail as :func:`jobs.cache_for.resolve_targets_for`
     derives them), one actor with this process's threads."""
     cfg = CacheConfig.model_validate({
-        "input": {"urls": shards}, "output": {"url": out},
+        "input": {"urls": shards}, "output": {"url": out, "feature_compression": feature_compression},
         "teacher": {"model": model, "input_size": SIZE},
         "views": {"num_views": 1, "randaugment": "rand-m9-mstd0.5-inc1"},
         "targets": {"logits": {"mode": "topk", "k": 10}, "feature_dtype": feature_dtype, "for": list(methods)},
@@ -206,10 +214,12 @@ def caching(model: str, data: dict, tmp: Path, rounds: int, batch_size: int, chu
 # --- part 4: bytes per view -----------------------------------------------------------------------
 
 
-def stored_bytes(arrays: dict[str, np.ndarray], specs: dict, *, rows_per_shard: int, chunk_rows: int) -> int:
+def stored_bytes(arrays: dict[str, np.ndarray], specs: dict, *, rows_per_shard: int, chunk_rows: int,
+                 compress: bool = True) -> int:
     """Bytes Zarr stores for one unit's rows ``arrays[name]`` [count, ...] laid out as the cache lays out a unit
     (one shard of ``rows_per_shard`` rows padded with the fill value, chunks of ``chunk_rows`` rows, the cache's
-    codec chain), written to memory; ``specs[name]`` is its :class:`storage_schemas.arrays.ArraySpec`."""
+    codec chain, zstd unless not ``compress``), written to memory; ``specs[name]`` is its
+    :class:`storage_schemas.arrays.ArraySpec`."""
     import zarr
 
     objects: dict = {}
@@ -218,16 +228,17 @@ def stored_bytes(arrays: dict[str, np.ndarray], specs: dict, *, rows_per_shard: 
         s = specs[name]
         arr = g.create_array(name, shape=s.shard_shape(rows_per_shard), dtype=s.dtype,
                              chunks=s.chunk_shape(chunk_rows), shards=s.shard_shape(rows_per_shard), fill_value=s.fill,
-                             **A.zarr_codecs())
+                             **A.zarr_codecs(compress))
         block = np.full(s.shard_shape(rows_per_shard), s.fill, dtype=s.dtype)
         block[: len(rows), 0] = rows
         arr[...] = block
     return sum(len(v.to_bytes()) for k, v in objects.items() if not k.endswith("zarr.json"))
 
 
-def tap_bytes_per_view(url: str, tap: str, dtype: str) -> float:
-    """Bytes per view of ``tap`` had the cache at ``url`` (fp16 taps) stored it as ``dtype``: its stored tokens,
-    decoded, encoded by the ``dtype`` codec and written as the cache writes a unit (:func:`stored_bytes`)."""
+def tap_bytes_per_view(url: str, tap: str, dtype: str, compress: bool = True) -> float:
+    """Bytes per view of ``tap`` had the cache at ``url`` (fp16 taps) stored it as ``dtype``, with zstd or not
+    (``output.feature_compression``): its stored tokens, decoded, encoded by the ``dtype`` codec and written as the
+    cache writes a unit (:func:`stored_bytes`)."""
     store = CacheStore(url, read_only=True)
     m = store.read_manifest()
     info = next(t for t in m.features if t.name == tap)
@@ -240,14 +251,14 @@ def tap_bytes_per_view(url: str, tap: str, dtype: str) -> float:
             x = src.decode({k: torch.from_numpy(np.asarray(rows[k])) for k in src.names})
             enc, _ = dst.encode(x)
             total += stored_bytes({k: v.numpy() for k, v in enc.items()}, specs, rows_per_shard=m.rows_per_shard,
-                                  chunk_rows=m.chunk_rows)
+                                  chunk_rows=m.chunk_rows, compress=compress)
             views += int(rows[A.VALID].sum())
     return total / views
 
 
 def bytes_table(caches: dict[str, str]) -> dict:
-    """Bytes per view of every target of the kept caches: as stored (fp16 taps), and each tap as fp16 and int8
-    through :func:`tap_bytes_per_view`; the TPP pack's bytes."""
+    """Bytes per view of every target of the kept caches: as stored (fp16 taps), and each tap as fp16 and int8,
+    with zstd and without (``_raw``), through :func:`tap_bytes_per_view`; the TPP pack's bytes."""
     out: dict = {"per_view": {}, "tpp_pack_bytes": {}, "check_fp16_recomputed_vs_stored": {}}
     short = {SWIN: "swinl", VIT: "vitl"}
     for model, url in caches.items():
@@ -255,16 +266,16 @@ def bytes_table(caches: dict[str, str]) -> dict:
         key = short[model]
         out["per_view"][f"logits_top10[{key}]"] = s["targets"]["logits"]["bytes_per_view"]
         taps = [t for t in s["targets"] if t.startswith("feature:")]
-        for dtype in ("fp16", "int8"):
-            total = 0.0
+        for dtype, compress in (("fp16", True), ("int8", True), ("fp16", False), ("int8", False)):
+            total, raw = 0.0, "" if compress else "_raw"
             for t in taps:
-                b = tap_bytes_per_view(url, t.split(":", 1)[1], dtype)
-                out["per_view"][f"{t}[{key}, {dtype}]"] = b
+                b = tap_bytes_per_view(url, t.split(":", 1)[1], dtype, compress)
+                out["per_view"][f"{t}[{key}, {dtype}{raw}]"] = b
                 total += b
-                if dtype == "fp16":
+                if dtype == "fp16" and compress:
                     out["check_fp16_recomputed_vs_stored"][f"{t}[{key}]"] = b / s["targets"][t]["bytes_per_view"]
             label = "scalekd_swinl_final" if model == SWIN else "vitkd_3taps"
-            out["per_view"][f"{label}_{dtype}"] = total
+            out["per_view"][f"{label}_{dtype}{raw}"] = total
         out["per_view"][f"all_targets_as_stored[{key}]"] = s["bytes_per_view"]
         out["tpp_pack_bytes"][model] = s["targets"]["tpp"]["bytes"]
         out["tpp_num_params"] = {**out.get("tpp_num_params", {}), model: s["targets"]["tpp"]["num_params"]}
@@ -321,11 +332,12 @@ def reader_caches(tmp: Path, per_tar: int, tars: int, batch_size: int) -> tuple[
 
     data = write_synthetic(str(tmp / "reader-data"), classes=1000, images=per_tar * tars, per_tar=per_tar, seed=1)
     caches = {}
-    for model, methods in TEACHERS.items():
+    for key, (model, dtype, compression) in READER_CACHES.items():
         t0 = time.perf_counter()
-        cfg = scale_config(model, methods, data["train"], str(tmp / f"reader-{model}.zarr"), batch_size=batch_size,
-                           chunk_rows=per_tar)
-        caches[model] = cfg.output.url
+        cfg = scale_config(model, TEACHERS[model], data["train"], str(tmp / f"reader-{key}.zarr"),
+                           batch_size=batch_size, chunk_rows=per_tar, feature_dtype=dtype,
+                           feature_compression=compression)
+        caches[key] = cfg.output.url
         store = CacheStore(cfg.output.url)
         if (store.has_manifest() and (m := store.read_manifest(allow_partial=True)).status == "complete"
                 and m.config.public_dict() == cfg.public_dict()):  # from an earlier run in the same --workdir
@@ -334,7 +346,8 @@ def reader_caches(tmp: Path, per_tar: int, tars: int, batch_size: int) -> tuple[
             shutil.rmtree(cfg.output.url)
         with synthetic_forward():
             build_cache_in_process(cfg, log=lambda s: None)
-        print(f"reader cache of {model}: {per_tar * tars} views in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"reader cache {key} ({model}, {dtype}, {compression}): {per_tar * tars} views in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     return data, caches
 
 
@@ -522,16 +535,16 @@ def upload(s3: MotoS3, data_dir: Path, caches: dict[str, str]) -> tuple[dict[str
         fs.put_file(str(p), f"{s3.bucket}/data/{p.name}")
         tar_urls[str(p)] = f"s3://{s3.bucket}/data/{p.name}"
     out = {}
-    for model, url in caches.items():
+    for key, url in caches.items():
         root = Path(url)
         dest = f"{s3.bucket}/caches/{root.name}"
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
             if p.is_file() and not rel.startswith("tpp/"):
                 fs.put_file(str(p), f"{dest}/{rel}")
-        out[model] = f"s3://{dest}"
+        out[key] = f"s3://{dest}"
         m = CacheStore(url, read_only=True).read_manifest()
-        CacheStore(out[model], s3.options).write_manifest(relocated(m, tar_urls))
+        CacheStore(out[key], s3.options).write_manifest(relocated(m, tar_urls))
     return out, tar_urls
 
 
@@ -547,15 +560,15 @@ def target_bytes(ds: CacheDataset) -> tuple[float, float]:
 
 def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: int, epochs: int, slice_epochs: int,
            batch_size: int, workers: int, seed: int = 0, server_cpu: Callable[[], float] = lambda: 0.0) -> dict:
-    """The eight reader configurations (:data:`READER` × local/S3) in ``rounds`` interleaved rounds: samples/s
+    """The reader configurations (:data:`READER` × local/S3) in ``rounds`` interleaved rounds: samples/s
     after each DataLoader's first batch (see :func:`read`), paired by round; ``server_cpu()`` the S3 server's CPU
     seconds so far (what it costs this machine to serve)."""
     datasets: dict[str, CacheDataset] = {}
     for src in caches:
         opts = s3_options if src == "s3" else None
-        for name, (model, logits, taps) in READER.items():
+        for name, (key, logits, taps) in READER.items():
             datasets[f"{src}/{name}"] = CacheDataset(
-                caches[src][model], storage_options=opts, input_storage_options=opts, size=SIZE, mean=MEAN,
+                caches[src][key], storage_options=opts, input_storage_options=opts, size=SIZE, mean=MEAN,
                 std=STD, logits=logits, taps=taps, threads=1, shuffle_buffer=256)
     names = list(datasets)
     for name in names:  # warm-up: imports in the workers, page cache, S3 connections

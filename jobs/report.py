@@ -62,5 +62,6 @@ def format_summary(s: dict, url: str) -> str:
         cos = f"{fid['cosine_mean']:.5f}" if fid else "-"
         rel = f"{fid['rel_err_mean']:.2e}" if fid else "-"
         per_view = mb(tg.get("bytes_per_view")) if name != "tpp" else mb(tg["bytes"]) + " once"
-        lines.append(f"{name:<22}{str(tg['dtype']):<48}{per_view:>12}{cos:>10}{rel:>10}")
+        dtype = str(tg["dtype"]) + (", no zstd" if tg.get("compression") == "none" else "")
+        lines.append(f"{name:<22}{dtype:<48}{per_view:>12}{cos:>10}{rel:>10}")
     return "\n".join(lines)

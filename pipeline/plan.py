@@ -122,7 +122,10 @@ def grown_manifest(m: Manifest, cfg: CacheConfig, tars: list[TarIndex], num_view
                                  "split the tar.")
     R, V = len(tars) * S, num_views
     arrays = {n: a.model_copy(update={"shape": [R, V, *a.shape[2:]]}) for n, a in m.arrays.items()}
-    config = cfg.with_secrets({}).model_copy(update={"views": cfg.views.model_copy(update={"num_views": V})})
+    # the arrays keep the codec chain they were created with, whatever this job's output.feature_compression
+    output = cfg.output.model_copy(update={"feature_compression": m.config.output.feature_compression})
+    config = cfg.with_secrets({}).model_copy(
+        update={"views": cfg.views.model_copy(update={"num_views": V}), "output": output})
     g = m.model_copy(update={"status": "building", "updated": now(), "config": config, "dataset": _dataset(tars),
                              "num_views": V, "arrays": arrays, "units_total": len(tars) * V})
     ident = g.content_identity()

@@ -204,7 +204,8 @@ class CacheStore:
         for name, info in m.arrays.items():
             g.create_array(
                 name, shape=tuple(info.shape), dtype=info.dtype, chunks=tuple(info.chunks),
-                shards=tuple(info.shards), fill_value=info.fill, overwrite=True, **A.zarr_codecs(),
+                shards=tuple(info.shards), fill_value=info.fill, overwrite=True,
+                **A.zarr_codecs(m.compressed(name)),
             )
         self._arrays.clear()
 

@@ -96,11 +96,13 @@ def cache_arrays(recipe: ViewRecipe, codecs: Iterable[Any], fingerprint_size: in
     return specs
 
 
-def zarr_codecs() -> dict[str, Any]:
-    """Codec chain for every array: zstd, then a crc32c checksum on each stored chunk."""
+def zarr_codecs(compress: bool = True) -> dict[str, Any]:
+    """Codec chain of an array: zstd (unless ``compress`` is false: ``output.feature_compression: none`` for the
+    taps' arrays, schema >= 1.7), then a crc32c checksum on each stored chunk. A reader needs nothing of this:
+    Zarr reads each array's chain from its metadata."""
     import zarr.codecs as zc
 
-    return {"compressors": [zc.ZstdCodec(level=CODEC_ZSTD_LEVEL), zc.Crc32cCodec()]}
+    return {"compressors": ([zc.ZstdCodec(level=CODEC_ZSTD_LEVEL)] if compress else []) + [zc.Crc32cCodec()]}
 
 
 # --- view records <-> array rows ------------------------------------------------------

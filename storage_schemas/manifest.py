@@ -174,6 +174,13 @@ class Manifest(_Model):
         """Every stored target's codec: logits (if cached) first, then each tap, in manifest order."""
         return codecs_of(self.logits, self.features)
 
+    def compressed(self, name: str) -> bool:
+        """Whether array ``name`` is stored with zstd: all are, but the taps' when ``output.feature_compression``
+        is ``none`` (schema >= 1.7)."""
+        if self.config.output.feature_compression == "zstd":
+            return True
+        return name not in {n for f in self.features for n in tap_codec(f).names}
+
     def tap(self, name: str) -> TapInfo:
         for t in self.features:
             if t.name == name:
@@ -206,7 +213,8 @@ class Manifest(_Model):
             targets[codec.target] = {"mode": self.logits.mode, "k": self.logits.k, "dtype": codec.describe()}
         for f in self.features:
             targets[f.target] = {"index": f.index, "norm": f.norm, "shape": [f.tokens, f.dim],
-                                 "grid": f.grid, "dtype": tap_codec(f).describe()}
+                                 "grid": f.grid, "dtype": tap_codec(f).describe(),
+                                 "compression": self.config.output.feature_compression}
         for name, t in targets.items():
             t["bytes"] = st.bytes_per_target.get(name, 0)
             t["bytes_per_view"] = st.bytes_per_view.get(name)

@@ -24,9 +24,19 @@ def test_scale_configs_cache_what_the_methods_need():
 
 
 def test_reader_configurations_name_the_caches_they_read():
-    assert set(scale.READER) == {"images_only", "logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
+    assert {"images_only", "logits_top10", "scalekd_swinl_final", "vitkd_3taps"} <= set(scale.READER)
     assert scale.READER["images_only"][1:] == (False, ())
     assert {name for name, _ in scale.GOALS["reader"]} <= set(scale.READER)
+    assert {key for key, _, _ in scale.READER.values()} == set(scale.READER_CACHES)
+    # the goals are judged on the default storage: fp16 taps with zstd
+    for name, _ in scale.GOALS["reader"]:
+        assert scale.READER_CACHES[scale.READER[name][0]][1:] == ("fp16", "zstd")
+    # the ViT-L variants differ from the default only in how the taps are stored
+    variants = {scale.READER_CACHES[scale.READER[n][0]][1:] for n in scale.READER if n.startswith("vitkd_3taps")}
+    assert variants == {("fp16", "zstd"), ("fp16", "none"), ("int8", "zstd"), ("int8", "none")}
+    raw = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], "/d/t-{000000..000001}.tar", "/c.zarr",
+                             batch_size=6, chunk_rows=6, feature_compression="none")
+    assert raw.output.feature_compression == "none"
 
 
 def test_with_section_replaces_the_scale_section_or_appends_it():

@@ -1,0 +1,124 @@
+"""``output.feature_compression: none`` (schema 1.7): the taps' arrays stored without zstd, everything else as
+before — the same values, the same identity, a checksum still on every chunk, and an existing cache keeps the
+codec chain it was created with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.store import CacheStore
+from pipeline.tars import expand_urls, index_tar
+from storage_schemas import SCHEMA_VERSION
+from storage_schemas.codecs import tap_codec
+from storage_schemas.config import CacheConfig
+from tests.conftest import cache_config
+
+
+@pytest.fixture(scope="module")
+def raw_cache(small_digits, tiny_teacher, tmp_path_factory):
+    """``small_cache``'s config with ``output.feature_compression: none``, built in this process."""
+    from pipeline.job import build_cache_in_process
+
+    out = tmp_path_factory.mktemp("raw") / "cache.zarr"
+    cfg = CacheConfig.model_validate(cache_config(small_digits, tiny_teacher, str(out),
+                                                  output__feature_compression="none"))
+    m = build_cache_in_process(cfg, log=lambda s: None)
+    return {"cfg": cfg, "manifest": m, "path": out}
+
+
+def _codec_names(path, array: str) -> list[str]:
+    """The codec chain of ``array`` as its zarr.json on disk spells it: the sharding codec's inner chain."""
+    meta = json.loads((path / array / "zarr.json").read_text())
+    (sharding,) = [c for c in meta["codecs"] if c["name"] == "sharding_indexed"]
+    return [c["name"] for c in sharding["configuration"]["codecs"]]
+
+
+def test_only_the_taps_are_stored_without_zstd(raw_cache, small_cache):
+    m = raw_cache["manifest"]
+    taps = {n for f in m.features for n in tap_codec(f).names}  # the tap's arrays, as its codec names them
+    assert len(taps) == len(m.features) == 2 and not taps & {"logits_topk", "label", "valid"}
+    for name in m.arrays:
+        raw, default = _codec_names(raw_cache["path"], name), _codec_names(small_cache["path"], name)
+        assert default == ["bytes", "zstd", "crc32c"], (name, default)
+        assert raw == (["bytes", "crc32c"] if name in taps else ["bytes", "zstd", "crc32c"]), (name, raw)
+
+
+def test_raw_taps_hold_the_same_values_and_identity(raw_cache, small_cache):
+    raw, default = CacheStore(str(raw_cache["path"]), read_only=True), CacheStore(str(small_cache["path"]),
+                                                                                   read_only=True)
+    m_raw, m_def = raw.read_manifest(), default.read_manifest()
+    assert m_raw.identity == m_def.identity == m_def.content_identity()  # how bytes are stored is not what they are
+    for tar in range(len(m_def.dataset.shards)):
+        for view in range(m_def.num_views):
+            a, b = raw.read_unit(m_raw, tar, view), default.read_unit(m_def, tar, view)
+            assert set(a) == set(b)
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} t{tar} v{view}")
+
+
+def test_raw_taps_take_their_dtype_bytes_and_the_rest_stays_compressed(raw_cache, small_cache):
+    st_raw, st_def = raw_cache["manifest"].stats, small_cache["manifest"].stats
+    m = raw_cache["manifest"]
+    # by hand: a unit stores its chunks that hold a sample, whole (padding rows too), at 2 bytes (fp16) a value,
+    # plus 4 bytes of checksum a chunk and 16 of shard index a chunk of the shard
+    counts = [s.count for s in m.dataset.shards]
+    chunks = [-(-c // m.chunk_rows) for c in counts]
+    for f in m.features:
+        per_chunk = m.chunk_rows * f.tokens * f.dim * 2 + 4
+        stored = sum(n * per_chunk + 16 * (m.rows_per_shard // m.chunk_rows) + 4 for n in chunks) * m.num_views
+        assert st_raw.bytes_per_view[f.target] == pytest.approx(stored / (sum(counts) * m.num_views), rel=1e-3)
+        assert st_raw.bytes_per_view[f.target] > st_def.bytes_per_view[f.target]
+    assert st_raw.bytes_per_view["logits"] == st_def.bytes_per_view["logits"]
+
+
+def test_the_manifest_says_so_only_when_raw(raw_cache, small_cache):
+    raw = json.loads((raw_cache["path"] / "manifest.json").read_text())
+    default = json.loads((small_cache["path"] / "manifest.json").read_text())
+    assert raw["schema_version"] == default["schema_version"] == SCHEMA_VERSION == "1.7"
+    assert raw["config"]["output"]["feature_compression"] == "none"
+    assert "feature_compression" not in default["config"]["output"]  # a default cache's manifest as before 1.7
+
+
+def test_verify_passes_on_raw_taps(raw_cache):
+    from pipeline.verify import verify_cache
+
+    rep = verify_cache(CacheStore(str(raw_cache["path"]), read_only=True), progress=False)
+    assert not rep.problems, rep.problems
+
+
+def test_a_grown_cache_keeps_its_codec_chain(raw_cache, small_cache):
+    from pipeline.plan import grown_manifest
+
+    cfg = raw_cache["cfg"]
+    tars = [index_tar(u) for u in expand_urls(cfg.input.urls)]
+    asks_zstd = cfg.model_copy(update={"output": cfg.output.model_copy(update={"feature_compression": "zstd"})})
+    grown = grown_manifest(raw_cache["manifest"], asks_zstd, tars, raw_cache["manifest"].num_views + 1)
+    assert grown.config.output.feature_compression == "none"
+    assert all(grown.compressed(n) == raw_cache["manifest"].compressed(n) for n in grown.arrays)
+    m = small_cache["manifest"]
+    asks_raw = m.config.model_copy(update={"output": m.config.output.model_copy(update={"feature_compression": "none"})})
+    assert grown_manifest(m, asks_raw, tars, m.num_views + 1).config.output.feature_compression == "zstd"
+
+
+def test_an_unknown_compression_is_refused_naming_the_choices(small_digits, tiny_teacher, tmp_path):
+    with pytest.raises(ValueError, match="feature_compression") as e:
+        CacheConfig.model_validate(cache_config(small_digits, tiny_teacher, str(tmp_path / "c.zarr"),
+                                                output__feature_compression="lz4"))
+    assert "'zstd'" in str(e.value) and "'none'" in str(e.value)
+
+
+def test_inspect_says_the_taps_are_stored_without_zstd(raw_cache, small_cache):
+    """Through the installed CLI, as a user reads it."""
+    kdcache = str(Path(sys.executable).with_name("kdcache"))
+    raw, default = (subprocess.run([kdcache, "inspect", str(c["path"])], capture_output=True, text=True, timeout=120)
+                    for c in (raw_cache, small_cache))
+    assert raw.returncode == default.returncode == 0, raw.stderr + default.stderr
+    tap_lines = [line for line in raw.stdout.splitlines() if line.startswith("feature:")]
+    assert len(tap_lines) == 2 and all("no zstd" in line for line in tap_lines), raw.stdout
+    assert "no zstd" not in default.stdout
