@@ -185,6 +185,7 @@ def caching(model: str, data: dict, tmp: Path, rounds: int, batch_size: int, chu
     for r in range(rounds):
         fwd = ray.get(fwd_actor.seconds.remote(0, half))
         out = tmp / f"{model}-round{r}.zarr"
+        shutil.rmtree(out, ignore_errors=True)  # a last round's cache kept by an earlier run in this --workdir
         js = job_seconds(make(str(out)), len(urls), unit_runner=False, warm_tars=WARM_TARS)
         time.sleep(SETTLE_S)  # Ray winds the job's actor down after it returns: not on the forward's clock
         secs["forward"].append(fwd + ray.get(fwd_actor.seconds.remote(half, len(batches))))
@@ -204,7 +205,7 @@ def caching(model: str, data: dict, tmp: Path, rounds: int, batch_size: int, chu
             "end_to_end": [total / s for s in secs["job"]]}
     fixed = [j - u - w for j, u, w in zip(secs["job"], secs["in_units"], secs["warm_unit"], strict=True)]
     return {"teacher": model, "methods": list(TEACHERS[model]), "views_steady": n, "views_total": total,
-            "rounds": rounds, "batch_size": batch_size, "seconds": secs,
+            "rounds": rounds, "batch_size": batch_size, "threads": threads, "seconds": secs,
             "views_per_s": {k: spread(v) for k, v in rate.items()},
             "job_vs_forward": ratio_summary(rate["steady"], rate["forward"]),
             "job_end_to_end_vs_forward": ratio_summary(rate["end_to_end"], rate["forward"]),
@@ -687,7 +688,9 @@ def markdown(res: dict) -> str:
         lines += ["### Caching job vs teacher forward alone (item 3)", "",
                   f"{d['data']['images']} images in tars of {d['data']['per_tar']}, one view, the first tar the "
                   "actor's warm-up; steady state = views/s inside the other units; end to end = all views over the "
-                  "job's whole time; fixed = the job's time outside units.", "",
+                  "job's whole time; fixed = the job's time outside units. The actor's CPUs and the forward's "
+                  f"threads: {', '.join(sorted({str(j.get('threads', '?')) for j in d['caching'].values()}))} "
+                  f"(`--job-threads`) of {os.cpu_count()} cores.", "",
                   markdown_table([_job_row(j) for j in d["caching"].values()], JOB_COLUMNS), ""]
     if d["reader"]:
         rd = d["reader"]
@@ -807,11 +810,13 @@ def run(a: argparse.Namespace, workdir: Path) -> dict:
         # Ray starts its workers at nice 15; the forward alone runs here at nice 0 (see bench.cache_throughput)
         os.environ.setdefault("RAY_worker_niceness", "0")
         init_ray(None)
+        torch.set_num_threads(a.job_threads)  # the actor's CPUs and the forward's threads (scale_config)
         try:
             jobs = {m: caching(m, data, workdir, a.rounds, a.batch_size, a.per_tar) for m in TEACHERS}
         finally:
             import ray
 
+            torch.set_num_threads(threads)
             ray.shutdown()  # its idle workers would share the CPU with what follows
         nbytes = bytes_table({m: j["cache"] for m, j in jobs.items()})  # the real teachers' outputs
     reader_data = None
@@ -846,7 +851,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=18, help="synthetic images (default 18)")
     p.add_argument("--per-tar", type=int, default=6, help="images per tar (default 6; the first tar warms the actor)")
     p.add_argument("--batch-size", type=int, default=6, help="the job's (and the forward's) batch size")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of forward / job / forward per teacher (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of forward / job / forward per teacher (default 5)")
+    p.add_argument("--job-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="the caching job's actor CPUs and the forward's threads, both sides alike (default: the "
+                        "cores but one, which Ray's own processes need beside the actor — raylet, GCS, the Ray Data "
+                        "executor in the driver, its stats actors; with every core the forward shares them and the job "
+                        "falls behind: Swin-L 0.78 of the forward with 2 threads on 2 cores, 1.0 with 1, 2026-12-01)")
     p.add_argument("--reader-per-tar", type=int, default=32, help="images per tar of the reader's caches (default 32)")
     p.add_argument("--reader-tars", type=int, default=6,
                    help="tars of the reader's caches (default 6: 3 an epoch for each of 2 workers)")

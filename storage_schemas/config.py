@@ -42,11 +42,12 @@ class OutputConfig(_Strict):
     # schema >= 1.7, written only when "none": how the arrays are stored, not what they hold, so not in the identity
     feature_compression: Literal["zstd", "none"] = Field(
         "zstd", exclude_if=lambda c: c == "zstd",
-        description="the feature taps' arrays: zstd (level 3) or none. Teacher activations in fp16 shrink only "
-                    "~6-8 % under zstd, and decompressing them is most of what reading them costs a student's "
-                    "data loader (ViT-L's three ViTKD taps, 1.1 MB a view: 2.6 ms a sample against 0.9 ms "
-                    "stored raw, `python -m bench --scale`); none trades those bytes for that CPU (local or fast "
-                    "storage, CPU-bound loaders). Every other array stays zstd; the crc32c checksum stays on.")
+        description="the feature taps' arrays: zstd (level 3) or none. fp16 teacher activations shrink only ~8 % "
+                    "under zstd, and decompressing them is half of what reading them costs in isolation (ViT-L's "
+                    "three ViTKD taps, 1.1 MB a view: 2.4 ms a sample with zstd, 1.15 ms without, `python -m bench "
+                    "--scale`); in a 2-worker DataLoader on 2 cores that did not show as more samples/s, so zstd "
+                    "stays the default. Every other array stays zstd; every chunk keeps its crc32c checksum; a "
+                    "resumed or grown cache keeps the chain it was created with.")
 
     @model_validator(mode="after")
     def _one(self) -> OutputConfig:
