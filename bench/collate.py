@@ -1,4 +1,4 @@
-"""``python -m bench.collate``: what a DataLoader worker's collation costs at real sizes, two ways.
+"""``python -m bench.collate``: what a DataLoader worker's collation costs at real sizes, three ways.
 
 A worker hands its batch to the main process through shared memory. ``private+share`` is how the student's
 collate worked until 2026-11-30 (and how ``torch.stack`` behaves outside ``default_collate``): stack into private
@@ -7,7 +7,9 @@ memory, then the DataLoader copies the batch into a fresh shared segment. ``shar
 for a batch of ViTKD tap rows at real size (3 taps × 196 tokens × 1024 channels, fp16, 1.2 MB a sample) and one
 of 224-px images (fp32), in CPU milliseconds of this process per batch (``process_time``: every thread, which the
 machine's other work hardly moves), configurations taking turns in interleaved rounds; ratio = shared ÷
-private+share per round. Writes ``bench/collate.json``.
+private+share per round. ``ring`` is how the student's loader hands a batch over since 2026-12-01
+(:mod:`student.ring`): the worker stacks it into a reused shared-memory slot and the main process copies it out
+(to its device; here a CPU tensor), both sides counted. Writes ``bench/collate.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from student.batch import stack
+from student.ring import BatchRing, packed_bytes
 
 from .common import (
     device_name,
@@ -53,7 +56,9 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
     for name, (shape, dtype) in SHAPES.items():
         arrays = [g.standard_normal(shape).astype(dtype) for _ in range(batch_size)]
         data[name] = arrays if name.endswith("rows") else [torch.from_numpy(a) for a in arrays]
-    ways = {"private+share": private_then_shared, "shared": lambda items: stack(items, shared=True)}
+    ring = BatchRing(1, 1, max(packed_bytes({"a": ((batch_size, *shape), dt)}) for shape, dt in SHAPES.values()))
+    ways = {"private+share": private_then_shared, "shared": lambda items: stack(items, shared=True),
+            "ring": lambda items: ring.take(ring.put({"a": items}, worker=0))["a"]}
     configs = [f"{n}/{w}" for n in SHAPES for w in ways]
     ms: dict[str, list[float]] = {c: [] for c in configs}
     for c in configs:  # warm-up: allocator, page cache of the shared-memory folder
@@ -64,16 +69,17 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
             n, w = c.split("/")
             ms[c].append(cpu_ms(ways[w], data[n], repeats))
     ratios = {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES}
+    ring_ratios = {n: ratio_summary(ms[f"{n}/ring"], ms[f"{n}/private+share"]) for n in SHAPES}
     rows = []
     for n, r in ratios.items():
         for w in ways:
             s = spread(ms[f"{n}/{w}"])
             rows.append({"batch": n, "collation": w, "cpu_ms_per_batch": with_spread(s["median"], s["min"], s["max"]),
                          "vs private+share": "1" if w == "private+share" else
-                         with_spread(r["median"], *r["interval"])})
+                         with_spread(*(lambda q: (q["median"], *q["interval"]))(r if w == "shared" else ring_ratios[n]))})
     return {"device": device_name(), "batch_size": batch_size, "rounds": rounds, "repeats": repeats,
             "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()}, "cpu_ms_per_round": ms,
-            "shared_vs_private": ratios,
+            "shared_vs_private": ratios, "ring_vs_private": ring_ratios,
             "rows": rows}
 
 

@@ -21,10 +21,12 @@ Four parts, on ImageNet-shaped synthetic JPEGs (:mod:`pipeline.synthetic`, 1,000
    job's whole time (index pass, teacher probe, TPP pack, actor start, manifest: fixed costs that a job of
    1,024 tars amortises). Ray workers run at nice 0, as this process does.
 3. **Student reader** (item 4): samples/s of :class:`student.data.CacheDataset` (tars + cache rows + view replay
-   at 224 px, ``--workers`` DataLoader workers, targets decoded in the main process as the trainer's loader does)
-   over the caches part 2 kept (its last round's), with targets (a) none, (b) top-10 logits, (c) Swin-L's final
-   tap, (d) ViT-L's three ViTKD taps; from local disk and from S3 (a moto server in its own process on
-   127.0.0.1, tars and cache uploaded, the manifest's tar URLs pointed at the bucket). The eight configurations
+   at 224 px, ``--workers`` DataLoader workers handing batches over through the loader's reused shared-memory
+   slots, :mod:`student.ring`, each batch copied out in the main process as the trainer's loader copies it to its
+   device) over caches of synthetic-forward rows (:func:`reader_caches`), with targets (a) none, (b) top-10
+   logits, (c) Swin-L's final tap, (d) ViT-L's three ViTKD taps (also without zstd and as int8); from local disk
+   and from S3 (a moto server in its own process on
+   127.0.0.1, tars and cache uploaded, the manifest's tar URLs pointed at the bucket). The configurations
    take turns in ``--reader-rounds`` rounds (:func:`bench.common.round_orders`, :func:`bench.common.interleave`:
    each reads ``--reader-epochs`` epochs of its cache a round, in slices of ``--reader-slice`` epochs, one
    DataLoader per slice); ratios (b), (c), (d) to (a) are paired by round.
@@ -66,8 +68,9 @@ from storage_schemas import arrays as A
 from storage_schemas.codecs import tap_codec
 from storage_schemas.config import CacheConfig
 from storage_schemas.manifest import Manifest
-from student.batch import collate_rows, stack
+from student.batch import collate_rows, received, stack
 from student.data import CacheDataset
+from student.ring import BatchRing, packed_bytes
 
 from . import decode_once
 from .cache_throughput import forward_seconds, job_seconds, replay
@@ -368,13 +371,14 @@ class Epochs(IterableDataset):
             yield from iter(self.ds)
 
 
-def timed_collate(samples: list, names: Sequence[str]) -> dict:
-    """:func:`student.batch.collate_rows`, stamped with when the worker finished the batch (``perf_counter``: the
-    system-wide monotonic clock on Linux, the same in every process), which worker, and the CPU seconds that worker
-    process had used by then (``process_time``: all its threads)."""
+def timed_collate(samples: list, names: Sequence[str], ring: BatchRing | None = None) -> dict:
+    """:func:`student.batch.collate_rows` (through ``ring`` as the trainer's loader does), stamped with when the
+    worker finished the batch (``perf_counter``: the system-wide monotonic clock on Linux, the same in every
+    process), which worker, and the CPU seconds that worker process had used by then (``process_time``: all its
+    threads)."""
     info = get_worker_info()
-    return {**collate_rows(samples, names), "produced": time.perf_counter(), "worker": info.id if info else -1,
-            "cpu": time.process_time()}
+    return {**collate_rows(samples, names, ring=ring), "produced": time.perf_counter(),
+            "worker": info.id if info else -1, "cpu": time.process_time()}
 
 
 def steady_cpu(stamps: list[tuple[int, float, int]]) -> tuple[int, float]:
@@ -412,16 +416,18 @@ def read(ds: CacheDataset, epochs: int, *, batch_size: int, workers: int) -> dic
     to the first batch (``first_s``: the workers' start, opening the cache and the first tar) and the steady
     state's samples and seconds (``n_steady``, ``s_steady``: :func:`steady_rate`), which an epoch of ImageNet's
     size is all but made of."""
-    dl = DataLoader(Epochs(ds, epochs), batch_size=batch_size, num_workers=workers,
-                    collate_fn=partial(timed_collate, names=ds.targets), persistent_workers=False)
-    produced: list[tuple[float, int]] = []
-    cpu: list[tuple[int, float, int]] = []
-    t0 = time.perf_counter()
-    t_first = None
-    for raw in dl:
-        produced.append((raw["produced"], len(raw["label"])))
-        cpu.append((raw["worker"], raw["cpu"], len(raw["label"])))
-        t_first = t_first or time.perf_counter()
+    with ds.batch_ring(batch_size, workers) if workers else contextlib.nullcontext() as ring:
+        dl = DataLoader(Epochs(ds, epochs), batch_size=batch_size, num_workers=workers,
+                        collate_fn=partial(timed_collate, names=ds.targets, ring=ring), persistent_workers=False)
+        produced: list[tuple[float, int]] = []
+        cpu: list[tuple[int, float, int]] = []
+        t0 = time.perf_counter()
+        t_first = None
+        for raw in dl:
+            raw = received(raw, ring)  # out of its slot, as the loader copies it to the training device
+            produced.append((raw["produced"], len(raw["label"])))
+            cpu.append((raw["worker"], raw["cpu"], len(raw["label"])))
+            t_first = t_first or time.perf_counter()
     t1 = time.perf_counter()
     n_steady, s_steady = steady_rate(produced, workers)
     n_cpu, s_cpu = steady_cpu(cpu)
@@ -432,11 +438,12 @@ def read(ds: CacheDataset, epochs: int, *, batch_size: int, workers: int) -> dic
 def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """CPU milliseconds per sample, in this process, of what a worker does for ``ds``'s targets on top of the
     images: reading every tar's target rows (:meth:`pipeline.store.CacheStore.read_unit`: read, zstd, checksums,
-    Zarr's copies) and collating them into batches as the DataLoader hands them over
-    (:func:`student.batch.stack` into the shared memory that carries a worker's batch to the main process, as
-    :func:`student.batch.collate_rows` does in a worker)."""
+    Zarr's copies) and handing them over in batches as the loader does (:meth:`student.ring.BatchRing.put`, the
+    worker's stack into a reused shared-memory slot, and :meth:`~student.ring.BatchRing.take`, the main
+    process's copy out of it; ``fresh_shared_memory``: :func:`student.batch.stack` into a new shared segment, the
+    DataLoader's usual way, for comparison)."""
     if not ds.targets:
-        return {"read_rows": 0.0, "collate_and_share": 0.0}
+        return {"read_rows": 0.0, "hand_over": 0.0, "fresh_shared_memory": 0.0}
     store, m = ds.store(), ds.m
     one = store.read_unit(m, 0, 0, ds.targets)  # warm-up (metadata); rows of one tar kept for the collation
     n = 0
@@ -445,13 +452,19 @@ def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[st
         for t in range(len(m.dataset.shards)):  # each tar's rows dropped before the next, as a worker drops them
             n += len(store.read_unit(m, t, 0, ds.targets)[ds.targets[0]])
     read = time.process_time() - t0
-    t0 = time.process_time()
-    done = 0
-    for _ in range(repeats):
-        for lo in range(0, len(one[ds.targets[0]]), batch_size):
-            batch = {k: stack(list(v[lo:lo + batch_size]), shared=True) for k, v in one.items()}
-            done += len(batch[ds.targets[0]])
-    return {"read_rows": 1e3 * read / n, "collate_and_share": 1e3 * (time.process_time() - t0) / done}
+    out = {"read_rows": 1e3 * read / n}
+    ring = BatchRing(1, 1, packed_bytes({k: ((batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}))
+    ways = {"hand_over": lambda rows: ring.take(ring.put(rows, worker=0)),
+            "fresh_shared_memory": lambda rows: {k: stack(v, shared=True) for k, v in rows.items()}}
+    for way, hand_over in ways.items():
+        hand_over({k: list(v[:batch_size]) for k, v in one.items()})  # warm-up: the slot's pages
+        t0 = time.process_time()
+        done = 0
+        for _ in range(repeats):
+            for lo in range(0, len(one[ds.targets[0]]), batch_size):
+                done += len(hand_over({k: list(v[lo:lo + batch_size]) for k, v in one.items()})[ds.targets[0]])
+        out[way] = 1e3 * (time.process_time() - t0) / done
+    return out
 
 
 def decode_ms(ds: CacheDataset, batch_size: int, batches: int = 2, repeats: int = 3) -> float:
@@ -702,10 +715,13 @@ def markdown(res: dict) -> str:
                   "steady state an ImageNet epoch is made of; the first batch's wait is its own column; worker CPU "
                   "is the workers' own CPU time per sample in that steady state, which other work on the machine "
                   "hardly moves), up to the "
-                  "batches the loader hands out; decoding the targets to fp32 is the training device's work in the "
-                  "step (its cost on this CPU in the last column). The targets' CPU cost on top of the images, "
-                  "measured apart in one process: reading a tar's rows (Zarr: read, zstd, checksums, copies) and "
-                  "collating a batch into the shared memory that carries it to the main process. The caches' rows come from a synthetic forward "
+                  "batches the loader hands out, each copied out of the worker's reused shared-memory slot "
+                  "(`student.ring`) as the loader copies it to the training device; decoding the targets to fp32 "
+                  "is the device's work in the step (its cost on this CPU in the last column). The targets' CPU "
+                  "cost on top of the images, measured apart in one process: reading a tar's rows (Zarr: read, "
+                  "zstd, checksums, copies) and handing a batch over (stack into a reused slot, copy out), beside "
+                  "the DataLoader's usual way (stack into a fresh shared segment, whose pages the kernel allocates "
+                  "and zeroes on first touch). The caches' rows come from a synthetic forward "
                   "with the real teachers' shapes and per-channel statistics (`bench.scale.synthetic_forward`); "
                   "the S3 server (moto) runs on this machine's cores too.", "",
                   markdown_table([_reader_row(r) for r in rd["rows"]], READER_COLUMNS), ""]
@@ -733,7 +749,8 @@ JOB_COLUMNS = ["teacher", "views (steady/all)", "rounds", "forward alone views/s
 READER_COLUMNS = ["source", "targets", "samples/s", "vs images only", "worker CPU ms/sample",
                   "samples per CPU s vs images only", "target KB/sample (stored)",
                   "cache MB/s (stored)", "cache MB/s (decoded)", "first batch s", "S3 server CPU ms/sample",
-                  "read rows ms/sample", "collate + shared memory ms/sample", "fp32 decode on CPU ms/sample"]
+                  "read rows ms/sample", "hand-over (ring) ms/sample", "hand-over (fresh shared memory) ms/sample",
+                  "fp32 decode on CPU ms/sample"]
 
 
 def _job_row(j: dict) -> dict:
@@ -762,7 +779,8 @@ def _reader_row(r: dict) -> dict:
             "first batch s": r["first_batch_s"], "S3 server CPU ms/sample": r["server_cpu_ms_per_sample"],
             "fp32 decode on CPU ms/sample": r["decode_ms_per_sample"],
             "read rows ms/sample": (r["breakdown_ms_per_sample"] or {}).get("read_rows"),
-            "collate + shared memory ms/sample": (r["breakdown_ms_per_sample"] or {}).get("collate_and_share")}
+            "hand-over (ring) ms/sample": (r["breakdown_ms_per_sample"] or {}).get("hand_over"),
+            "hand-over (fresh shared memory) ms/sample": (r["breakdown_ms_per_sample"] or {}).get("fresh_shared_memory")}
 
 
 def _flat(h: dict) -> tuple[dict, dict, list]:
@@ -863,8 +881,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path-images", type=int, default=32, help="bench.decode_once --images (default 32)")
     p.add_argument("--data-path-rounds", type=int, default=5, help="bench.decode_once --rounds (default 5)")
     p.add_argument("--reader-rounds", type=int, default=5, help="interleaved reader rounds (default 5)")
-    p.add_argument("--reader-epochs", type=int, default=1, help="epochs per configuration per round (default 1)")
-    p.add_argument("--reader-slice", type=int, default=1, help="epochs per turn (one DataLoader) (default 1)")
+    p.add_argument("--reader-epochs", type=int, default=3, help="epochs per configuration per round (default 3)")
+    p.add_argument("--reader-slice", type=int, default=3,
+                   help="epochs per turn (one DataLoader) (default 3: a worker reads 9 tars, of which the steady state "
+                        "after its first batch holds most with their target rows; with 1 epoch of 3 tars the first "
+                        "tar's rows and part of the second's were read before it, which undercounted the rows' cost: "
+                        "ViTKD fp16 0.82 of images only with 1 epoch, 0.71 with 3, same code, 2026-12-01)")
     p.add_argument("--reader-batch", type=int, default=16, help="reader batch size (default 16)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--no-s3", action="store_true", help="local disk only")

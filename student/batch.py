@@ -2,9 +2,10 @@
 targets and where each sample came from.
 
 :func:`collate_rows` runs in a DataLoader worker: it stacks tensors (which reach the main process
-through shared memory) and leaves the targets as stacked rows; :func:`to_batch` runs in the main
-process and decodes them with the cache's codecs on the training device. Targets are torch tensors
-from the stack on; they never go back to numpy.
+through shared memory: a reused slot of the loader's :class:`student.ring.BatchRing`, else a fresh segment)
+and leaves the targets as stacked rows; :func:`received` copies a ring's batch out to the training device and
+:func:`to_batch`, in the main process, decodes the targets with the cache's codecs there. Targets are torch
+tensors from the stack on; they never go back to numpy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import get_worker_info
 from pipeline.tars import Sample
 from storage_schemas.manifest import Manifest
 
+from .ring import BatchRing
 from .targets import TeacherTargets
 
 
@@ -67,7 +69,8 @@ def stack(items: Sequence[torch.Tensor | np.ndarray | np.generic], shared: bool 
     batch reaches the main process as it is: a stack in private memory is copied into a new shared segment on
     its way. Stacked by NumPy into the tensor's memory; on one thread, as in a worker, that is about a tenth
     less CPU than a private stack and its copy for a batch of 16 ViTKD tap rows at real size (19 MB fp16) and
-    for 16 images at 224 px (``python -m bench.collate``)."""
+    for 16 images at 224 px (``python -m bench.collate``); a reused ring slot (:mod:`student.ring`, the
+    loader's way when it has workers) a quarter of it."""
     arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in items]  # views, no copies
     first = torch.from_numpy(arrays[0])
     if shared is None:
@@ -81,26 +84,66 @@ def stack(items: Sequence[torch.Tensor | np.ndarray | np.generic], shared: bool 
     return out
 
 
-def collate_rows(samples: list[Sample], names: Sequence[str] = ()) -> dict:
+def collate_rows(samples: list[Sample], names: Sequence[str] = (), ring: BatchRing | None = None) -> dict:
     """DataLoader ``collate_fn``: stacks the samples' tensors and the rows of the target arrays ``names``
     (``[B, ...]`` torch tensors, not yet decoded: cheap in a worker; in a worker stacked straight into shared
-    memory: :func:`stack`)."""
+    memory: :func:`stack`). With a ``ring`` (:class:`student.ring.BatchRing`) a worker stacks them into its next
+    ring slot instead, and the batch carries ``"ring"``: the slot and its layout, which :func:`received` turns
+    back into tensors in the main process."""
+    if ring is not None and samples:
+        arrays = {"x": [s.x for s in samples], **{ROW + n: [s.rows[n] for s in samples] for n in names}}
+        if samples[0].x_teacher is not None:
+            arrays["x_teacher"] = [s.x_teacher for s in samples]
+        packed = ring.put({**arrays, **_scalars(samples)})
+        if packed is not None:
+            return {**_meta(samples), "ring": packed}
+    scalars = {k: torch.from_numpy(v) for k, v in _scalars(samples).items()}
     return {
         "x": stack([s.x for s in samples]),
-        "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
         "rows": {n: stack([s.rows[n] for s in samples]) for n in names} if samples else {},
-        "key": [s.key for s in samples],
-        "tar": torch.tensor([s.tar for s in samples]),
-        "position": torch.tensor([s.position for s in samples]),
-        "view": torch.tensor([s.view for s in samples]),
-        "consumer": [s.consumer or 0 for s in samples],
-        "num_consumers": samples[0].num_consumers if samples else None,
         "x_teacher": stack([s.x_teacher for s in samples]) if samples and samples[0].x_teacher is not None
         else None,
-        "lam": torch.tensor([_lam(s) for s in samples], dtype=torch.float32),
-        "partner_label": torch.tensor([s.label if s.partner is None else s.partner.label for s in samples],
-                                      dtype=torch.int64),
+        **scalars, **_meta(samples),
     }
+
+
+ROW = "rows/"  # the ring field of a target array's rows
+
+
+def _scalars(samples: list[Sample]) -> dict[str, np.ndarray]:
+    return {
+        "label": np.array([s.label for s in samples], dtype=np.int64),
+        "tar": np.array([s.tar for s in samples], dtype=np.int64),
+        "position": np.array([s.position for s in samples], dtype=np.int64),
+        "view": np.array([s.view for s in samples], dtype=np.int64),
+        "lam": np.array([_lam(s) for s in samples], dtype=np.float32),
+        "partner_label": np.array([s.label if s.partner is None else s.partner.label for s in samples],
+                                  dtype=np.int64),
+    }
+
+
+def _meta(samples: list[Sample]) -> dict:
+    return {
+        "key": [s.key for s in samples],
+        "consumer": [s.consumer or 0 for s in samples],
+        "num_consumers": samples[0].num_consumers if samples else None,
+    }
+
+
+def received(raw: dict, ring: BatchRing | None, device: str | torch.device = "cpu", *,
+             pin_memory: bool = False) -> dict:
+    """:func:`collate_rows`' output as the main process receives it, with a batch that came through ``ring``
+    copied out of its slot to ``device`` (and the slot freed): the same dict either way."""
+    if "ring" not in raw:
+        return raw
+    if ring is None:
+        raise ValueError("this batch came through a BatchRing: pass that ring to received()")
+    got = ring.take(raw["ring"], device, pin_memory=pin_memory)
+    out = {k: v for k, v in raw.items() if k != "ring"}
+    out["rows"] = {k[len(ROW):]: v for k, v in got.items() if k.startswith(ROW)}
+    out["x_teacher"] = None
+    out.update({k: v for k, v in got.items() if not k.startswith(ROW)})
+    return out
 
 
 def _lam(s: Sample) -> float:

@@ -34,6 +34,7 @@ tar's completed views.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -54,13 +55,15 @@ from storage_schemas.errors import CacheError, CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import ViewRecipe, ViewRecord
 
-from .batch import Batch, collate_rows, to_batch
+from .batch import ROW, Batch, collate_rows, received, to_batch
 from .plan import EpochPlan, EpochProgress, Task, ViewPolicy, merge_states
+from .ring import BatchRing, packed_bytes, shm_free_bytes
 from .stream import Loaded, load_rows, lockstep, reorder, replay, with_partners
 
 __all__ = ["Batch", "CacheDataset", "TarDataset", "merge_states", "target_arrays"]
 
 log = logging.getLogger(__name__)
+PREFETCH_FACTOR = 2  # torch's DataLoader default, which loader() keeps
 
 
 def target_arrays(m: Manifest, *, logits: bool = True, taps: Sequence[str] = ()) -> list[str]:
@@ -179,16 +182,62 @@ class EpochDataset(IterableDataset):
         return self._to_batch(samples if isinstance(samples, dict) else collate_rows(samples, self.targets), device)
 
     def loader(self, batch_size: int, *, num_workers: int = 0, device: str | torch.device = "cpu",
-               pin_memory: bool = False, drop_last: bool = False) -> Iterator[Batch]:
+               pin_memory: bool = False, drop_last: bool = False, ring: bool = True) -> Iterator[Batch]:
         """Batches of the current epoch through a DataLoader; targets decoded here, in the main
-        process; each batch counted as consumed when it is handed out."""
-        dl = DataLoader(self, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=partial(collate_rows, names=self.targets), pin_memory=pin_memory,
-                        drop_last=drop_last, persistent_workers=False)
-        for raw in dl:
-            batch = self.collate(raw, device=device)
-            self.advance(batch)
-            yield batch
+        process; each batch counted as consumed when it is handed out. With workers and ``ring`` (default) the
+        workers hand their batches over through reused shared memory (:mod:`student.ring`; kept for the next
+        epoch when this one ran to its end)."""
+        with self.batch_ring(batch_size, num_workers) if ring and num_workers > 0 else contextlib.nullcontext() as rg:
+            dl = DataLoader(self, batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=partial(collate_rows, names=self.targets, ring=rg),
+                            pin_memory=pin_memory and rg is None, drop_last=drop_last, persistent_workers=False)
+            for raw in dl:
+                batch = self.collate(received(raw, rg, device, pin_memory=pin_memory), device=device)
+                self.advance(batch)
+                yield batch
+
+    def slot_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``name: (shape, dtype)`` of what :func:`student.batch.collate_rows` stacks for a batch: the size of a
+        :class:`student.ring.BatchRing` slot."""
+        h, w = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        shapes = {"x": ((batch_size, 3, h, w), "float32")}
+        if getattr(self, "teacher_input", None) is not None:
+            s = self.teacher_input[0]
+            th, tw = (s, s) if isinstance(s, int) else tuple(s)
+            shapes["x_teacher"] = ((batch_size, 3, th, tw), "float32")
+        m = getattr(self, "m", None)
+        for n in self.targets:
+            shapes[ROW + n] = ((batch_size, *m.arrays[n].shape[2:]), m.arrays[n].dtype)
+        for n in ("label", "tar", "position", "view", "lam", "partner_label"):
+            shapes[n] = ((batch_size,), "int64")
+        return shapes
+
+    @contextlib.contextmanager
+    def batch_ring(self, batch_size: int, num_workers: int) -> Iterator[BatchRing | None]:
+        """The shared-memory slots a DataLoader of ``num_workers`` workers hands its batches of up to
+        ``batch_size`` over with (:mod:`student.ring`): pass it to :func:`student.batch.collate_rows` and
+        :func:`student.batch.received`. ``prefetch_factor + 1`` slots a worker (a worker never waits for a slot
+        while the main process takes its batches); those of the last loader when it ran to its end and they fit
+        (its workers are gone), else new ones; ``None`` (the DataLoader's usual way) when ``/dev/shm`` has less
+        than twice their size free. Kept for the next loader only when the ``with`` block ends normally."""
+        slot = packed_bytes(self.slot_shapes(batch_size))
+        rg, self._idle_ring = getattr(self, "_idle_ring", None), None
+        if rg is None or rg.workers != num_workers or rg.slot_bytes < slot:
+            slots = PREFETCH_FACTOR + 1
+            free = shm_free_bytes()
+            if free is not None and free < 2 * num_workers * slots * slot:
+                log.warning("%s: /dev/shm has %.0f MB free, under twice the %.0f MB of reused batch slots; batches "
+                            "go through fresh shared memory", self.url, free / 1e6, num_workers * slots * slot / 1e6)
+                rg = None
+            else:
+                rg = BatchRing(num_workers, slots, slot)
+        yield rg
+        self._idle_ring = rg  # not after an exception or an early stop: a worker may still write into it
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_idle_ring", None)  # the main process's: workers get theirs through the collate_fn
+        return state
 
 
 class CacheDataset(EpochDataset):
@@ -298,7 +347,7 @@ class CacheDataset(EpochDataset):
         return self._store
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_store"] = None  # zarr/fsspec handles do not cross processes
         return state
 

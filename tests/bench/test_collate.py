@@ -8,15 +8,19 @@ import torch
 
 from bench import collate
 from student.batch import stack
+from student.ring import BatchRing
 
 
 def test_both_collations_give_the_same_shared_batch():
     g = np.random.default_rng(0)
     rows = [g.standard_normal((3, 4, 5)).astype(np.float16) for _ in range(3)]
     images = [torch.from_numpy(g.standard_normal((3, 6, 6)).astype(np.float32)) for _ in range(3)]
+    ring = BatchRing(1, 1, 4096)
     for items in (rows, images):
         old, new = collate.private_then_shared(items), stack(items, shared=True)
         assert old.is_shared() and new.is_shared() and old.dtype == new.dtype and torch.equal(old, new)
+        through = ring.take(ring.put({"a": items}, worker=0))["a"]
+        assert through.dtype == old.dtype and torch.equal(through, old)
 
 
 def test_ratios_are_the_per_round_quotients(monkeypatch):
@@ -30,5 +34,7 @@ def test_ratios_are_the_per_round_quotients(monkeypatch):
         raw = res["cpu_ms_per_round"]
         want = [a / b for a, b in zip(raw[f"{name}/shared"], raw[f"{name}/private+share"], strict=True)]
         assert np.allclose(r["per_round"], want) and r["median"] == sorted(want)[1]
+        want = [a / b for a, b in zip(raw[f"{name}/ring"], raw[f"{name}/private+share"], strict=True)]
+        assert np.allclose(res["ring_vs_private"][name]["per_round"], want)
     assert {(row["batch"], row["collation"]) for row in res["rows"]} == {
-        (n, w) for n in ("rows", "images_224") for w in ("private+share", "shared")}
+        (n, w) for n in ("rows", "images_224") for w in ("private+share", "shared", "ring")}
