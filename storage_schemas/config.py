@@ -43,11 +43,11 @@ class OutputConfig(_Strict):
     feature_compression: Literal["zstd", "none"] = Field(
         "zstd", exclude_if=lambda c: c == "zstd",
         description="the feature taps' arrays: zstd (level 3) or none. fp16 teacher activations shrink only ~8 % "
-                    "under zstd, and decompressing them is half of what reading them costs in isolation (ViT-L's "
-                    "three ViTKD taps, 1.1 MB a view: 2.4 ms a sample with zstd, 1.15 ms without, `python -m bench "
-                    "--scale`); in a 2-worker DataLoader on 2 cores that did not show as more samples/s, so zstd "
-                    "stays the default. Every other array stays zstd; every chunk keeps its crc32c checksum; a "
-                    "resumed or grown cache keeps the chain it was created with.")
+                    "under zstd, and decompressing them is half of what reading them costs (ViT-L's three ViTKD "
+                    "taps, 1.1 MB a view: 3.2 ms a sample with zstd, 1.6 ms without; the student's 2-worker reader "
+                    "at 0.68 vs 0.78 of images alone, `python -m bench --scale`): use none for ViTKD taps. zstd "
+                    "stays the default, which 1.7 manifests leave out. Every other array stays zstd; every chunk "
+                    "keeps its crc32c checksum; a resumed or grown cache keeps the chain it was created with.")
 
     @model_validator(mode="after")
     def _one(self) -> OutputConfig:
