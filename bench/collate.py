@@ -70,13 +70,14 @@ def run(batch_size: int, rounds: int, repeats: int, seed: int = 0) -> dict:
             ms[c].append(cpu_ms(ways[w], data[n], repeats))
     ratios = {n: ratio_summary(ms[f"{n}/shared"], ms[f"{n}/private+share"]) for n in SHAPES}
     ring_ratios = {n: ratio_summary(ms[f"{n}/ring"], ms[f"{n}/private+share"]) for n in SHAPES}
+    vs_private = {"shared": ratios, "ring": ring_ratios}
     rows = []
-    for n, r in ratios.items():
+    for n in SHAPES:
         for w in ways:
             s = spread(ms[f"{n}/{w}"])
+            q = vs_private[w][n] if w in vs_private else None
             rows.append({"batch": n, "collation": w, "cpu_ms_per_batch": with_spread(s["median"], s["min"], s["max"]),
-                         "vs private+share": "1" if w == "private+share" else
-                         with_spread(*(lambda q: (q["median"], *q["interval"]))(r if w == "shared" else ring_ratios[n]))})
+                         "vs private+share": with_spread(q["median"], *q["interval"]) if q else "1"})
     return {"device": device_name(), "batch_size": batch_size, "rounds": rounds, "repeats": repeats,
             "cpu_ms_per_batch": {c: spread(v) for c, v in ms.items()}, "cpu_ms_per_round": ms,
             "shared_vs_private": ratios, "ring_vs_private": ring_ratios,

@@ -70,7 +70,7 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+def size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """``(H, W)`` from an int (square) or an ``(H, W)`` tuple."""
     if isinstance(size, int):
         return size, size
@@ -390,7 +390,7 @@ def apply_view(
     RandAugment fill and translate range, erasing fill mode). A record's ``mix`` is not applied here:
     that takes the partner's view too, see :func:`mix_views`.
     """
-    out_h, out_w = _pair(size)
+    out_h, out_w = size_pair(size)
     if img.mode != "RGB":
         img = img.convert("RGB")
     interp = _INTERPOLATION[recipe.crop.interpolation]
@@ -515,7 +515,7 @@ def eval_view(
     Resize so the image covers ``floor(size / crop_pct)`` keeping its aspect ratio, then
     centre-crop ``size``.
     """
-    out_h, out_w = _pair(size)
+    out_h, out_w = size_pair(size)
     interp = _INTERPOLATION[interpolation]
     if img.mode != "RGB":
         img = img.convert("RGB")

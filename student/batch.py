@@ -108,6 +108,8 @@ def collate_rows(samples: list[Sample], names: Sequence[str] = (), ring: BatchRi
 
 
 ROW = "rows/"  # the ring field of a target array's rows
+# the per-sample numbers a batch carries (:func:`_scalars`), none wider than 8 bytes: a ring slot's size
+SCALARS = ("label", "tar", "position", "view", "lam", "partner_label")
 
 
 def _scalars(samples: list[Sample]) -> dict[str, np.ndarray]:

@@ -48,14 +48,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import Sample, expand_urls, index_tar, iter_samples
-from pipeline.views import sample_view
+from pipeline.views import sample_view, size_pair
 from storage_schemas import arrays as A
 from storage_schemas.codecs import TokenCodec
 from storage_schemas.errors import CacheError, CacheMismatchError, ConfigError
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import ViewRecipe, ViewRecord
 
-from .batch import ROW, Batch, collate_rows, received, to_batch
+from .batch import ROW, SCALARS, Batch, collate_rows, received, to_batch
 from .plan import EpochPlan, EpochProgress, Task, ViewPolicy, merge_states
 from .ring import BatchRing, packed_bytes, shm_free_bytes
 from .stream import Loaded, load_rows, lockstep, reorder, replay, with_partners
@@ -199,16 +199,12 @@ class EpochDataset(IterableDataset):
     def slot_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """``name: (shape, dtype)`` of what :func:`student.batch.collate_rows` stacks for a batch: the size of a
         :class:`student.ring.BatchRing` slot."""
-        h, w = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-        shapes = {"x": ((batch_size, 3, h, w), "float32")}
+        shapes = {"x": ((batch_size, 3, *size_pair(self.size)), "float32")}
         if getattr(self, "teacher_input", None) is not None:
-            s = self.teacher_input[0]
-            th, tw = (s, s) if isinstance(s, int) else tuple(s)
-            shapes["x_teacher"] = ((batch_size, 3, th, tw), "float32")
-        m = getattr(self, "m", None)
-        for n in self.targets:
-            shapes[ROW + n] = ((batch_size, *m.arrays[n].shape[2:]), m.arrays[n].dtype)
-        for n in ("label", "tar", "position", "view", "lam", "partner_label"):
+            shapes["x_teacher"] = ((batch_size, 3, *size_pair(self.teacher_input[0])), "float32")
+        for n in self.targets:  # only a CacheDataset has targets, and its manifest
+            shapes[ROW + n] = ((batch_size, *self.m.arrays[n].shape[2:]), self.m.arrays[n].dtype)
+        for n in SCALARS:
             shapes[n] = ((batch_size,), "int64")
         return shapes
 

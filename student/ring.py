@@ -46,10 +46,14 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def packed_bytes(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype | str]]) -> int:
     """Bytes a slot needs for arrays of these ``name: (shape, dtype)``, each aligned as :meth:`BatchRing.put`
     lays them out."""
-    return sum(_aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize) for shape, dt in shapes.values())
+    return sum(_aligned(_nbytes(shape, dt)) for shape, dt in shapes.values())
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:
@@ -77,15 +81,11 @@ class BatchRing:
         self._turn = 0  # this worker's next slot (each worker process has its own copy)
         self._warned = False
 
-    @property
-    def nbytes(self) -> int:
-        return self.buf.numel()
-
     # --- worker side ----------------------------------------------------------------------------------
 
     def put(self, arrays: Mapping[str, list | np.ndarray], worker: int | None = None) -> dict | None:
-        """In a DataLoader worker (or as worker ``worker``): each of ``arrays`` (``name: list of same-shape arrays or tensors`` to stack, or
-        one array) written into this worker's next slot once it is free. Returns ``{"slot": (worker, slot),
+        """In a DataLoader worker (or as worker ``worker``): each of ``arrays`` (``name: list of same-shape arrays
+        or tensors`` to stack, or one array) written into this worker's next slot once it is free. Returns ``{"slot": (worker, slot),
         "fields": [(name, offset, shape, dtype), ...]}`` for :meth:`take`, or ``None`` when the batch is to go the
         DataLoader's usual way: not in a worker, larger than a slot, or the slot still busy after ``wait_s``."""
         if worker is None:
@@ -100,7 +100,7 @@ class BatchRing:
             first = v[0] if isinstance(v, list) else v
             shape = (len(v), *first.shape) if isinstance(v, list) else tuple(first.shape)
             fields.append((name, offset, shape, first.dtype.str))
-            offset += _aligned(int(np.prod(shape, dtype=np.int64)) * first.dtype.itemsize)
+            offset += _aligned(_nbytes(shape, first.dtype))
         if offset > self.slot_bytes:
             return None
         w, k = worker, self._turn % self.slots
@@ -113,7 +113,7 @@ class BatchRing:
         self._turn += 1
         slot = self.buf[w, k].numpy()
         for (_, off, shape, dt), v in zip(fields, arrays.values(), strict=True):
-            out = slot[off:off + int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
+            out = slot[off:off + _nbytes(shape, dt)].view(dt).reshape(shape)
             if isinstance(v, list):
                 np.stack(v, out=out)
             else:
@@ -140,12 +140,12 @@ class BatchRing:
         the slot freed for its worker."""
         w, k = packed["slot"]
         slot = self.buf[w, k]
+        on_cpu = torch.device(device).type == "cpu"
         out: dict[str, torch.Tensor] = {}
         try:
             for name, off, shape, dt in packed["fields"]:
-                n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-                view = torch.from_numpy(slot[off:off + n].numpy().view(dt).reshape(shape))
-                if torch.device(device).type == "cpu":
+                view = torch.from_numpy(slot[off:off + _nbytes(shape, dt)].numpy().view(dt).reshape(shape))
+                if on_cpu:
                     out[name] = view.clone()
                 elif pin_memory:
                     out[name] = view.pin_memory().to(device, non_blocking=True)
