@@ -24,7 +24,7 @@ Four parts, on ImageNet-shaped synthetic JPEGs (:mod:`pipeline.synthetic`, 1,000
    at 224 px, ``--workers`` DataLoader workers handing batches over through the loader's reused shared-memory
    slots, :mod:`student.ring`, each batch copied out in the main process as the trainer's loader copies it to its
    device) over caches of synthetic-forward rows (:func:`reader_caches`), with targets (a) none, (b) top-10
-   logits, (c) Swin-L's final tap, (d) ViT-L's three ViTKD taps (also without zstd and as int8); from local disk
+   logits, (c) Swin-L's final tap, (d) ViT-L's three ViTKD taps (also with zstd and as int8); from local disk
    and from S3 (a moto server in its own process on
    127.0.0.1, tars and cache uploaded, the manifest's tar URLs pointed at the bucket). The configurations
    take turns in ``--reader-rounds`` rounds (:func:`bench.common.round_orders`, :func:`bench.common.interleave`:
@@ -96,10 +96,11 @@ SWIN, VIT = "swin_large_patch4_window7_224", "vit_large_patch16_224"
 TEACHERS = {SWIN: ("kd", "scalekd"), VIT: ("kd", "vitkd", "scalekd")}
 WARM_TARS = 1  # the first tar of each job: the actor's warm-up, not in the steady state
 SETTLE_S = 5.0  # seconds between a job's end and the forward's second half
-# the reader's caches: (teacher, targets.feature_dtype, output.feature_compression); the ViT-L taps also stored
-# without zstd and as int8, to show what each costs the reader (its goal is set for the default, fp16 with zstd)
-READER_CACHES = {"swin": (SWIN, "fp16", "zstd"), "vit": (VIT, "fp16", "zstd"), "vit_raw": (VIT, "fp16", "none"),
-                 "vit_int8": (VIT, "int8", "zstd"), "vit_int8_raw": (VIT, "int8", "none")}
+# the reader's caches: (teacher, targets.feature_dtype, output.feature_compression, None: the default, taps
+# without zstd since schema 1.8); the ViT-L taps also with zstd and as int8, to show what each costs the reader
+# (the goals are set for the defaults)
+READER_CACHES = {"swin": (SWIN, "fp16", None), "vit": (VIT, "fp16", None), "vit_zstd": (VIT, "fp16", "zstd"),
+                 "vit_int8": (VIT, "int8", None)}
 VIT_TAPS = ("block0", "block1", "final")
 # reader configuration: (the cache it reads, logits, taps)
 READER = {
@@ -107,9 +108,8 @@ READER = {
     "logits_top10": ("swin", True, ()),
     "scalekd_swinl_final": ("swin", False, ("final",)),
     "vitkd_3taps": ("vit", False, VIT_TAPS),
-    "vitkd_3taps_raw": ("vit_raw", False, VIT_TAPS),
+    "vitkd_3taps_zstd": ("vit_zstd", False, VIT_TAPS),
     "vitkd_3taps_int8": ("vit_int8", False, VIT_TAPS),
-    "vitkd_3taps_int8_raw": ("vit_int8_raw", False, VIT_TAPS),
 }
 SOURCES = ("local", "s3")
 GOALS = {"job_vs_forward": [(SWIN, 0.95), (VIT, 0.95)],
@@ -123,12 +123,13 @@ MD_BEGIN, MD_END = "<!-- scale: begin (python -m bench --scale) -->", "<!-- scal
 
 
 def scale_config(model: str, methods: Sequence[str], shards: str, out: str, *, batch_size: int,
-                 chunk_rows: int, feature_dtype: str = "fp16", feature_compression: str = "zstd") -> CacheConfig:
+                 chunk_rows: int, feature_dtype: str = "fp16", feature_compression: str | None = None) -> CacheConfig:
     """A real-size teacher's cache config: random init (no checkpoint), 224 px, one view, RandAugment, the
     targets of ``methods`` (top-10 logits; taps and TPP tail as :func:`jobs.cache_for.resolve_targets_for`
-    derives them), one actor with this process's threads."""
+    derives them), one actor with this process's threads; ``feature_compression`` None: the schema's default."""
+    output = {"url": out} | ({"feature_compression": feature_compression} if feature_compression else {})
     cfg = CacheConfig.model_validate({
-        "input": {"urls": shards}, "output": {"url": out, "feature_compression": feature_compression},
+        "input": {"urls": shards}, "output": output,
         "teacher": {"model": model, "input_size": SIZE},
         "views": {"num_views": 1, "randaugment": "rand-m9-mstd0.5-inc1"},
         "targets": {"logits": {"mode": "topk", "k": 10}, "feature_dtype": feature_dtype, "for": list(methods)},
@@ -261,22 +262,25 @@ def tap_bytes_per_view(url: str, tap: str, dtype: str, compress: bool = True) ->
 
 
 def bytes_table(caches: dict[str, str]) -> dict:
-    """Bytes per view of every target of the kept caches: as stored (fp16 taps), and each tap as fp16 and int8,
-    with zstd and without (``_raw``), through :func:`tap_bytes_per_view`; the TPP pack's bytes."""
+    """Bytes per view of every target of the kept caches: as stored (fp16 taps, the default chain), and each tap
+    as fp16 and int8, with zstd and without (``_raw``), through :func:`tap_bytes_per_view`, the stored way
+    recomputed too as a check; the TPP pack's bytes."""
     out: dict = {"per_view": {}, "tpp_pack_bytes": {}, "check_fp16_recomputed_vs_stored": {}}
     short = {SWIN: "swinl", VIT: "vitl"}
     for model, url in caches.items():
-        s = CacheStore(url, read_only=True).read_manifest().summary()
+        m = CacheStore(url, read_only=True).read_manifest()
+        s = m.summary()
         key = short[model]
         out["per_view"][f"logits_top10[{key}]"] = s["targets"]["logits"]["bytes_per_view"]
         taps = [t for t in s["targets"] if t.startswith("feature:")]
         for dtype, compress in (("fp16", True), ("int8", True), ("fp16", False), ("int8", False)):
             total, raw = 0.0, "" if compress else "_raw"
             for t in taps:
-                b = tap_bytes_per_view(url, t.split(":", 1)[1], dtype, compress)
+                name = t.split(":", 1)[1]
+                b = tap_bytes_per_view(url, name, dtype, compress)
                 out["per_view"][f"{t}[{key}, {dtype}{raw}]"] = b
                 total += b
-                if dtype == "fp16" and compress:
+                if dtype == "fp16" and compress == m.compressed(tap_codec(m.tap(name)).names[0]):  # as stored
                     out["check_fp16_recomputed_vs_stored"][f"{t}[{key}]"] = b / s["targets"][t]["bytes_per_view"]
             label = "scalekd_swinl_final" if model == SWIN else "vitkd_3taps"
             out["per_view"][f"{label}_{dtype}{raw}"] = total
@@ -350,7 +354,7 @@ def reader_caches(tmp: Path, per_tar: int, tars: int, batch_size: int) -> tuple[
             shutil.rmtree(cfg.output.url)
         with synthetic_forward():
             build_cache_in_process(cfg, log=lambda s: None)
-        print(f"reader cache {key} ({model}, {dtype}, {compression}): {per_tar * tars} views in "
+        print(f"reader cache {key} ({model}, {dtype}, {cfg.output.feature_compression}): {per_tar * tars} views in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     return data, caches
 

@@ -39,15 +39,17 @@ class OutputConfig(_Strict):
     root: str | None = Field(None, description="a folder of caches (any fsspec URL): reuse one with the same "
                                                "identity, else create ROOT/<teacher>-<identity>.zarr")
     storage_options: dict[str, Any] = Field(default_factory=dict, **_SECRET)
-    # schema >= 1.7, written only when "none": how the arrays are stored, not what they hold, so not in the identity
+    # schema >= 1.7; since 1.8 "none" by default and always written (Manifest reads a 1.7 manifest without it as
+    # zstd, the default then). How the arrays are stored, not what they hold: not in the identity.
     feature_compression: Literal["zstd", "none"] = Field(
-        "zstd", exclude_if=lambda c: c == "zstd",
-        description="the feature taps' arrays: zstd (level 3) or none. fp16 teacher activations shrink only ~8 % "
-                    "under zstd, and decompressing them is half of what reading them costs (ViT-L's three ViTKD "
-                    "taps, 1.1 MB a view: 3.2 ms a sample with zstd, 1.6 ms without; the student's 2-worker reader "
-                    "at 0.68 vs 0.78 of images alone, `python -m bench --scale`): use none for ViTKD taps. zstd "
-                    "stays the default, which 1.7 manifests leave out. Every other array stays zstd; every chunk "
-                    "keeps its crc32c checksum; a resumed or grown cache keeps the chain it was created with.")
+        "none",
+        description="the feature taps' arrays: none (the default) or zstd (level 3). fp16 teacher activations "
+                    "shrink only ~8 % under zstd (int8 ~14 %), and decompressing them is half of what reading "
+                    "them costs (ViT-L's three ViTKD taps, 1.1 MB a view: 3.2 ms a sample with zstd, 1.6 ms "
+                    "without; the student's 2-worker reader at 0.68 of images alone with zstd, 0.78 without, "
+                    "`python -m bench --scale`). zstd trades that read time for the disk. Every other array "
+                    "stays zstd; every chunk keeps its crc32c checksum; a resumed or grown cache keeps the chain "
+                    "it was created with (caches made before schema 1.8 without the key: zstd).")
 
     @model_validator(mode="after")
     def _one(self) -> OutputConfig:

@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codecs import Codec, FidelityAcc, LogitsInfo, codecs_of, tap_codec
 from .config import CacheConfig
@@ -14,7 +14,7 @@ from .errors import CacheError
 from .identity import cache_identity, lineage_key
 from .taps import TapInfo, TapSpec, find_serving
 from .tpp_spec import TPPSpec
-from .version import SCHEMA_VERSION, check_compatible, newer_minor
+from .version import SCHEMA_VERSION, check_compatible, newer_minor, parse_version
 
 
 class _Model(BaseModel):
@@ -157,6 +157,18 @@ class Manifest(_Model):
     checksums_sha256: str | None = None  # sha256 of checksums.json (schema ≥ 1.1, complete caches)
     identity: str | None = None  # content key (storage_schemas.identity), schema ≥ 1.2; see content_identity()
     history: list[HistoryEntry] = Field(default_factory=list)  # creation and growths, oldest first (schema ≥ 1.2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zstd_before_1_8(cls, data: Any) -> Any:
+        """Before schema 1.8, ``output.feature_compression`` was written only when "none": a manifest of 1.7 or
+        earlier without it holds taps stored with zstd (the default then, and the only chain before 1.7)."""
+        if not isinstance(data, dict) or parse_version(str(data.get("schema_version", SCHEMA_VERSION))) >= (1, 8):
+            return data
+        output = (data.get("config") or {}).get("output")
+        if isinstance(output, dict) and "feature_compression" not in output:
+            data = {**data, "config": {**data["config"], "output": {**output, "feature_compression": "zstd"}}}
+        return data
 
     def content_identity(self) -> str:
         """The identity recomputed from the manifest's own fields (also for caches older than 1.2)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from .errors import CacheError
 
-SCHEMA_VERSION = "1.7"  # 1.1: checksums + manifest sidecar; 1.2: identity + history; 1.3: teacher.num_levels;
+SCHEMA_VERSION = "1.8"  # 1.1: checksums + manifest sidecar; 1.2: identity + history; 1.3: teacher.num_levels;
 #                        1.4: logits_rest_logmass (top-k); 1.5: teacher.stochastic_depth, dataset.shards[].dropped;
 #                        1.6: views.mix (Mixup/CutMix) and the view_mix_* arrays, written only when mixing;
-#                        1.7: output.feature_compression, written only when "none" (taps stored without zstd)
+#                        1.7: output.feature_compression, written only when "none" (taps stored without zstd);
+#                        1.8: feature_compression defaults to "none" and is always written (a 1.7 manifest
+#                             without it is "zstd": Manifest reads it so)
 
 
 class IncompatibleSchemaError(CacheError):

@@ -7,6 +7,7 @@ import pytest
 
 from bench import scale
 from bench.common import ratio_summary, spread
+from storage_schemas.codecs import tap_codec
 
 
 def test_scale_configs_cache_what_the_methods_need():
@@ -28,15 +29,17 @@ def test_reader_configurations_name_the_caches_they_read():
     assert scale.READER["images_only"][1:] == (False, ())
     assert {name for name, _ in scale.GOALS["reader"]} <= set(scale.READER)
     assert {key for key, _, _ in scale.READER.values()} == set(scale.READER_CACHES)
-    # the goals are judged on the default storage: fp16 taps with zstd
+    # the goals are judged on the default storage: fp16 taps, the schema's default chain (without zstd since 1.8)
     for name, _ in scale.GOALS["reader"]:
-        assert scale.READER_CACHES[scale.READER[name][0]][1:] == ("fp16", "zstd")
+        assert scale.READER_CACHES[scale.READER[name][0]][1:] == ("fp16", None)
     # the ViT-L variants differ from the default only in how the taps are stored
     variants = {scale.READER_CACHES[scale.READER[n][0]][1:] for n in scale.READER if n.startswith("vitkd_3taps")}
-    assert variants == {("fp16", "zstd"), ("fp16", "none"), ("int8", "zstd"), ("int8", "none")}
-    raw = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], "/d/t-{000000..000001}.tar", "/c.zarr",
-                             batch_size=6, chunk_rows=6, feature_compression="none")
-    assert raw.output.feature_compression == "none"
+    assert variants == {("fp16", None), ("fp16", "zstd"), ("int8", None)}
+    urls = "/d/t-{000000..000001}.tar"
+    default = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6)
+    zstd = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6,
+                              feature_compression="zstd")
+    assert (default.output.feature_compression, zstd.output.feature_compression) == ("none", "zstd")
 
 
 def test_with_section_replaces_the_scale_section_or_appends_it():
@@ -142,10 +145,12 @@ def test_tap_bytes_recomputed_as_fp16_equal_what_the_job_stored(small_cache):
     m = CacheStore(url, read_only=True).read_manifest()
     stored = m.summary()["targets"]
     tap = m.features[-1]
-    assert tap.dtype == "fp16"
-    assert scale.tap_bytes_per_view(url, tap.name, "fp16") == pytest.approx(stored[tap.target]["bytes_per_view"],
-                                                                            rel=1e-9)
-    assert 0 < scale.tap_bytes_per_view(url, tap.name, "int8") < stored[tap.target]["bytes_per_view"]
+    zstd = m.compressed(tap_codec(tap).names[0])
+    assert tap.dtype == "fp16" and not zstd  # the default chain since schema 1.8
+    as_stored = scale.tap_bytes_per_view(url, tap.name, "fp16", compress=zstd)
+    assert as_stored == pytest.approx(stored[tap.target]["bytes_per_view"], rel=1e-9)
+    assert 0 < scale.tap_bytes_per_view(url, tap.name, "int8", compress=zstd) < as_stored
+    assert 0 < scale.tap_bytes_per_view(url, tap.name, "fp16", compress=True) < as_stored
 
 
 def test_synthetic_forward_answers_the_real_shapes_after_one_real_call():

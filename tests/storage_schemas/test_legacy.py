@@ -69,7 +69,13 @@ def test_legacy_manifests_read_typed(legacy):
         raw = json.loads((legacy / f"{name}.zarr" / layout.MANIFEST).read_text())
         m = manifest(legacy, name)
         assert raw["schema_version"] == "1.2" and m.teacher.num_levels is None
-        assert m.config.public_dict() == raw["config"]  # typed, and dumped back to the same JSON
+        # typed, and dumped back to the same JSON, plus the key schema 1.8 always writes: zstd, as the taps are
+        # stored (their zarr.json's chain, the independent witness)
+        raw["config"]["output"]["feature_compression"] = "zstd"
+        assert m.config.public_dict() == raw["config"]
+        for tap in m.features:
+            meta = json.loads((legacy / f"{name}.zarr" / f"feat_{tap.name}" / "zarr.json").read_text())
+            assert "zstd" in json.dumps(meta["codecs"]) and m.compressed(f"feat_{tap.name}")
         assert m.content_identity() == raw["identity"]
         assert m.num_levels == 3  # derived from a tap asked for with a negative index
     assert [c.label() for c in manifest(legacy, "topk_fp16").codecs()] == [
@@ -149,7 +155,9 @@ def test_todays_job_writes_the_same_bytes(legacy, name, tmp_path):
 
     old = manifest(legacy, name)
     out = tmp_path / f"{name}.zarr"
-    cfg = CacheConfig.model_validate({**old.config.public_dict(), "output": {"url": str(out)}})
+    # its config as it reads today (1.2 knew one chain: zstd; since 1.8 the default is none, so it is asked for)
+    cfg = CacheConfig.model_validate({**old.config.public_dict(), "output": {
+        "url": str(out), "feature_compression": old.config.output.feature_compression}})
     new = build_cache_in_process(cfg, log=lambda s: None)
     src = legacy / f"{name}.zarr"
     a = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
@@ -184,6 +192,7 @@ def test_a_later_minor_with_fields_this_reader_does_not_know_is_read(legacy):
     want = Manifest.parse(json.dumps(raw), "same")
     later = json.loads(json.dumps(raw))
     later["schema_version"] = "1.99"
+    later["config"]["output"]["feature_compression"] = "zstd"  # written by every writer since 1.8
     later["new_top_level"] = {"a": 1}
     later["teacher"]["new_teacher_field"] = 3
     later["config"]["targets"]["new_option"] = True
