@@ -38,7 +38,7 @@ def zstd_cache(small_digits, tiny_teacher, tmp_path_factory):
 @pytest.fixture()
 def raw_cache(small_cache):
     """The default cache (``small_cache``): taps without zstd since schema 1.8."""
-    assert "feature_compression" not in cache_config(small_cache["digits"], {}, "x")["output"]
+    assert "feature_compression" not in small_cache["cfg"].output.model_fields_set  # the default, not asked for
     return small_cache
 
 
@@ -54,26 +54,26 @@ def test_only_the_taps_are_stored_without_zstd(raw_cache, zstd_cache):
     taps = {n for f in m.features for n in tap_codec(f).names}  # the tap's arrays, as its codec names them
     assert len(taps) == len(m.features) == 2 and not taps & {"logits_topk", "label", "valid"}
     for name in m.arrays:
-        raw, default = _codec_names(raw_cache["path"], name), _codec_names(zstd_cache["path"], name)
-        assert default == ["bytes", "zstd", "crc32c"], (name, default)
+        raw, zstd = _codec_names(raw_cache["path"], name), _codec_names(zstd_cache["path"], name)
+        assert zstd == ["bytes", "zstd", "crc32c"], (name, zstd)
         assert raw == (["bytes", "crc32c"] if name in taps else ["bytes", "zstd", "crc32c"]), (name, raw)
 
 
 def test_raw_taps_hold_the_same_values_and_identity(raw_cache, zstd_cache):
-    raw, default = CacheStore(str(raw_cache["path"]), read_only=True), CacheStore(str(zstd_cache["path"]),
-                                                                                   read_only=True)
-    m_raw, m_def = raw.read_manifest(), default.read_manifest()
-    assert m_raw.identity == m_def.identity == m_def.content_identity()  # how bytes are stored is not what they are
-    for tar in range(len(m_def.dataset.shards)):
-        for view in range(m_def.num_views):
-            a, b = raw.read_unit(m_raw, tar, view), default.read_unit(m_def, tar, view)
+    raw, zstd = CacheStore(str(raw_cache["path"]), read_only=True), CacheStore(str(zstd_cache["path"]),
+                                                                                read_only=True)
+    m_raw, m_zstd = raw.read_manifest(), zstd.read_manifest()
+    assert m_raw.identity == m_zstd.identity == m_zstd.content_identity()  # how bytes are stored is not what they are
+    for tar in range(len(m_zstd.dataset.shards)):
+        for view in range(m_zstd.num_views):
+            a, b = raw.read_unit(m_raw, tar, view), zstd.read_unit(m_zstd, tar, view)
             assert set(a) == set(b)
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} t{tar} v{view}")
 
 
 def test_raw_taps_take_their_dtype_bytes_and_the_rest_stays_compressed(raw_cache, zstd_cache):
-    st_raw, st_def = raw_cache["manifest"].stats, zstd_cache["manifest"].stats
+    st_raw, st_zstd = raw_cache["manifest"].stats, zstd_cache["manifest"].stats
     m = raw_cache["manifest"]
     # by hand: a unit stores its chunks that hold a sample, whole (padding rows too), at 2 bytes (fp16) a value,
     # plus 4 bytes of checksum a chunk and 16 of shard index a chunk of the shard
@@ -83,16 +83,16 @@ def test_raw_taps_take_their_dtype_bytes_and_the_rest_stays_compressed(raw_cache
         per_chunk = m.chunk_rows * f.tokens * f.dim * 2 + 4
         stored = sum(n * per_chunk + 16 * (m.rows_per_shard // m.chunk_rows) + 4 for n in chunks) * m.num_views
         assert st_raw.bytes_per_view[f.target] == pytest.approx(stored / (sum(counts) * m.num_views), rel=1e-3)
-        assert st_raw.bytes_per_view[f.target] > st_def.bytes_per_view[f.target]
-    assert st_raw.bytes_per_view["logits"] == st_def.bytes_per_view["logits"]
+        assert st_raw.bytes_per_view[f.target] > st_zstd.bytes_per_view[f.target]
+    assert st_raw.bytes_per_view["logits"] == st_zstd.bytes_per_view["logits"]
 
 
 def test_the_manifest_always_says_which(raw_cache, zstd_cache):
     raw = json.loads((raw_cache["path"] / "manifest.json").read_text())
-    default = json.loads((zstd_cache["path"] / "manifest.json").read_text())
-    assert raw["schema_version"] == default["schema_version"] == SCHEMA_VERSION == "1.8"
+    zstd = json.loads((zstd_cache["path"] / "manifest.json").read_text())
+    assert raw["schema_version"] == zstd["schema_version"] == SCHEMA_VERSION == "1.8"
     assert raw["config"]["output"]["feature_compression"] == "none"
-    assert default["config"]["output"]["feature_compression"] == "zstd"  # since 1.8 written either way
+    assert zstd["config"]["output"]["feature_compression"] == "zstd"  # since 1.8 written either way
 
 
 def _as_written_by(path: Path, version: str, compression: str | None) -> None:
@@ -168,9 +168,9 @@ def test_an_unknown_compression_is_refused_naming_the_choices(small_digits, tiny
 def test_inspect_says_the_taps_are_stored_without_zstd(raw_cache, zstd_cache):
     """Through the installed CLI, as a user reads it."""
     kdcache = str(Path(sys.executable).with_name("kdcache"))
-    raw, default = (subprocess.run([kdcache, "inspect", str(c["path"])], capture_output=True, text=True, timeout=120)
-                    for c in (raw_cache, zstd_cache))
-    assert raw.returncode == default.returncode == 0, raw.stderr + default.stderr
+    raw, zstd = (subprocess.run([kdcache, "inspect", str(c["path"])], capture_output=True, text=True, timeout=120)
+                 for c in (raw_cache, zstd_cache))
+    assert raw.returncode == zstd.returncode == 0, raw.stderr + zstd.stderr
     tap_lines = [line for line in raw.stdout.splitlines() if line.startswith("feature:")]
     assert len(tap_lines) == 2 and all("no zstd" in line for line in tap_lines), raw.stdout
-    assert "no zstd" not in default.stdout
+    assert "no zstd" not in zstd.stdout
