@@ -247,11 +247,13 @@ class CacheStore:
         return shas, sizes
 
     def read_unit(
-        self, m: Manifest, tar: int, view: int, names: list[str] | None = None
+        self, m: Manifest, tar: int, view: int, names: list[str] | None = None, lo: int = 0, hi: int | None = None
     ) -> dict[str, np.ndarray]:
-        """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays)."""
+        """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays); with ``lo``/``hi``
+        only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
-        return {n: self.array(n)[tar * S: tar * S + count, view] for n in (names or list(m.arrays))}
+        hi = count if hi is None else min(hi, count)
+        return {n: self.array(n)[tar * S + lo: tar * S + hi, view] for n in (names or list(m.arrays))}
 
     # --- completion records and index --------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codecs import Codec, FidelityAcc, LogitsInfo, codecs_of, tap_codec
@@ -73,6 +75,11 @@ class ArrayInfo(_Model):
     shards: list[int]
     fill: float | int
     target: str
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one (sample, view) row as decoded: the shape after its two leading axes."""
+        return math.prod(self.shape[2:]) * np.dtype(self.dtype).itemsize
 
 
 class SkippedSample(_Model):

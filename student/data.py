@@ -357,7 +357,7 @@ class CacheDataset(EpochDataset):
         if recipe.mix is None:
             return samples
         # mixed views: each sample's record, and its partner, from the tar's stream (see with_partners)
-        t, (_, rows, _, records) = task.tar, loaded
+        t, rows, records = task.tar, loaded.rows, loaded.records
         count = self.m.dataset.shards[t].count
         if self.fresh_views:  # a fresh mixed view: drawn as a cache of this recipe would, partners among cached samples
             fresh, valid = self._fresh_view(task.views[0]), rows[A.VALID].astype(bool).tolist()

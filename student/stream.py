@@ -4,6 +4,7 @@ Each stage is a plain function over :class:`~pipeline.tars.Sample` (the type the
 too), testable on its own:
 
     load_rows  one tar of the epoch: its index keys and cache rows, one contiguous read per unit
+               (large target arrays, e.g. ViTKD taps: a Zarr chunk of rows at a time, :class:`BlockRows`)
     lockstep   the tar's samples zipped with their rows (``Sample.rows``); rows not cached dropped,
                labels checked against the cache
     with_partners  (mixed views, ``views.mix``) each sample's view record, and its mix partner's image
@@ -14,8 +15,12 @@ too), testable on its own:
                (``x``) and, for an online teacher, at the teacher's (``x_teacher``)
 
 Memory: ``reorder`` holds the items the planned order has not reached yet (bounded by the shuffle
-buffer) and the rows of the tars being streamed; each sample's ``rows`` are views into its tar's
-rows, not copies. With mixed views ``with_partners`` adds one block of decoded samples (at most
+buffer) and the rows of the tars being streamed (the tar read ahead too); each sample's ``rows`` are
+views into its tar's rows, not copies. Large target arrays are read by the block, not the tar, and
+each sample gets a copy of its own rows: the buffer's samples' rows, plus two blocks per tar loaded. For
+three ViT-L taps (1.2 MB a sample) and 64-row chunks that is about the buffer's own rows (1,024 samples:
+1.2 GB) plus ~0.3 GB, where whole units of ImageNet's 1,250-sample tars were 1.5 GB each and every tar
+stayed alive until the buffer let go of its last sample. With mixed views ``with_partners`` adds one block of decoded samples (at most
 ``views.mix.window``, 128 by default) and each sample in the shuffle buffer keeps its partner's
 decoded image alive: at most twice the buffer's images, plus the block.
 """
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
 from pipeline.views import mix_block, replay_view, sample_view
@@ -37,8 +44,69 @@ from storage_schemas.views import NO_PARTNER, ViewRecipe, ViewRecord
 
 from .plan import Task, random_views
 
-# index keys, rows [count, ...], view per position, and per view read the view-record arrays of its unit [count, ...]
-Loaded = tuple[list[str], dict[str, np.ndarray], np.ndarray, dict[int, dict[str, np.ndarray]]]
+WHOLE_UNIT_BYTES = 16 * 2**20  # a target array whose unit is larger is read a Zarr chunk of rows at a time
+
+
+class Loaded(NamedTuple):
+    """What :func:`load_rows` reads of one tar for the epoch."""
+
+    keys: list[str]  # the index: each position's sample key
+    rows: dict[str, np.ndarray]  # arrays read whole, rows [count, ...] of each position's view
+    views: np.ndarray  # the view of each position
+    records: dict[int, dict[str, np.ndarray]]  # per view read, its unit's view-record arrays [count, ...]
+    blocks: BlockRows | None  # the large target arrays, read by blocks as the stream reaches them
+
+
+def _gather(store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str], lo: int = 0,
+            hi: int | None = None) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
+    """Rows ``lo..hi-1`` of ``names``, each position's from the unit of its view in ``views`` (each unit read
+    once, one contiguous read), and the rows each unit read gave, by view."""
+    hi = len(views) if hi is None else hi
+    drawn = views[lo:hi]
+    units = {int(v): store.read_unit(m, tar, int(v), list(names), lo, hi) for v in np.unique(drawn)}
+    if len(units) == 1:
+        return next(iter(units.values())), units
+    rows: dict[str, np.ndarray] = {}
+    for v, unit in units.items():
+        sel = drawn == v
+        for name, arr in unit.items():
+            if name not in rows:
+                rows[name] = np.empty_like(arr)
+            rows[name][sel] = arr[sel]
+    return rows, units
+
+
+class BlockRows:
+    """Rows of the target arrays too large to hold for a whole tar (``WHOLE_UNIT_BYTES``: at ImageNet's
+    ~1,250 samples a tar, three ViT-L ViTKD taps are 1.5 GB a unit), read one Zarr chunk of rows
+    (``chunk_rows``) at a time as the tar's stream reaches it, the next block read ahead on a thread (which
+    hides an object store's latency). The first block is read with the tar's other rows, in the loading
+    thread, and the second is read meanwhile.
+
+    A sample gets a copy of its rows, not a view into its block: a shuffle buffer lets a few samples of each
+    block linger for thousands of draws (each draw takes a random one of its 1,024), and a view would keep
+    their whole block alive with them: ~66 blocks of 64 ViT-L rows, 5.4 GB, measured by
+    ``python -m bench.reader_memory``, against 5.6 GB for whole units."""
+
+    def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
+        count, step = len(views), m.chunk_rows
+
+        def read(lo: int) -> tuple[int, dict[str, np.ndarray]]:
+            return lo, _gather(store, m, tar, views, names, lo, lo + step)[0]
+
+        self._blocks = prefetch_map(read, range(0, count, step), workers=1, lookahead=2)
+        self._lo, self._rows = next(self._blocks)  # the first block; the second is read meanwhile
+        self._hi = min(step, count)
+        self._step, self._count = step, count
+
+    def at(self, position: int) -> dict[str, np.ndarray]:
+        """Each array's row at ``position``; positions must not decrease (the tar's order)."""
+        if position < self._lo:
+            raise ValueError(f"position {position} is before the block read ({self._lo}..{self._hi - 1})")
+        while position >= self._hi:
+            self._lo, self._rows = next(self._blocks)
+            self._hi = min(self._lo + self._step, self._count)
+        return {name: a[position - self._lo].copy() for name, a in self._rows.items()}
 
 
 def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], *, random_policy: bool, seed: int,
@@ -47,32 +115,26 @@ def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], 
     is read once (policy ``random`` gathers each position's drawn view from the units it reads). Also, per
     view read, that unit's view-record arrays among ``names`` for every position: a mixed view's partner is
     replayed by its record of the *same* view, which under policy ``random`` need not be the view the
-    partner itself is drawn with this epoch (a few bytes per position and view)."""
+    partner itself is drawn with this epoch (a few bytes per position and view). A target array whose unit
+    exceeds ``WHOLE_UNIT_BYTES`` is not read here but by :class:`BlockRows`, a chunk at a time."""
     t = task.tar
     count = m.dataset.shards[t].count
     keys = store.read_index(t)
-    if not random_policy or len(task.views) == 1:
-        v = task.views[0]
-        rows = store.read_unit(m, t, v, list(names))
-        return keys, rows, np.full(count, v), {v: rows}
-    views = random_views(seed, epoch, t, count, task.views)
-    rows: dict[str, np.ndarray] = {}
-    records: dict[int, dict[str, np.ndarray]] = {}
-    for v in np.unique(views):
-        unit = store.read_unit(m, t, int(v), list(names))
-        sel = views == v
-        for name, arr in unit.items():
-            if name not in rows:
-                rows[name] = np.empty_like(arr)
-            rows[name][sel] = arr[sel]
-        records[int(v)] = {n: unit[n] for n in A.VIEW_RECORD_ARRAYS if n in unit}
-    return keys, rows, views, records
+    if random_policy and len(task.views) > 1:
+        views = random_views(seed, epoch, t, count, task.views)
+    else:
+        views = np.full(count, task.views[0])
+    kept = {A.LABEL, A.VALID, *A.VIEW_RECORD_ARRAYS}
+    large = [n for n in names if n not in kept and count * m.arrays[n].row_bytes > WHOLE_UNIT_BYTES]
+    rows, units = _gather(store, m, t, views, [n for n in names if n not in large])
+    records = {v: {n: unit[n] for n in A.VIEW_RECORD_ARRAYS if n in unit} for v, unit in units.items()}
+    return Loaded(keys, rows, views, records, BlockRows(store, m, t, views, large) if large else None)
 
 
 def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict | None) -> Iterator[Sample]:
     """The tar's cached samples in tar order, each with its view index and rows; a sample the cache holds
     but the tar no longer yields as cached (unreadable, relabelled, missing) fails naming tar and key."""
-    keys, rows, views, _ = loaded
+    keys, rows, views, _, blocks = loaded
     url = m.dataset.shards[task.tar].url
     valid, labels = rows[A.VALID], rows[A.LABEL]
     n = 0
@@ -88,7 +150,10 @@ def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict |
             raise BadSampleError(url, s.key, f"label {s.label} in the tar, {labels[p]} in the cache "
                                              f"(row {p}, view {views[p]})")
         n += 1
-        yield dataclasses.replace(s, view=int(views[p]), rows={name: a[p] for name, a in rows.items()})
+        row = {name: a[p] for name, a in rows.items()}
+        if blocks is not None:
+            row |= blocks.at(p)
+        yield dataclasses.replace(s, view=int(views[p]), rows=row)
     if n != task.n:
         raise BadTarError(url, f"{n} cached samples streamed, the cache records {task.n}")
 
@@ -139,8 +204,6 @@ def reorder(tasks: list[Task], order: np.ndarray, load: Callable[[Task], Loaded]
             stream: Callable[[Task, Loaded], Iterator[Sample]], *, where: str) -> Iterator[Sample]:
     """The lockstep streams of ``tasks`` (``load`` read ahead by one tar on a thread), reordered by ``order``
     (indices into their concatenation); items not in ``order`` are dropped, tars with none of it not read."""
-    from pipeline.stages import prefetch_map
-
     if len(order) == 0:
         return
     total = sum(t.n for t in tasks)

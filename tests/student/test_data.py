@@ -19,6 +19,7 @@ from pipeline.views import eval_view
 from storage_schemas import arrays as A
 from storage_schemas import layout
 from storage_schemas.errors import ConfigError
+from student import stream
 from student.batch import collate_rows
 from student.config import check_mix
 from student.data import CacheDataset, merge_states, target_arrays
@@ -79,6 +80,42 @@ def test_rows_match_cache_and_keys_match_tar(random_epoch, small_cache):
     assert batch.x.shape == (16, 3, 32, 32) and batch.labels.tolist() == [s.label for s in random_epoch[:16]]
     assert batch.targets.topk.values.shape == (16, m.logits.k) and set(batch.targets.features) == set(TAPS)
     assert batch.keys == [s.key for s in random_epoch[:16]]
+
+
+def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(random_epoch, small_cache,
+                                                                            monkeypatch):
+    """Target arrays too large to hold a whole unit of (ViTKD taps at ImageNet's tar size) are read by
+    blocks of ``chunk_rows`` as the stream reaches them: the same samples, order and rows as whole units."""
+    m = small_cache["manifest"]
+    names = [*target_arrays(m, logits=True, taps=TAPS), A.VIEW_FINGERPRINT, A.PRED_TOP1]
+    whole = {n for n in names if m.arrays[n].row_bytes * 120 > stream.WHOLE_UNIT_BYTES}
+    assert not whole  # the digits' units are small: random_epoch read every array whole
+    monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)  # now every target array counts as large
+    ds = make(small_cache, arrays=names, view_policy="random")
+    step = 16
+    ds.m = ds.m.model_copy(update={"chunk_rows": step})  # finer than the stored chunks: many blocks a tar
+    reads, read_unit = [], CacheStore.read_unit
+
+    def spy(self, m, tar, view, names=None, lo=0, hi=None):
+        reads.append((tar, view, tuple(names or ()), lo, hi))
+        return read_unit(self, m, tar, view, names, lo, hi)
+
+    monkeypatch.setattr(CacheStore, "read_unit", spy)
+    got = list(ds)
+    assert ids(got) == ids(random_epoch) and [s.view for s in got] == [s.view for s in random_epoch]
+    for a, b in zip(got, random_epoch, strict=True):
+        assert set(a.rows) == set(b.rows)
+        for name in a.rows:
+            np.testing.assert_array_equal(a.rows[name], b.rows[name], err_msg=f"{name} {a.key}")
+    tap = target_arrays(m, logits=False, taps=["final"])[0]
+    by_block = [(t, v, lo, hi) for t, v, n, lo, hi in reads if tap in n]
+    assert by_block and all(hi - lo == step and lo % step == 0 for _, _, lo, hi in by_block)
+    assert all(A.LABEL not in n for _, _, n, _, _ in reads if tap in n)  # what a tar needs whole, read whole
+    for t, sh in enumerate(m.dataset.shards):  # each block of each view drawn read once
+        drawn = random_views(0, 0, t, sh.count, tuple(range(m.num_views)))
+        want = sorted((t, int(v), lo, lo + step) for lo in range(0, sh.count, step)
+                      for v in np.unique(drawn[lo:lo + step]))
+        assert sorted(b for b in by_block if b[0] == t) == want
 
 
 def test_only_requested_arrays_are_read(small_cache):
