@@ -441,8 +441,8 @@ def read(ds: CacheDataset, epochs: int, *, batch_size: int, workers: int) -> dic
 
 def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """CPU milliseconds per sample, in this process, of what a worker does for ``ds``'s targets on top of the
-    images: reading every tar's target rows (:meth:`pipeline.store.CacheStore.read_unit`: read, zstd, checksums,
-    Zarr's copies) and handing them over in batches as the loader does (:meth:`student.ring.BatchRing.put`, the
+    images: reading every tar's target rows (:meth:`pipeline.store.CacheStore.read_unit`: read, checksums, and for
+    arrays with zstd Zarr's decompression and copies; uncompressed ones by :mod:`pipeline.raw_shards`) and handing them over in batches as the loader does (:meth:`student.ring.BatchRing.put`, the
     worker's stack into a reused shared-memory slot, and :meth:`~student.ring.BatchRing.take`, the main
     process's copy out of it; ``fresh_shared_memory``: :func:`student.batch.stack` into a new shared segment, the
     DataLoader's usual way, for comparison)."""

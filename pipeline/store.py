@@ -30,6 +30,7 @@ from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest, UnitCompletion
 
 from .crash_points import crash_point
+from .raw_shards import RawShard, is_raw_sharded
 
 
 class CacheNotReadyError(CacheError):
@@ -97,6 +98,7 @@ class CacheStore:
         self.read_only = read_only
         self.fs, self.root = url_to_fs(url, self.storage_options)
         self._arrays: dict[str, zarr.Array] = {}
+        self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
         self._group: zarr.Group | None = None
 
     # --- plain objects ------------------------------------------------------------
@@ -208,6 +210,7 @@ class CacheStore:
                 **A.zarr_codecs(m.compressed(name)),
             )
         self._arrays.clear()
+        self._raw.clear()
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -253,7 +256,17 @@ class CacheStore:
         only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
-        return {n: self.array(n)[tar * S + lo: tar * S + hi, view] for n in (names or list(m.arrays))}
+        out = {}
+        for n in names or list(m.arrays):
+            arr = self.array(n)
+            if self._raw.get(n) is None:
+                self._raw[n] = is_raw_sharded(arr)
+            if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
+                key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
+                out[n] = RawShard(self.fs, key, arr).rows(lo, hi)
+            else:
+                out[n] = arr[tar * S + lo: tar * S + hi, view]
+        return out
 
     # --- completion records and index --------------------------------------------
 

@@ -1,0 +1,133 @@
+"""Rows of a Zarr v3 shard stored without compression, read straight from the shard's bytes.
+
+Why not Zarr itself: the student's reader reads whole units of large uncompressed arrays (ViTKD taps, 1.2 MB a
+sample at ViT-L's size) once per epoch, and Zarr 3.1 spends 0.9–1.2 ms of CPU a sample on it, against 0.24 ms
+for reading the same bytes into one array (scratch microbenchmark, 2026-12-01, the ``bench.scale`` reader
+caches; its ``breakdown_ms_per_sample.read_rows`` shows the same 1.2 ms): it reads each shard into a fresh
+``bytes`` object and then copies every decoded chunk into a fresh output array (py-spy: ``NDBuffer.__setitem__``
+44 % of a read). Zarr offers no way to decode into the bytes it read; ``out=`` still copies, and the compiled
+``zarrs`` codec pipeline read no faster (1.27 against 1.26 ms a sample). Here a local shard is read with one
+``readinto`` into one array whose chunks become the rows, zero copies after the read (from an object store: one
+request for a whole shard instead of Zarr's two, index and chunk).
+
+Only the chain kdcache writes for an uncompressed array is read here — ``sharding_indexed`` with the index at
+the end, ``bytes`` (little-endian) + ``crc32c`` for both the inner chunks and the index
+(:func:`storage_schemas.arrays.zarr_codecs` with ``compress=False``) — checked against the array's own Zarr
+metadata by :func:`is_raw_sharded`; anything else (zstd, a cache from another writer) is left to Zarr. Both
+checksums are verified, as Zarr verifies them, with the same ``google_crc32c``. The layout is the Zarr v3
+sharding codec's (its spec, "Binary shard format"): the inner chunks, then the index, one little-endian
+``uint64`` (offset, nbytes) pair per inner chunk in C order, ``2**64 - 1`` twice for a chunk not stored (all
+fill value), followed by the index's crc32c; a shard whose chunks are all fill is not stored at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import google_crc32c
+import numpy as np
+import zarr
+import zarr.codecs as zc
+from fsspec.implementations.local import LocalFileSystem
+
+from storage_schemas.errors import CacheError
+
+MISSING = 2**64 - 1  # an index entry of a chunk not stored
+CRC_BYTES = 4
+
+
+def is_raw_sharded(arr: zarr.Array) -> bool:
+    """Whether ``arr`` is stored as kdcache stores an uncompressed array: one shard codec, index at the end, the
+    inner chunks and the index each ``bytes`` (little-endian) + ``crc32c``, a little-endian (or one-byte) dtype,
+    shards of whole rows ``[rows, 1, ...]`` split along the rows only."""
+    md = arr.metadata
+    if getattr(md, "zarr_format", None) != 3 or len(md.codecs) != 1 or not isinstance(md.codecs[0], zc.ShardingCodec):
+        return False
+    sc = md.codecs[0]
+
+    def plain(chain) -> bool:
+        return (len(chain) == 2 and isinstance(chain[0], zc.BytesCodec) and isinstance(chain[1], zc.Crc32cCodec)
+                and (chain[0].endian is None or chain[0].endian.value == "little"))
+
+    shard = tuple(md.chunk_grid.chunk_shape)
+    return (plain(sc.codecs) and plain(sc.index_codecs) and sc.index_location.value == "end"
+            and arr.dtype.byteorder in "<|=" and len(shard) >= 2 and shard[1] == 1
+            and tuple(sc.chunk_shape[1:]) == shard[1:] and shard[0] % sc.chunk_shape[0] == 0)
+
+
+class RawShard:
+    """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it."""
+
+    def __init__(self, fs, path: str, arr: zarr.Array) -> None:
+        self.fs, self.path = fs, path
+        self.shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
+        self.chunk_rows = arr.metadata.codecs[0].chunk_shape[0]
+        self.row_shape = tuple(arr.shape[2:])
+        self.dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == "=" else arr.dtype
+        self.fill = arr.fill_value
+        self.n_chunks = self.shard_rows // self.chunk_rows
+        self.chunk_bytes = self.chunk_rows * math.prod(self.row_shape) * self.dtype.itemsize
+        self.index_bytes = 16 * self.n_chunks + CRC_BYTES
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo..hi-1`` of the shard ``[hi - lo, *row_shape]``: a view into the bytes read when they lie in
+        one inner chunk (the usual case), else the chunks' rows joined."""
+        if hi <= lo:
+            return np.empty((0, *self.row_shape), self.dtype)
+        first, last = lo // self.chunk_rows, (hi - 1) // self.chunk_rows
+        whole = first == 0 and last == self.n_chunks - 1  # the whole shard: one read
+        try:
+            data = self._read(0 if whole else -self.index_bytes, None)
+        except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
+            return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
+        index = self._index(data[-self.index_bytes:])
+        base = 0 if whole else None
+        parts = []
+        for c in range(first, last + 1):
+            offset, nbytes = int(index[c, 0]), int(index[c, 1])
+            a, b = max(lo, c * self.chunk_rows) - c * self.chunk_rows, min(hi, (c + 1) * self.chunk_rows) - c * self.chunk_rows
+            if offset == MISSING and nbytes == MISSING:
+                parts.append(np.full((b - a, *self.row_shape), self.fill, self.dtype))
+                continue
+            if nbytes != self.chunk_bytes + CRC_BYTES:
+                raise CacheError(f"{self.path}: inner chunk {c} is {nbytes} bytes, expected "
+                                 f"{self.chunk_bytes + CRC_BYTES} for rows {self.row_shape} {self.dtype}; the shard "
+                                 "is damaged: run `kdcache verify` on the cache")
+            chunk = data[offset:offset + nbytes] if base is not None else self._read(offset, offset + nbytes)
+            if len(chunk) != nbytes:
+                raise CacheError(f"{self.path}: inner chunk {c} runs past the end of the shard; the shard is damaged: "
+                                 "run `kdcache verify` on the cache")
+            self._check(chunk, f"inner chunk {c}")
+            parts.append(chunk[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[a:b])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _read(self, start: int, end: int | None) -> np.ndarray:
+        """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
+        file is read straight into it."""
+        if isinstance(self.fs, LocalFileSystem):
+            with open(self.path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                lo = size + start if start < 0 else start
+                hi = size if end is None else min(end, size)
+                out = np.empty(max(0, hi - lo), np.uint8)
+                f.seek(lo)
+                got = f.readinto(memoryview(out))
+                if got != len(out):
+                    raise CacheError(f"{self.path}: read {got} of {len(out)} bytes; the shard changed while read")
+                return out
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        return np.frombuffer(data, np.uint8).copy()  # writable, as the rows Zarr returns are
+
+    def _index(self, raw: np.ndarray) -> np.ndarray:
+        if len(raw) != self.index_bytes:
+            raise CacheError(f"{self.path}: the shard index is {len(raw)} bytes, expected {self.index_bytes}; the "
+                             "shard is damaged: run `kdcache verify` on the cache")
+        self._check(raw, "the shard index")
+        return raw[:-CRC_BYTES].view("<u8").reshape(self.n_chunks, 2)
+
+    def _check(self, block: np.ndarray, what: str) -> None:
+        stored = int(block[-CRC_BYTES:].view("<u4")[0])
+        if google_crc32c.value(block[:-CRC_BYTES]) != stored:  # as Zarr's crc32c codec computes it
+            raise CacheError(f"{self.path}: {what} does not match its crc32c checksum; the shard is damaged: run "
+                             "`kdcache verify` on the cache")

@@ -1,0 +1,128 @@
+"""pipeline.raw_shards reads kdcache's uncompressed shards as Zarr reads them: every row range, with inner chunks
+and whole shards left unstored (all fill), locally and from S3; other chains are left to Zarr; damage is one
+clear error naming the shard."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.raw_shards import RawShard, is_raw_sharded
+from pipeline.store import CacheStore, url_to_fs
+from storage_schemas import arrays as A
+from storage_schemas import layout
+from storage_schemas.errors import CacheError
+
+S, CR, INNER = 12, 4, (3, 5)  # rows a shard (unit), rows an inner chunk, a row's shape
+TARS, VIEWS = 3, 2
+RANGES = [(0, S), (0, 1), (3, 9), (4, 8), (5, 6), (11, 12), (0, 10), (2, 12), (7, 7)]
+
+
+def make_array(url: str, dtype: str, storage_options: dict | None = None, compress: bool = False) -> zarr.Array:
+    """An array shaped as a cache's ``[tars * S, views, *INNER]``, written as the job writes units; unit (1, 1)
+    never written (no shard object) and in unit (2, 0) the middle inner chunk all fill (not stored)."""
+    store = CacheStore(url, storage_options)
+    g = store.group()
+    arr = g.create_array("a", shape=(TARS * S, VIEWS, *INNER), dtype=dtype, chunks=(CR, 1, *INNER),
+                         shards=(S, 1, *INNER), fill_value=7, **A.zarr_codecs(compress))
+    rng = np.random.default_rng(0)
+    for t in range(TARS):
+        for v in range(VIEWS):
+            if (t, v) == (1, 1):
+                continue
+            block = (rng.standard_normal((S, 1, *INNER)) * 50).astype(dtype)
+            if (t, v) == (2, 0):
+                block[CR:2 * CR] = 7
+            arr[t * S:(t + 1) * S, v:v + 1] = block
+    return arr
+
+
+def shard(store: CacheStore, arr: zarr.Array, t: int, v: int) -> RawShard:
+    return RawShard(store.fs, store.path(layout.array_shard_key("a", t, v, len(INNER))), arr)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "float32", "uint8"])
+def test_every_row_range_reads_as_zarr_reads_it(tmp_path, dtype):
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, dtype)
+    store = CacheStore(url, read_only=True)
+    assert is_raw_sharded(arr)
+    assert not store.fs.exists(store.path(layout.array_shard_key("a", 1, 1, len(INNER))))
+    for t in range(TARS):
+        for v in range(VIEWS):
+            for lo, hi in RANGES:
+                got, want = shard(store, arr, t, v).rows(lo, hi), arr[t * S + lo:t * S + hi, v]
+                assert got.dtype == want.dtype and got.shape == want.shape, (t, v, lo, hi)
+                np.testing.assert_array_equal(got, want, err_msg=f"unit {t},{v} rows {lo}..{hi}")
+                assert got.flags.writeable
+    assert (shard(store, arr, 2, 0).rows(0, S)[CR:2 * CR] == 7).all()
+
+
+def test_from_s3_reads_as_zarr_reads_it(moto_s3):
+    opts = moto_s3["storage_options"]
+    url = f"s3://{moto_s3['bucket']}/raw-{uuid.uuid4().hex[:8]}.zarr"
+    arr = make_array(url, "float16", opts)
+    store = CacheStore(url, opts, read_only=True)
+    for t, v in [(0, 0), (1, 1), (2, 0)]:
+        for lo, hi in RANGES:
+            np.testing.assert_array_equal(shard(store, arr, t, v).rows(lo, hi), arr[t * S + lo:t * S + hi, v])
+
+
+def test_other_chains_are_left_to_zarr(tmp_path):
+    assert not is_raw_sharded(make_array(str(tmp_path / "z.zarr"), "float16", compress=True))
+    g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    assert not is_raw_sharded(g.create_array("b", shape=(8, 1, 3), dtype="float16", chunks=(4, 1, 3)))
+
+
+def test_the_cache_store_reads_raw_arrays_without_zarr_and_the_rest_with_it(tmp_path, monkeypatch):
+    url = str(tmp_path / "c.zarr")
+    make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    arr = store.array("a")
+    calls = []
+    real = RawShard.rows
+
+    def spy(self, lo, hi):
+        calls.append((self.path, lo, hi))
+        return real(self, lo, hi)
+
+    monkeypatch.setattr(RawShard, "rows", spy)
+
+    class M:  # the two manifest fields read_unit uses
+        rows_per_shard = S
+        dataset = type("D", (), {"shards": [type("T", (), {"count": 10})()] * TARS})()
+
+    rows = store.read_unit(M, 2, 0, ["a"], 1, None)["a"]
+    np.testing.assert_array_equal(rows, arr[2 * S + 1:2 * S + 10, 0])
+    assert calls == [(store.path("a/c/2/0/0/0"), 1, 10)]
+
+
+def damaged(tmp_path, where: str) -> tuple[RawShard, str]:
+    url = str(tmp_path / f"{where}.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    s = shard(store, arr, 0, 0)
+    data = bytearray(open(s.path, "rb").read())
+    if where == "chunk":
+        data[5] ^= 0xFF
+    elif where == "index":
+        data[-7] ^= 0x01
+    else:
+        data = data[:10] + data[-s.index_bytes:]  # the chunks cut short, the index kept
+    open(s.path, "wb").write(bytes(data))
+    return s, s.path
+
+
+@pytest.mark.parametrize(("where", "message"), [("chunk", r"inner chunk 0 does not match its crc32c checksum"),
+                                                ("index", r"the shard index does not match its crc32c checksum"),
+                                                ("truncated", r"inner chunk 0 runs past the end of the shard")])
+def test_a_damaged_shard_is_one_error_naming_it(tmp_path, where, message):
+    s, path = damaged(tmp_path, where)
+    with pytest.raises(CacheError, match=message) as e:
+        s.rows(0, S)
+    assert path in str(e.value) and "kdcache verify" in str(e.value)
+    fs, _ = url_to_fs(str(tmp_path))
+    assert fs.exists(path)  # nothing repaired or removed behind the reader's back
