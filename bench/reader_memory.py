@@ -26,15 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (
-    device_name,
-    markdown_table,
-    ratio_summary,
-    round_orders,
-    spread,
-    with_spread,
-    write_results,
-)
+from . import common
 
 MODEL = "vit_large_patch16_224"
 ROOT = Path(__file__).resolve().parents[1]  # the children run ``-m bench.reader_memory`` from here
@@ -120,7 +112,7 @@ def child(url: str, way: str, shuffle_buffer: int, whole_unit_mb: float | None =
 
 def run(url: str, *, rounds: int, shuffle_buffer: int, whole_unit_mb: float | None = None, seed: int = 0) -> dict:
     got: dict[str, list[dict]] = {w: [] for w in WAYS}
-    for order in round_orders(WAYS, rounds, seed):
+    for order in common.round_orders(WAYS, rounds, seed):
         for way in order:
             out = subprocess.run([sys.executable, "-m", "bench.reader_memory", "--child", url, "--way", way,
                                   "--shuffle-buffer", str(shuffle_buffer),
@@ -133,20 +125,20 @@ def run(url: str, *, rounds: int, shuffle_buffer: int, whole_unit_mb: float | No
             print(f"{way}: held {r['held_mb']:.0f} MB, {r['samples'] / r['seconds']:.0f} samples/s", flush=True)
     held = {w: [r["held_mb"] for r in got[w]] for w in WAYS}
     rate = {w: [r["samples"] / r["seconds"] for r in got[w]] for w in WAYS}
-    held_ratio = ratio_summary(held["blocks"], held["whole_units"])
-    rate_ratio = ratio_summary(rate["blocks"], rate["whole_units"])
+    held_ratio = common.ratio_summary(held["blocks"], held["whole_units"])
+    rate_ratio = common.ratio_summary(rate["blocks"], rate["whole_units"])
     rows = []
     for w in WAYS:
-        h, p, s = spread(held[w]), spread([r["peak_rss_mb"] for r in got[w]]), spread(rate[w])
-        rows.append({"reading": w, "held MB": with_spread(h["median"], h["min"], h["max"]),
-                     "vs whole units": with_spread(held_ratio["median"], *held_ratio["interval"])
+        h, p, s = common.spread(held[w]), common.spread([r["peak_rss_mb"] for r in got[w]]), common.spread(rate[w])
+        rows.append({"reading": w, "held MB": common.with_spread(h["median"], h["min"], h["max"]),
+                     "vs whole units": common.with_spread(held_ratio["median"], *held_ratio["interval"])
                      if w == "blocks" else "1",
-                     "peak RSS MB": with_spread(p["median"], p["min"], p["max"]),
-                     "samples/s": with_spread(s["median"], s["min"], s["max"]),
+                     "peak RSS MB": common.with_spread(p["median"], p["min"], p["max"]),
+                     "samples/s": common.with_spread(s["median"], s["min"], s["max"]),
                      "largest read (rows)": max(r["largest_read_rows"] for r in got[w])})
-    return {"device": device_name(), "url": url, "rounds": rounds, "shuffle_buffer": shuffle_buffer,
-            "runs": got, "held_mb": {w: spread(v) for w, v in held.items()},
-            "samples_per_s": {w: spread(v) for w, v in rate.items()},
+    return {"device": common.device_name(), "url": url, "rounds": rounds, "shuffle_buffer": shuffle_buffer,
+            "runs": got, "held_mb": {w: common.spread(v) for w, v in held.items()},
+            "samples_per_s": {w: common.spread(v) for w, v in rate.items()},
             "held_blocks_vs_whole": held_ratio, "rate_blocks_vs_whole": rate_ratio, "rows": rows}
 
 
@@ -177,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     url = build(a.workdir, model=a.model, tars=a.tars, per_tar=a.per_tar, chunk_rows=a.chunk_rows)
     res = run(url, rounds=a.rounds, shuffle_buffer=a.shuffle_buffer, whole_unit_mb=a.whole_unit_mb)
     res |= {"model": a.model, "tars": a.tars, "per_tar": a.per_tar, "chunk_rows": a.chunk_rows}
-    print(markdown_table(res["rows"], COLUMNS))
-    print(f"written to {write_results('reader_memory', res)}")
+    print(common.markdown_table(res["rows"], COLUMNS))
+    print(f"written to {common.write_results('reader_memory', res)}")
     return res
 
 
