@@ -44,10 +44,11 @@ class OutputConfig(_Strict):
     feature_compression: Literal["zstd", "none"] = Field(
         "none",
         description="the feature taps' arrays: none (the default) or zstd (level 3). fp16 teacher activations "
-                    "shrink only ~8 % under zstd (int8 ~14 %), and decompressing them is half of what reading "
-                    "them costs (ViT-L's three ViTKD taps, 1.1 MB a view: 3.2 ms a sample with zstd, 1.6 ms "
-                    "without; the student's 2-worker reader at 0.68 of images alone with zstd, 0.78 without, "
-                    "`python -m bench --scale`). zstd trades that read time for the disk. Every other array "
+                    "shrink only ~8 % under zstd (int8 ~14 %), and decompressing them is most of what reading "
+                    "them costs (ViT-L's three ViTKD taps, 1.2 MB a view: 3.0 ms a sample with zstd, 0.4 ms "
+                    "without, read past Zarr's copies by pipeline.raw_shards; the student's 2-worker reader at "
+                    "0.69 of images alone with zstd, 0.84 without, `python -m bench --scale`). zstd trades that "
+                    "read time for the disk. Every other array "
                     "stays zstd; every chunk keeps its crc32c checksum; a resumed or grown cache keeps the chain "
                     "it was created with (caches made before schema 1.8 without the key: zstd).")
 
