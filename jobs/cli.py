@@ -479,6 +479,9 @@ def _user_error(e: BaseException) -> str | None:
         if isinstance(cause, BaseException) and cause is not e:
             e = cause  # (a RayTaskError also *is* that type, but its str() is Ray's traceback)
             continue
+        worker = _dataloader_worker_error(e)
+        if worker is not None:
+            return worker
         if isinstance(e, KDCacheError):
             return str(e)
         err = storage_error(e)
@@ -486,6 +489,30 @@ def _user_error(e: BaseException) -> str | None:
             return str(err)
         e = e.__cause__
     return None
+
+
+def _dataloader_worker_error(e: BaseException) -> str | None:
+    """The message of one of the project's own errors raised in a DataLoader worker, or None. torch re-raises a
+    worker's exception in the main process as its type (or as RuntimeError when that type will not take one
+    string) with the worker's traceback as the message (``Caught X in DataLoader worker process N.`` …); the
+    traceback's last line names the type and holds the message."""
+    import importlib
+
+    from storage_schemas.errors import KDCacheError
+
+    text = str(e)
+    if not (text.startswith("Caught ") and "in DataLoader worker process" in text and "\nOriginal Traceback" in text):
+        return None
+    last = text.rstrip().splitlines()[-1]
+    path, sep, message = last.partition(": ")
+    module, _, name = path.rpartition(".")
+    if not (sep and module):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return message if isinstance(cls, type) and issubclass(cls, KDCacheError) else None
 
 
 if __name__ == "__main__":

@@ -208,3 +208,44 @@ def test_ray_that_cannot_start_or_attach_is_one_line(address, small_cache, tmp_p
         assert err.startswith(f"kdcache cache: error: Ray at {address} (--address or RAY_ADDRESS): cannot attach")
     else:
         assert err.startswith("kdcache cache: error: a local Ray instance did not start: The current node timed out")
+
+
+def test_a_user_error_in_a_dataloader_worker_is_its_one_line(small_cache, tmp_path):
+    """torch re-raises a DataLoader worker's exception with the worker's traceback as its message (and as
+    RuntimeError when the type takes more than one string, as BadSampleError does): the CLI still prints the
+    original one line. Here a tap shard of a copy of the digits cache fails its crc32c in a real worker."""
+    import shutil
+
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from jobs.cli import _user_error
+    from pipeline.tars import BadSampleError
+    from student.data import CacheDataset, target_arrays
+
+    path = tmp_path / "c.zarr"
+    shutil.copytree(small_cache["path"], path)
+    m = small_cache["manifest"]
+    tap = target_arrays(m, logits=False, taps=["final"])[0]
+    shard = path / layout.array_shard_key(tap, 0, 0, len(m.arrays[tap].shape) - 2)
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    t = m.teacher
+    ds = CacheDataset(str(path), size=t.input_size, mean=t.mean, std=t.std, logits=False, taps=["final"],
+                      shuffle=False)
+    with pytest.raises(Exception) as e:
+        list(DataLoader(ds, batch_size=8, num_workers=1, collate_fn=lambda b: len(b)))
+    assert "Original Traceback" in str(e.value)  # what torch hands the main process
+    msg = _user_error(e.value)
+    assert msg is not None and "\n" not in msg, msg
+    assert msg.startswith(f"{shard}: inner chunk 0 does not match its crc32c checksum") and "kdcache verify" in msg
+
+    def bad_sample(_):
+        raise BadSampleError("s3://b/train-000000.tar", "k7", "not a JPEG")
+
+    with pytest.raises(RuntimeError) as e:
+        list(DataLoader(np.arange(2), num_workers=1, collate_fn=bad_sample))
+    assert _user_error(e.value) == str(BadSampleError("s3://b/train-000000.tar", "k7", "not a JPEG"))
+    assert _user_error(RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback "
+                                    "(most recent call last):\nValueError: a bug")) is None
