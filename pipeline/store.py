@@ -265,7 +265,14 @@ class CacheStore:
                 key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
                 out[n] = RawShard(self.fs, key, arr).rows(lo, hi)
             else:
-                out[n] = arr[tar * S + lo: tar * S + hi, view]
+                try:
+                    out[n] = arr[tar * S + lo: tar * S + hi, view]
+                except ValueError as e:  # Zarr's crc32c codec: the stored bytes changed since they were written
+                    if "checksum" not in str(e):
+                        raise
+                    key = layout.array_shard_key(n, tar, view, arr.ndim - 2)
+                    raise CacheError(f"{self.path(key)}: {e} (array {n}, tar {tar}, view {view}); the shard is "
+                                     "damaged: run `kdcache verify` on the cache") from e
         return out
 
     # --- completion records and index --------------------------------------------

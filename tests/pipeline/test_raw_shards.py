@@ -5,6 +5,7 @@ clear error naming the shard."""
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,6 +39,11 @@ def make_array(url: str, dtype: str, storage_options: dict | None = None, compre
                 block[CR:2 * CR] = 7
             arr[t * S:(t + 1) * S, v:v + 1] = block
     return arr
+
+
+def manifest(count: int) -> SimpleNamespace:
+    """The two fields of a manifest that ``CacheStore.read_unit`` reads: rows a shard, samples a tar."""
+    return SimpleNamespace(rows_per_shard=S, dataset=SimpleNamespace(shards=[SimpleNamespace(count=count)] * TARS))
 
 
 def shard(store: CacheStore, arr: zarr.Array, t: int, v: int) -> RawShard:
@@ -90,12 +96,7 @@ def test_the_cache_store_reads_raw_arrays_without_zarr_and_the_rest_with_it(tmp_
         return real(self, lo, hi)
 
     monkeypatch.setattr(RawShard, "rows", spy)
-
-    class M:  # the two manifest fields read_unit uses
-        rows_per_shard = S
-        dataset = type("D", (), {"shards": [type("T", (), {"count": 10})()] * TARS})()
-
-    rows = store.read_unit(M, 2, 0, ["a"], 1, None)["a"]
+    rows = store.read_unit(manifest(10), 2, 0, ["a"], 1, None)["a"]
     np.testing.assert_array_equal(rows, arr[2 * S + 1:2 * S + 10, 0])
     assert calls == [(store.path("a/c/2/0/0/0"), 1, 10)]
 
@@ -126,3 +127,17 @@ def test_a_damaged_shard_is_one_error_naming_it(tmp_path, where, message):
     assert path in str(e.value) and "kdcache verify" in str(e.value)
     fs, _ = url_to_fs(str(tmp_path))
     assert fs.exists(path)  # nothing repaired or removed behind the reader's back
+
+
+def test_a_damaged_zstd_shard_read_through_zarr_is_the_same_kind_of_error(tmp_path):
+    url = str(tmp_path / "z.zarr")
+    make_array(url, "float16", compress=True)
+    store = CacheStore(url, read_only=True)
+    path = store.path(layout.array_shard_key("a", 0, 1, len(INNER)))
+    data = bytearray(open(path, "rb").read())
+    data[5] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CacheError, match=r"checksum do not match.*\(array a, tar 0, view 1\).*kdcache verify") as e:
+        store.read_unit(manifest(S), 0, 1, ["a"])
+    assert str(e.value).startswith(f"{path}: ")
+    np.testing.assert_array_equal(store.read_unit(manifest(S), 0, 0, ["a"])["a"], store.array("a")[0:S, 0])  # others read
