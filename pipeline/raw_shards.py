@@ -37,6 +37,11 @@ MISSING = 2**64 - 1  # an index entry of a chunk not stored
 CRC_BYTES = 4
 
 
+def damaged(path: str, what: str) -> CacheError:
+    """The error for a shard object whose stored bytes are not what was written (also for Zarr's reads)."""
+    return CacheError(f"{path}: {what}; the shard is damaged: run `kdcache verify` on the cache")
+
+
 def is_raw_sharded(arr: zarr.Array) -> bool:
     """Whether ``arr`` is stored as kdcache stores an uncompressed array: one shard codec, index at the end, the
     inner chunks and the index each ``bytes`` (little-endian) + ``crc32c``, a little-endian (or one-byte) dtype,
@@ -82,22 +87,20 @@ class RawShard:
         except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
             return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
         index = self._index(data[-self.index_bytes:])
-        base = 0 if whole else None
         parts = []
         for c in range(first, last + 1):
             offset, nbytes = int(index[c, 0]), int(index[c, 1])
-            a, b = max(lo, c * self.chunk_rows) - c * self.chunk_rows, min(hi, (c + 1) * self.chunk_rows) - c * self.chunk_rows
+            start = c * self.chunk_rows
+            a, b = max(lo, start) - start, min(hi, start + self.chunk_rows) - start
             if offset == MISSING and nbytes == MISSING:
                 parts.append(np.full((b - a, *self.row_shape), self.fill, self.dtype))
                 continue
             if nbytes != self.chunk_bytes + CRC_BYTES:
-                raise CacheError(f"{self.path}: inner chunk {c} is {nbytes} bytes, expected "
-                                 f"{self.chunk_bytes + CRC_BYTES} for rows {self.row_shape} {self.dtype}; the shard "
-                                 "is damaged: run `kdcache verify` on the cache")
-            chunk = data[offset:offset + nbytes] if base is not None else self._read(offset, offset + nbytes)
+                raise damaged(self.path, f"inner chunk {c} is {nbytes} bytes, expected {self.chunk_bytes + CRC_BYTES} "
+                                         f"for rows {self.row_shape} {self.dtype}")
+            chunk = data[offset:offset + nbytes] if whole else self._read(offset, offset + nbytes)
             if len(chunk) != nbytes:
-                raise CacheError(f"{self.path}: inner chunk {c} runs past the end of the shard; the shard is damaged: "
-                                 "run `kdcache verify` on the cache")
+                raise damaged(self.path, f"inner chunk {c} runs past the end of the shard")
             self._check(chunk, f"inner chunk {c}")
             parts.append(chunk[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[a:b])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -121,13 +124,11 @@ class RawShard:
 
     def _index(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) != self.index_bytes:
-            raise CacheError(f"{self.path}: the shard index is {len(raw)} bytes, expected {self.index_bytes}; the "
-                             "shard is damaged: run `kdcache verify` on the cache")
+            raise damaged(self.path, f"the shard index is {len(raw)} bytes, expected {self.index_bytes}")
         self._check(raw, "the shard index")
         return raw[:-CRC_BYTES].view("<u8").reshape(self.n_chunks, 2)
 
     def _check(self, block: np.ndarray, what: str) -> None:
         stored = int(block[-CRC_BYTES:].view("<u4")[0])
         if google_crc32c.value(block[:-CRC_BYTES]) != stored:  # as Zarr's crc32c codec computes it
-            raise CacheError(f"{self.path}: {what} does not match its crc32c checksum; the shard is damaged: run "
-                             "`kdcache verify` on the cache")
+            raise damaged(self.path, f"{what} does not match its crc32c checksum")

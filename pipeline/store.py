@@ -30,7 +30,7 @@ from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest, UnitCompletion
 
 from .crash_points import crash_point
-from .raw_shards import RawShard, is_raw_sharded
+from .raw_shards import RawShard, damaged, is_raw_sharded
 
 
 class CacheNotReadyError(CacheError):
@@ -261,18 +261,16 @@ class CacheStore:
             arr = self.array(n)
             if self._raw.get(n) is None:
                 self._raw[n] = is_raw_sharded(arr)
+            key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
             if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
-                key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
                 out[n] = RawShard(self.fs, key, arr).rows(lo, hi)
-            else:
-                try:
-                    out[n] = arr[tar * S + lo: tar * S + hi, view]
-                except ValueError as e:  # Zarr's crc32c codec: the stored bytes changed since they were written
-                    if "checksum" not in str(e):
-                        raise
-                    key = layout.array_shard_key(n, tar, view, arr.ndim - 2)
-                    raise CacheError(f"{self.path(key)}: {e} (array {n}, tar {tar}, view {view}); the shard is "
-                                     "damaged: run `kdcache verify` on the cache") from e
+                continue
+            try:
+                out[n] = arr[tar * S + lo: tar * S + hi, view]
+            except ValueError as e:  # Zarr's crc32c codec: the stored bytes changed since they were written
+                if "checksum" not in str(e):
+                    raise
+                raise damaged(key, f"{e} (array {n}, tar {tar}, view {view})") from e
         return out
 
     # --- completion records and index --------------------------------------------
