@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import cache_throughput, kd_studies, mixup_study, scale, student_speed
 from .common import OUT, RATIO_COLUMNS, device_name, markdown_table, ratio_rows, verdict_lines
+from .scale import report as scale_report
 
 
 def report(cache: dict, speed: dict, studies: dict | None, mixup: dict | None = None) -> tuple[dict, str]:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if last_scale.exists():  # the last `--scale` run's figures stay in the report
         res = json.loads(last_scale.read_text())
         results["scale"] = res["scale"]
-        md = scale.with_section(md, scale.markdown(res))
+        md = scale_report.with_section(md, scale_report.markdown(res))
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     (OUT / "results.md").write_text(md)
     print("\n" + md)

@@ -7,8 +7,8 @@ and the ones the shuffle buffer still points into. Since then a target array who
 :data:`student.stream.WHOLE_UNIT_BYTES` is read a Zarr chunk of rows at a time
 (:class:`student.stream.BlockRows`). Both ways are the same code with one knob (the threshold: infinite =
 whole units), measured here on one cache of ImageNet-shaped synthetic tars (``kdcache data synthetic``) with the
-three taps of ``vit_large_patch16_224`` (built under :func:`bench.scale.synthetic_forward`: real shapes, about
-the real compressibility, no 2-CPU forward of ViT-L over thousands of images).
+three taps of ``vit_large_patch16_224`` (built under :func:`bench.scale.caches.synthetic_forward`: real shapes,
+about the real compressibility, no 2-CPU forward of ViT-L over thousands of images).
 
 Each configuration runs one epoch in a fresh process, as one DataLoader worker does (views replayed at
 224 px, the consumer dropping each sample), interleaved over rounds; reported: the process's peak resident
@@ -40,7 +40,8 @@ def build(workdir: Path, *, model: str, tars: int, per_tar: int, chunk_rows: int
     from pipeline.store import CacheStore
     from pipeline.synthetic import write_synthetic
 
-    from .scale import scale_config, synthetic_forward
+    from .scale.caches import synthetic_forward
+    from .scale.caching import scale_config
 
     data_dir = workdir / f"data-{tars}x{per_tar}"
     if not data_dir.exists():

@@ -1,4 +1,4 @@
-"""The pure pieces of bench/scale.py: configs, the report's assembly, the markdown section, relocation of a cache's
+"""The pure pieces of bench/scale/: configs, the report's assembly, the markdown section, relocation of a cache's
 tars, and the stored-bytes recomputation against what the job stored."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import pytest
 
 from bench import scale
 from bench.common import ratio_summary, spread
+from bench.scale import caches, caching, nbytes, reader, report, spec
 from storage_schemas.codecs import tap_codec
 
 
 def test_scale_configs_cache_what_the_methods_need():
-    swin = scale.scale_config(scale.SWIN, scale.TEACHERS[scale.SWIN], "/d/train-{000000..000001}.tar", "/c.zarr",
+    swin = caching.scale_config(spec.SWIN, spec.TEACHERS[spec.SWIN], "/d/train-{000000..000001}.tar", "/c.zarr",
                               batch_size=6, chunk_rows=6)
-    vit = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], "/d/train-{000000..000001}.tar", "/c.zarr",
+    vit = caching.scale_config(spec.VIT, spec.TEACHERS[spec.VIT], "/d/train-{000000..000001}.tar", "/c.zarr",
                              batch_size=6, chunk_rows=6)
     assert [(t.name, t.index, t.norm) for t in swin.targets.features] == [("final", -1, True)]
     assert [(t.name, t.index, t.norm) for t in vit.targets.features] == [
@@ -25,29 +26,29 @@ def test_scale_configs_cache_what_the_methods_need():
 
 
 def test_reader_configurations_name_the_caches_they_read():
-    assert {"images_only", "logits_top10", "scalekd_swinl_final", "vitkd_3taps"} <= set(scale.READER)
-    assert scale.READER["images_only"][1:] == (False, ())
-    assert {name for name, _ in scale.GOALS["reader"]} <= set(scale.READER)
-    assert {key for key, _, _ in scale.READER.values()} == set(scale.READER_CACHES)
+    assert {"images_only", "logits_top10", "scalekd_swinl_final", "vitkd_3taps"} <= set(spec.READER)
+    assert spec.READER["images_only"][1:] == (False, ())
+    assert {name for name, _ in spec.GOALS["reader"]} <= set(spec.READER)
+    assert {key for key, _, _ in spec.READER.values()} == set(spec.READER_CACHES)
     # the goals are judged on the default storage: fp16 taps, the schema's default chain (without zstd since 1.8)
-    for name, _ in scale.GOALS["reader"]:
-        assert scale.READER_CACHES[scale.READER[name][0]][1:] == ("fp16", None)
+    for name, _ in spec.GOALS["reader"]:
+        assert spec.READER_CACHES[spec.READER[name][0]][1:] == ("fp16", None)
     # the ViT-L variants differ from the default only in how the taps are stored
-    variants = {scale.READER_CACHES[scale.READER[n][0]][1:] for n in scale.READER if n.startswith("vitkd_3taps")}
+    variants = {spec.READER_CACHES[spec.READER[n][0]][1:] for n in spec.READER if n.startswith("vitkd_3taps")}
     assert variants == {("fp16", None), ("fp16", "zstd"), ("int8", None)}
     urls = "/d/t-{000000..000001}.tar"
-    default = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6)
-    zstd = scale.scale_config(scale.VIT, scale.TEACHERS[scale.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6,
+    default = caching.scale_config(spec.VIT, spec.TEACHERS[spec.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6)
+    zstd = caching.scale_config(spec.VIT, spec.TEACHERS[spec.VIT], urls, "/c.zarr", batch_size=6, chunk_rows=6,
                               feature_compression="zstd")
     assert (default.output.feature_compression, zstd.output.feature_compression) == ("none", "zstd")
 
 
 def test_with_section_replaces_the_scale_section_or_appends_it():
-    section = f"{scale.MD_BEGIN}\nnew\n{scale.MD_END}\n"
-    assert scale.with_section("# bench\n\ntext\n", section) == f"# bench\n\ntext\n\n{section}"
-    old = f"# bench\n\n{scale.MD_BEGIN}\nold\n{scale.MD_END}\n\n## after\n"
-    assert scale.with_section(old, section) == f"# bench\n\n{scale.MD_BEGIN}\nnew\n{scale.MD_END}\n\n## after\n"
-    assert scale.with_section("", section).strip() == section.strip()
+    section = f"{spec.MD_BEGIN}\nnew\n{spec.MD_END}\n"
+    assert report.with_section("# bench\n\ntext\n", section) == f"# bench\n\ntext\n\n{section}"
+    old = f"# bench\n\n{spec.MD_BEGIN}\nold\n{spec.MD_END}\n\n## after\n"
+    assert report.with_section(old, section) == f"# bench\n\n{spec.MD_BEGIN}\nnew\n{spec.MD_END}\n\n## after\n"
+    assert report.with_section("", section).strip() == section.strip()
 
 
 class _Counting:
@@ -64,17 +65,17 @@ class _Counting:
 
 
 def test_epochs_reads_consecutive_epochs_in_one_iteration():
-    assert list(scale.Epochs(_Counting(), 3, first=2)) == [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+    assert list(reader.Epochs(_Counting(), 3, first=2)) == [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
 
 
 def _fake_parts():
     rounds = [1.0, 1.1, 0.9, 1.0, 1.05]
     data_path = {"views_per_core_s": {"decode_per_view": spread([20.0, 21, 19, 20, 20]),
                                       "decode_once": spread([60.0, 61, 59, 60, 60])},
-                 "cores_per_gpu": {"decode_per_view": {scale.SWIN: 57, scale.VIT: 56, "eva02_large_patch14_448": 7},
-                                   "decode_once": {scale.SWIN: 19, scale.VIT: 19, "eva02_large_patch14_448": 3}},
+                 "cores_per_gpu": {"decode_per_view": {spec.SWIN: 57, spec.VIT: 56, "eva02_large_patch14_448": 7},
+                                   "decode_once": {spec.SWIN: 19, spec.VIT: 19, "eva02_large_patch14_448": 3}},
                  "images": 32, "views": 4, "rounds": 5}
-    job = {"teacher": scale.SWIN, "views_steady": 18, "views_total": 24, "rounds": 5,
+    job = {"teacher": spec.SWIN, "views_steady": 18, "views_total": 24, "rounds": 5,
            "views_per_s": {k: spread(rounds) for k in ("forward", "steady", "end_to_end")},
            "job_vs_forward": ratio_summary([0.97, 0.98, 0.99, 0.96, 0.98], [1.0] * 5),
            "job_end_to_end_vs_forward": ratio_summary([0.2] * 5, [1.0] * 5), "job_fixed_seconds": 60.0}
@@ -83,40 +84,40 @@ def _fake_parts():
               "vitkd_3taps": ratio_summary([0.85, 0.86, 0.95, 0.87, 0.88], [1.0] * 5)}
     read = {"ratios": {"local": ratios}, "rows": [], "workers": 2, "batch_size": 16, "samples_per_epoch": 48,
             "rounds": 5, "epochs": 4, "slice_epochs": 2}
-    nbytes = {"per_view": {"scalekd_swinl_final_fp16": 138279.9}, "tpp_pack_bytes": {scale.SWIN: 245632609}}
-    return data_path, {scale.SWIN: job}, read, nbytes
+    nbytes = {"per_view": {"scalekd_swinl_final_fp16": 138279.9}, "tpp_pack_bytes": {spec.SWIN: 245632609}}
+    return data_path, {spec.SWIN: job}, read, nbytes
 
 
 def test_headline_has_the_issue_keys_and_judges_the_goals():
     data_path, jobs, read, nbytes = _fake_parts()
-    h = scale.headline(data_path, jobs, read, nbytes)
+    h = report.headline(data_path, jobs, read, nbytes)
     assert h["data_path_views_per_core_s"] == {"decode_per_view": 20.0, "decode_once": 60.0}
-    assert h["cores_per_gpu"] == {scale.SWIN: 19, scale.VIT: 19, "eva02_large_patch14_448": 3}
-    assert h["job_vs_forward"][scale.SWIN] == pytest.approx(0.98)
+    assert h["cores_per_gpu"] == {spec.SWIN: 19, spec.VIT: 19, "eva02_large_patch14_448": 3}
+    assert h["job_vs_forward"][spec.SWIN] == pytest.approx(0.98)
     assert set(h["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
     assert h["reader_vs_images_only_s3"] == {}
     verdicts = {v["ratio"]: v["verdict"] for v in h["verdicts"]}
-    assert verdicts == {f"job_vs_forward[{scale.SWIN}]": "met",  # interval 0.96–0.99 ≥ 0.95
+    assert verdicts == {f"job_vs_forward[{spec.SWIN}]": "met",  # interval 0.96–0.99 ≥ 0.95
                         "reader_vs_images_only[scalekd_swinl_final]": "met",
                         "reader_vs_images_only[vitkd_3taps]": "undecided"}  # 0.85–0.95 straddles 0.90
 
 
 def test_headline_and_markdown_of_a_partial_run():
-    h = scale.headline(None, None, None, None)
+    h = report.headline(None, None, None, None)
     assert h["data_path_views_per_core_s"] is None and h["job_vs_forward"] == {} and h["verdicts"] == []
     res = {"scale": h, "machine": "cpu", "parts": ["caching"], "finished": "now", "minutes": 1.0, "load": [0.1, 0.2],
            "loaded": False, "data": {"jpeg_kb_mean": 110.0}, "data_path": None, "caching": None, "reader": None}
-    md = scale.markdown(res)
-    assert md.startswith(scale.MD_BEGIN) and md.rstrip().endswith(scale.MD_END) and "Caching job" not in md
+    md = report.markdown(res)
+    assert md.startswith(spec.MD_BEGIN) and md.rstrip().endswith(spec.MD_END) and "Caching job" not in md
 
 
 def test_markdown_of_a_full_run_has_every_table():
     data_path, jobs, read, nbytes = _fake_parts()
-    res = {"scale": scale.headline(data_path, jobs, read, nbytes), "machine": "cpu", "parts": list(scale.PARTS),
+    res = {"scale": report.headline(data_path, jobs, read, nbytes), "machine": "cpu", "parts": list(scale.PARTS),
            "finished": "now", "minutes": 20.0, "load": [2.0, 2.5], "loaded": True,
            "data": {"jpeg_kb_mean": 110.0, "images": 24, "per_tar": 6, "reader_images": 48, "reader_per_tar": 24},
            "data_path": data_path, "caching": jobs, "reader": read}
-    md = scale.markdown(res)
+    md = report.markdown(res)
     for title in ("Data path per core", "Caching job vs teacher forward alone", "Student reader at real size",
                   "Bytes per view", "Ratios and goals", "loaded machine"):
         assert title in md, title
@@ -129,7 +130,7 @@ def test_relocated_points_the_manifest_at_the_new_tars(small_cache):
 
     m = CacheStore(str(small_cache["path"]), read_only=True).read_manifest()
     urls = {s.url: f"s3://bkt/data/{i}.tar" for i, s in enumerate(m.dataset.shards)}
-    r = scale.relocated(m, urls)
+    r = reader.relocated(m, urls)
     assert [s.url for s in r.dataset.shards] == list(urls.values())
     assert [(s.size, s.count) for s in r.dataset.shards] == [(s.size, s.count) for s in m.dataset.shards]
     assert r.arrays == m.arrays and r.features == m.features and r.stats == m.stats
@@ -147,10 +148,10 @@ def test_tap_bytes_recomputed_as_fp16_equal_what_the_job_stored(small_cache):
     tap = m.features[-1]
     zstd = m.compressed(tap_codec(tap).names[0])
     assert tap.dtype == "fp16" and not zstd  # the default chain since schema 1.8
-    as_stored = scale.tap_bytes_per_view(url, tap.name, "fp16", compress=zstd)
+    as_stored = nbytes.tap_bytes_per_view(url, tap.name, "fp16", compress=zstd)
     assert as_stored == pytest.approx(stored[tap.target]["bytes_per_view"], rel=1e-9)
-    assert 0 < scale.tap_bytes_per_view(url, tap.name, "int8", compress=zstd) < as_stored
-    assert 0 < scale.tap_bytes_per_view(url, tap.name, "fp16", compress=True) < as_stored
+    assert 0 < nbytes.tap_bytes_per_view(url, tap.name, "int8", compress=zstd) < as_stored
+    assert 0 < nbytes.tap_bytes_per_view(url, tap.name, "fp16", compress=True) < as_stored
 
 
 def test_synthetic_forward_answers_the_real_shapes_after_one_real_call():
@@ -166,7 +167,7 @@ def test_synthetic_forward_answers_the_real_shapes_after_one_real_call():
     x = torch.randn(5, 3, 32, 32)
     real = Teacher(cfg, taps, tail_input_index=1)(x)
     calls = []
-    with scale.synthetic_forward(seed=0):
+    with caches.synthetic_forward(seed=0):
         t = Teacher(cfg, taps, tail_input_index=1)
         inner = t.model.forward_intermediates
         t.model.forward_intermediates = lambda *a, **k: calls.append(1) or inner(*a, **k)
@@ -186,29 +187,29 @@ def test_synthetic_forward_answers_the_real_shapes_after_one_real_call():
 def test_steady_rate_starts_after_every_worker_made_a_batch():
     # two workers: batches made at 1.0 and 1.5 (each worker's first), then every 0.5 s
     produced = [(1.0, 16), (1.5, 16), (2.0, 16), (2.5, 16), (3.0, 8)]
-    assert scale.steady_rate(produced, 2) == (40, 1.5)  # the batches after 1.5 s, over 1.5 → 3.0
-    assert scale.steady_rate(list(reversed(produced)), 2) == (40, 1.5)  # arrival order does not matter
-    assert scale.steady_rate(produced, 0) == (56, 2.0)  # in-process loading: after the first batch
-    assert scale.steady_rate([(1.0, 16)], 2) == (0, 0.0)
+    assert reader.steady_rate(produced, 2) == (40, 1.5)  # the batches after 1.5 s, over 1.5 → 3.0
+    assert reader.steady_rate(list(reversed(produced)), 2) == (40, 1.5)  # arrival order does not matter
+    assert reader.steady_rate(produced, 0) == (56, 2.0)  # in-process loading: after the first batch
+    assert reader.steady_rate([(1.0, 16)], 2) == (0, 0.0)
 
 
 def test_steady_cpu_counts_each_worker_after_its_first_batch():
     stamps = [(0, 1.0, 16), (1, 0.5, 16), (0, 1.2, 16), (1, 0.9, 16), (0, 1.4, 8)]
-    assert scale.steady_cpu(stamps) == (40, pytest.approx(0.8))  # worker 0: 0.4 s for 24, worker 1: 0.4 s for 16
+    assert reader.steady_cpu(stamps) == (40, pytest.approx(0.8))  # worker 0: 0.4 s for 24, worker 1: 0.4 s for 16
 
 
 def test_a_partial_rerun_keeps_the_other_parts_of_the_last_run():
     data_path, jobs, read, nbytes = _fake_parts()
     last = {"parts": list(scale.PARTS), "finished": "t0", "data_path": data_path, "caching": jobs, "bytes": nbytes,
             "reader": read, "data": {"images": 18, "reader_images": 192, "reader_per_tar": 32}}
-    new_jobs = {scale.VIT: {**jobs[scale.SWIN], "teacher": scale.VIT}}
+    new_jobs = {spec.VIT: {**jobs[spec.SWIN], "teacher": spec.VIT}}
     res = {"parts": ["caching"], "finished": "t1", "data_path": None, "caching": new_jobs, "bytes": nbytes,
            "reader": None, "data": {"images": 18, "reader_images": None, "reader_per_tar": 32}}
     out = scale.merged(res, last)
     assert out["caching"] is new_jobs and out["data_path"] is data_path and out["reader"] is read
     assert out["parts"] == list(scale.PARTS) and out["data"]["reader_images"] == 192
     assert out["parts_finished"] == {"caching": "t1", "data_path": "t0", "reader": "t0"}
-    assert set(out["scale"]["job_vs_forward"]) == {scale.VIT}
+    assert set(out["scale"]["job_vs_forward"]) == {spec.VIT}
     assert set(out["scale"]["reader_vs_images_only"]) == {"logits_top10", "scalekd_swinl_final", "vitkd_3taps"}
     assert scale.merged(res, None) is res
 

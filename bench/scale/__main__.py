@@ -1,0 +1,5 @@
+"""``python -m bench.scale``: see :mod:`bench.scale`."""
+
+from . import main
+
+main()
