@@ -150,8 +150,7 @@ def _export_tar(store: CacheStore, m: Manifest, i: int, fs: Any, root: str, inpu
         raise BadTarError(url, f"changed since it was cached: {size} bytes, the cache recorded {sh.size}")
     names = exported_arrays(m)
     views = [n for n in VIEW_RECORD_ARRAYS if n in m.arrays]
-    rows = _RowBlocks(store, [A.LABEL, A.VALID, *views, *names], i * m.rows_per_shard, count, m.num_views,
-                      m.chunk_rows)
+    rows = _RowBlocks(store, m, i, [A.LABEL, A.VALID, *views, *names])
     on_bad = m.config.input.on_bad_sample
     local = isinstance(fs, LocalFileSystem)
     fd, tmp = tempfile.mkstemp(dir=root if local else None, prefix=".tmp-", suffix=".tar")
@@ -231,23 +230,25 @@ def _entry(url: str, key: str, group: dict[str, bytes | None], r: dict[str, np.n
 
 
 class _RowBlocks:
-    """Cache rows of one tar, all views at once, read ``block`` rows (one Zarr chunk) at a time.
+    """Cache rows of one tar, all views at once, read ``m.chunk_rows`` rows (one Zarr chunk) at a time, each
+    view's through :meth:`CacheStore.read_unit` (the student's and verify's one way to read rows: raw shards
+    without Zarr's copies, a damaged shard a :class:`CacheError` naming it).
 
     Only the manifest's ``num_views`` views: a growth under way may have widened the arrays already.
     """
 
-    def __init__(self, store: CacheStore, names: list[str], first_row: int, count: int, num_views: int, block: int):
-        self.store, self.names, self.first, self.count, self.block = store, names, first_row, count, block
-        self.num_views = num_views
+    def __init__(self, store: CacheStore, m: Manifest, tar: int, names: list[str]):
+        self.store, self.m, self.tar, self.names = store, m, tar, names
         self.start, self.rows = -1, {}
 
     def at(self, position: int) -> dict[str, np.ndarray]:
         """Each array's row ``[num_views, ...]`` at ``position`` of the tar."""
-        start = position - position % self.block
+        start = position - position % self.m.chunk_rows
         if start != self.start:
-            stop = min(start + self.block, self.count)
-            self.rows = {n: self.store.array(n)[self.first + start:self.first + stop, :self.num_views]
-                         for n in self.names}
+            stop = start + self.m.chunk_rows
+            views = [self.store.read_unit(self.m, self.tar, v, self.names, start, stop)
+                     for v in range(self.m.num_views)]
+            self.rows = {n: np.stack([v[n] for v in views], axis=1) for n in self.names}
             self.start = start
         return {n: a[position - start] for n, a in self.rows.items()}
 

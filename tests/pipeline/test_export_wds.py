@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -216,3 +218,26 @@ def test_changed_input_tar_is_named(skip_cache, tmp_path, capsys):
     assert moved in err and "key a01" in err and "changed since it was cached" in err
     left = sorted(p.name for p in (tmp_path / "wds").iterdir())  # tar 0 done; no half tar 1, no export.json
     assert left == ["cache-manifest.json", "shard-000000.json", "shard-000000.tar"]
+
+
+def test_a_damaged_shard_is_one_line_naming_it_and_nothing_half_written(small_cache, tmp_path):
+    """Rows are read as the student reads them (``CacheStore.read_unit``): a tap shard that fails its crc32c
+    ends ``kdcache export-wds`` with one line naming the shard and `kdcache verify`, and leaves no tar behind."""
+    from student.data import target_arrays
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(small_cache["path"], cache)
+    m = small_cache["manifest"]
+    tap = target_arrays(m, logits=False, taps=["final"])[0]
+    shard = cache / layout.array_shard_key(tap, 0, 1, len(m.arrays[tap].shape) - 2)
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "wds"
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "export-wds", str(cache), str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"kdcache export-wds: error: {shard}: inner chunk 0 does not match its crc32c")
+    assert "kdcache verify" in lines[0]
+    assert not list(out.glob("shard-*.tar")) and not list(out.glob(".tmp-*")) and not (out / "export.json").exists()
