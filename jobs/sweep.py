@@ -149,6 +149,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, log=print) -> lis
             rows[name] = row
             todo.append((name, config))
     log(f"sweep {path}: {len(trials)} trials, {len(trials) - len(todo)} finished before, {len(todo)} to run")
+    own_ray = todo and not ray.is_initialized()
     if todo:
         init_ray(address)
         res = spec.resources or ({"GPU": 1} if ray.cluster_resources().get("GPU") else {"CPU": 1})
@@ -173,6 +174,8 @@ def run_sweep(path: str | Path, *, address: str | None = None, log=print) -> lis
             log(f"[{len(todo) - len(futures)}/{len(todo)}] {name}: {r['status']}"
                 + (f", val top-1 {r['top1']:.2f}%" if r.get("top1") is not None else "")
                 + (f" ({r['error']})" if "error" in r else "") + f" — {time.time() - t0:.0f} s")
+    if own_ray:  # the trials' output reaches this process on Ray's thread, its "[repeated Nx …]" lines seconds
+        ray.shutdown()  # later: none may come after the sweep's own last lines
     table = [rows[name] for name, _, _ in trials]
     (out / "results.json").write_text(json.dumps(table, indent=1))
     plot_sweep(table, out / "results.png")

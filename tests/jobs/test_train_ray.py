@@ -135,7 +135,10 @@ def test_sweep_writes_the_table_reports_a_failed_trial_and_a_rerun_does_nothing(
     trials = [{"methods": "ce", "seed": 0}, {"methods": "ce+kd", "seed": 0}, {"methods": "ce+kd", "seed": 1}]
     # with a fourth trial that fails: it is reported, the others finish
     sweep = write_sweep(small_cache, tmp_path, [*trials, {"student.model": "no_such_model"}])
-    r = run([sys.executable, "-m", "jobs.cli", "sweep", str(sweep)])
+    # Ray's deduplicated log lines ("[repeated 2x across cluster]") held back longer than the sweep takes to end:
+    # without the driver stopping Ray first they would come after the sweep's last line
+    r = run([sys.executable, "-m", "jobs.cli", "sweep", str(sweep)], RAY_DEDUP_LOGS="1",
+            RAY_DEDUP_LOGS_AGG_WINDOW_S="120")
     assert r.returncode == 1, r.stderr[-4000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kdcache sweep: 1 of 4 trials failed") and "rerun the sweep" in last
