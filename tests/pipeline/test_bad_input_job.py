@@ -129,7 +129,7 @@ def test_bad_input_ends_the_cli_with_one_line(case, bad_shards, tiny_teacher, tm
     assert "Traceback" not in r.stderr and "\x1b[" not in last and "ray::" not in last, r.stderr[-3000:]
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, digits, tmp_path):
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, small_digits, tmp_path):
     """Issue 16: the writer's disk fills up mid-job (a 1 MB tmpfs): one line naming the cache, exit 2, no unit
     recorded that is not whole; with space again the rerun finishes the cache and it verifies."""
     import os
@@ -144,7 +144,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, digits, tm
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
-        d = cache_config(digits, tiny_teacher, str(disk / "c.zarr"))
+        d = cache_config(small_digits, tiny_teacher, str(disk / "c.zarr"))  # ~2.5 MB: more than the disk
         d["job"]["cpus_per_actor"] = 1
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
         kdcache = str(Path(sys.executable).with_name("kdcache"))

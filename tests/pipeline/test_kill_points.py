@@ -102,14 +102,16 @@ def normal_manifest(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache_runs(digits, tiny_teacher, tmp_path_factory):
-    """The configs, an uninterrupted traced run of both stages (snapshots after each) and its crash points."""
+def cache_runs(small_digits, tiny_teacher, tmp_path_factory):
+    """The configs, an uninterrupted traced run of both stages (snapshots after each) and its crash points; over
+    ``small_digits`` (the same 4 tars, units and crash points as the digits, a quarter of the samples: ~10 s less
+    a run, and each case is two or three runs)."""
     root = tmp_path_factory.mktemp("kill")
     env = {**os.environ, "RAY_ADDRESS": "", TRACE: ""}
     out = root / "ref" / "out.zarr"
     stages, points = {}, {}
     for stage, views in ((1, 1), (2, 2)):
-        cfg = cache_config(digits, tiny_teacher, "OUT", views__num_views=views, job__lease_ttl_s=2.0)
+        cfg = cache_config(small_digits, tiny_teacher, "OUT", views__num_views=views, job__lease_ttl_s=2.0)
         stages[stage] = yaml.safe_dump(cfg)
         (root / f"c{stage}.yaml").write_text(stages[stage].replace("OUT", str(out)))
         env[TRACE] = str(root / f"trace{stage}")
@@ -206,7 +208,7 @@ def test_train_killed_at_a_crash_point_resumes_to_the_same_weights(train_runs, c
     assert (fa["epoch"], fa["step"]) == (fb["epoch"], fb["step"]), f"{name}#{n}: final.json {fb}"
 
 
-def test_a_reader_during_a_growth_reads_the_previous_extent(cache_runs, digits, tmp_path):
+def test_a_reader_during_a_growth_reads_the_previous_extent(cache_runs, small_digits, tmp_path):
     """A second team reads while the owner grows the cache, held mid-unit (new shards half written): through
     the CLI, ``inspect`` sees the complete 1-view cache and a student trained from it ends with the weights of
     one trained from a copy taken before the growth (no torn read); the growth then finishes and verifies."""
@@ -235,7 +237,8 @@ def test_a_reader_during_a_growth_reads_the_previous_extent(cache_runs, digits, 
         assert (info["status"], info["num_views"]) == ("complete", 1), {k: info.get(k) for k in ("status", "num_views")}
         weights = {}
         for name, cache in (("during", out), ("before", before)):
-            tcfg = train_config({"path": cache}, digits, tmp_path / name, data__val_urls=None).model_dump(mode="json")
+            tcfg = train_config({"path": cache}, small_digits, tmp_path / name,
+                                data__val_urls=None).model_dump(mode="json")
             (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tcfg))
             r = run([sys.executable, "-m", "jobs.cli", "train", str(tmp_path / f"{name}.yaml"), "--no-progress"], env,
                     settle=False)
