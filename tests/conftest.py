@@ -90,6 +90,24 @@ def cache_config(digits: dict, teacher: dict, out: str, **overrides) -> dict:
     return cfg
 
 
+def damaged_copy(cache: dict, out, view: int = 0):
+    """A copy of ``cache`` (a fixture's dict) at ``out`` whose final tap's shard of tar 0, ``view`` has one byte
+    flipped (its crc32c then fails); returns that shard's path."""
+    import shutil
+
+    from storage_schemas import layout
+    from student.data import target_arrays
+
+    shutil.copytree(cache["path"], out)
+    m = cache["manifest"]
+    tap = target_arrays(m, logits=False, taps=["final"])[0]
+    shard = out / layout.array_shard_key(tap, 0, view, len(m.arrays[tap].shape) - 2)
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server on 127.0.0.1 (loopback only) with one bucket; s3fs options to reach it."""

@@ -214,24 +214,18 @@ def test_a_user_error_in_a_dataloader_worker_is_its_one_line(small_cache, tmp_pa
     """torch re-raises a DataLoader worker's exception with the worker's traceback as its message (and as
     RuntimeError when the type takes more than one string, as BadSampleError does): the CLI still prints the
     original one line. Here a tap shard of a copy of the digits cache fails its crc32c in a real worker."""
-    import shutil
 
     import numpy as np
     from torch.utils.data import DataLoader
 
     from jobs.cli import _user_error
     from pipeline.tars import BadSampleError
-    from student.data import CacheDataset, target_arrays
+    from student.data import CacheDataset
+    from tests.conftest import damaged_copy
 
     path = tmp_path / "c.zarr"
-    shutil.copytree(small_cache["path"], path)
-    m = small_cache["manifest"]
-    tap = target_arrays(m, logits=False, taps=["final"])[0]
-    shard = path / layout.array_shard_key(tap, 0, 0, len(m.arrays[tap].shape) - 2)
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    t = m.teacher
+    shard = damaged_copy(small_cache, path)
+    t = small_cache["manifest"].teacher
     ds = CacheDataset(str(path), size=t.input_size, mean=t.mean, std=t.std, logits=False, taps=["final"],
                       shuffle=False)
     with pytest.raises(Exception) as e:

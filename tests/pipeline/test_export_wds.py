@@ -26,7 +26,7 @@ from storage_schemas import layout
 from storage_schemas.config import CacheConfig
 from storage_schemas.manifest import Manifest
 from storage_schemas.views import RAND_OPS
-from tests.conftest import cache_config
+from tests.conftest import cache_config, damaged_copy
 from tests.pipeline.test_tars import encode, sample, write_tar
 
 pytestmark = pytest.mark.ray
@@ -223,16 +223,8 @@ def test_changed_input_tar_is_named(skip_cache, tmp_path, capsys):
 def test_a_damaged_shard_is_one_line_naming_it_and_nothing_half_written(small_cache, tmp_path):
     """Rows are read as the student reads them (``CacheStore.read_unit``): a tap shard that fails its crc32c
     ends ``kdcache export-wds`` with one line naming the shard and `kdcache verify`, and leaves no tar behind."""
-    from student.data import target_arrays
-
     cache = tmp_path / "c.zarr"
-    shutil.copytree(small_cache["path"], cache)
-    m = small_cache["manifest"]
-    tap = target_arrays(m, logits=False, taps=["final"])[0]
-    shard = cache / layout.array_shard_key(tap, 0, 1, len(m.arrays[tap].shape) - 2)
-    data = bytearray(shard.read_bytes())
-    data[10] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = damaged_copy(small_cache, cache, view=1)
     out = tmp_path / "wds"
     r = subprocess.run([sys.executable, "-m", "jobs.cli", "export-wds", str(cache), str(out), "--no-progress"],
                        capture_output=True, text=True, timeout=300)
