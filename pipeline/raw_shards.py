@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import google_crc32c
 import numpy as np
@@ -62,10 +63,12 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 
 
 class RawShard:
-    """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it."""
+    """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
+    ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore: :mod:`.s3_reads`)."""
 
-    def __init__(self, fs, path: str, arr: zarr.Array) -> None:
-        self.fs, self.path = fs, path
+    def __init__(self, fs, path: str, arr: zarr.Array,
+                 get: Callable[[int, int | None], np.ndarray] | None = None) -> None:
+        self.fs, self.path, self.get = fs, path, get
         self.shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
         self.chunk_rows = arr.metadata.codecs[0].chunk_shape[0]
         self.row_shape = tuple(arr.shape[2:])
@@ -108,6 +111,8 @@ class RawShard:
     def _read(self, start: int, end: int | None) -> np.ndarray:
         """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
         file is read straight into it."""
+        if self.get is not None:
+            return self.get(start, end)
         if isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size

@@ -17,18 +17,21 @@ import json
 import os
 import re
 import tempfile
+from functools import partial
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from obstore.exceptions import BaseError as ObstoreError
 
 from storage_schemas import arrays as A
 from storage_schemas import layout
 from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest, UnitCompletion
 
+from . import s3_reads
 from .crash_points import crash_point
 from .raw_shards import RawShard, damaged, is_raw_sharded
 
@@ -89,8 +92,12 @@ def is_debris(rel: str) -> bool:
     return _DEBRIS.search(rel) is not None
 
 
+_UNSET = object()
+
+
 class CacheStore:
-    """A kdcache store at ``url`` (local path, ``file://``, ``s3://``, ``memory://`` …)."""
+    """A kdcache store at ``url`` (local path, ``file://``, ``s3://``, ``memory://`` …); one per process (open
+    another in a forked or spawned one: s3fs's and obstore's clients do not cross a fork)."""
 
     def __init__(self, url: str, storage_options: dict | None = None, *, read_only: bool = False) -> None:
         self.url = url
@@ -100,6 +107,20 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
         self._group: zarr.Group | None = None
+        self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
+
+    def _obstore(self):
+        """The obstore store the cache's arrays are read through, or None (fsspec reads them); chosen at the
+        first read (:func:`pipeline.s3_reads.s3_store`)."""
+        if self._s3 is _UNSET:
+            self._s3 = s3_reads.s3_store(self.url, self.storage_options) if self.read_only else None
+        return self._s3
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if state["_s3"] not in (None, _UNSET):  # obstore's client is per process: chosen again where unpickled
+            state.update(_s3=_UNSET, _group=None, _arrays={})
+        return state
 
     # --- plain objects ------------------------------------------------------------
 
@@ -192,6 +213,9 @@ class CacheStore:
     def _zarr_store(self):
         if isinstance(self.fs, LocalFileSystem):
             return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        if (s3 := self._obstore()) is not None:
+            s3_reads.claim()
+            return zarr.storage.ObjectStore(s3, read_only=True)
         return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
                                                  read_only=self.read_only)
 
@@ -261,9 +285,12 @@ class CacheStore:
             arr = self.array(n)
             if self._raw.get(n) is None:
                 self._raw[n] = is_raw_sharded(arr)
-            key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
+            rel = layout.array_shard_key(n, tar, view, arr.ndim - 2)
+            key = self.path(rel)
             if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
-                out[n] = RawShard(self.fs, key, arr).rows(lo, hi)
+                s3 = self._obstore()
+                get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
+                out[n] = RawShard(self.fs, key, arr, get).rows(lo, hi)
                 continue
             try:
                 out[n] = arr[tar * S + lo: tar * S + hi, view]
@@ -271,6 +298,8 @@ class CacheStore:
                 if "checksum" not in str(e):
                     raise
                 raise damaged(key, f"{e} (array {n}, tar {tar}, view {view})") from e
+            except ObstoreError as e:  # Zarr reading S3 through obstore
+                raise s3_reads.request_error(e, f"s3://{key}") from e
         return out
 
     # --- completion records and index --------------------------------------------
