@@ -91,6 +91,25 @@ def test_a_read_only_s3_cache_reads_through_obstore_as_zarr_over_s3fs_reads_it(m
                 assert got.flags.writeable
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "zstd"])
+def test_a_damaged_shard_on_s3_is_one_error_naming_it(moto_s3, no_aws_env, compress):
+    """One byte flipped in a stored shard: read through obstore (raw GETs or Zarr's ObjectStore), the crc32c
+    check fails as one CacheError naming the shard's URL and ``kdcache verify``."""
+    opts = moto_s3["storage_options"]
+    url = f"s3://{moto_s3['bucket']}/dmg-{uuid.uuid4().hex[:8]}.zarr"
+    make_array(url, "float16", opts, compress=compress)
+    store = CacheStore(url, opts, read_only=True)
+    key = store.path("a/c/0/0/0/0")
+    data = bytearray(store.fs.cat_file(key))
+    data[10] ^= 0xFF
+    store.fs.pipe_file(key, bytes(data))
+    with pytest.raises(CacheError) as e:
+        store.read_unit(manifest(S), 0, 0, ["a"])
+    assert store._obstore() is not None
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{key}: ") and "kdcache verify" in msg, msg
+
+
 def _read_in_child(url: str, opts: dict, q) -> None:
     store = CacheStore(url, opts, read_only=True)  # as a DataLoader worker opens its own (CacheDataset.store)
     q.put((store._obstore() is not None, store.read_unit(manifest(S), 0, 0, ["a"])["a"]))
