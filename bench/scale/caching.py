@@ -39,10 +39,10 @@ def scale_config(model: str, methods: Sequence[str], shards: str, out: str, *, b
     return resolve_targets_for(cfg)
 
 
-def job_teacher(cfg: CacheConfig) -> Teacher:
+def job_teacher(cfg: CacheConfig, device: str | torch.device = "cpu") -> Teacher:
     """The teacher as the job's actor runs it (:meth:`pipeline.teacher.Teacher.from_manifest`): its taps and,
     with a TPP pack, the tail's input among the intermediates."""
-    t = Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens)
+    t = Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens, device=device)
     if cfg.targets.tpp is not None:
         _, spec = tpp_mod.extract_tail(t.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                        model_kwargs=cfg.teacher.model_kwargs)
