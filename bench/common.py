@@ -16,7 +16,8 @@ import json
 import math
 import platform
 import random
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -209,3 +210,13 @@ def verdict_lines(verdicts: list[dict]) -> list[str]:
 def with_spread(median: float, low: float, high: float) -> str:
     """A table cell: ``median (low–high)``."""
     return f"{_fmt(float(median))} ({_fmt(float(low))}–{_fmt(float(high))})"
+
+
+def in_workdir(workdir: Path | None, prefix: str, run: Callable[[Path], dict]) -> dict:
+    """``run(folder)`` in ``workdir`` (created if need be, kept for the next run to reuse) or, without one, in a
+    temporary folder named ``prefix…`` that is removed after."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return run(workdir.resolve())
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return run(Path(tmp))

@@ -26,8 +26,8 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -296,12 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available() and not a.allow_cpu:
         raise SystemExit("python -m bench.gpu: no CUDA device here (torch.cuda.is_available() is False); this "
                          "benchmark is item 5 of issue 15, for a GPU node (--allow-cpu --tiny runs its code on the CPU)")
-    if a.workdir is not None:
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(a, a.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="kdcache-gpu-") as tmp:
-            res = run(a, Path(tmp))
+    res = common.in_workdir(a.workdir, "kdcache-gpu-", partial(run, a))
     path = common.write_results("gpu", res)
     print("\n" + markdown(res))
     print(f"written {path}")

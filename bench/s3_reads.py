@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from . import common
@@ -131,12 +131,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
-    if a.workdir is not None:
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(a, a.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="kdcache-s3-reads-") as tmp:
-            res = run(a, Path(tmp))
+    res = common.in_workdir(a.workdir, "kdcache-s3-reads-", partial(run, a))
     path = common.write_results("s3_reads", res)
     print("\n" + markdown(res))
     print(f"written {path}")

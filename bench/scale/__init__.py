@@ -45,8 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ from pipeline.job import init_ray
 from pipeline.tars import expand_urls
 
 from .. import decode_once
-from ..common import OUT
+from ..common import OUT, in_workdir
 from . import caching, reader
 from .caches import reader_caches
 from .nbytes import bytes_table
@@ -186,12 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--parts {' '.join(a.parts)} reruns those parts and keeps the others from {last}, which "
                          "is not here (bench/*.json are not in git): run `python -m bench --scale` whole first; "
                          "a report of some parts alone would drop the others from bench/results.md")
-    if a.workdir is not None:
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        res = run(a, a.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="kdcache-scale-") as tmp:
-            res = run(a, Path(tmp))
+    res = in_workdir(a.workdir, "kdcache-scale-", partial(run, a))
     if set(a.parts) != set(PARTS):  # a partial rerun (refused above without a last run): the others as last measured
         res = merged(res, json.loads(last.read_text()))
     write_report(res)
