@@ -515,5 +515,7 @@ def _dataloader_worker_error(e: BaseException) -> str | None:
     return message if isinstance(cls, type) and issubclass(cls, KDCacheError) else None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m jobs.cli: as the kdcache command (main, then a quick exit)
+    from jobs.console import main as console_main
+
+    console_main()
