@@ -22,13 +22,13 @@ def test_without_cuda_it_refuses_in_one_line():
 
 
 def test_the_tiny_run_measures_the_forward_the_job_and_the_student(tmp_path, monkeypatch):
-    """Every part but the gpu tests, the job through its unit runner in this process (the Ray job is
+    """Every part, the job through its unit runner in this process (the Ray job is
     ``bench.cache_throughput.job_seconds``, as ``bench.scale`` runs it); the student from the job's cache."""
     from bench import common, gpu
     from pipeline.store import CacheStore
 
     monkeypatch.setattr(common, "OUT", tmp_path)
-    res = gpu.main(["--allow-cpu", "--tiny", "--parts", "forward", "job", "student", "--job-runner", "in-process",
+    res = gpu.main(["--allow-cpu", "--tiny", "--parts", "forward", "job", "student", "tests", "--job-runner", "in-process",
                     "--images", "8", "--per-tar", "4", "--job-batch", "4", "--iters", "1", "--rounds", "2",
                     "--student-batch", "4", "--workers", "0", "--warmup", "1", "--slice", "1",
                     "--workdir", str(tmp_path / "w")])
@@ -44,4 +44,7 @@ def test_the_tiny_run_measures_the_forward_the_job_and_the_student(tmp_path, mon
     m = CacheStore(job["cache"], read_only=True).read_manifest()
     assert m.status == "complete" and m.dataset.num_samples == 8 and m.teacher.model == "vit_tiny_patch16_224"
     assert job["job_vs_forward"]["rounds"] == 2 and all(r > 0 for r in job["job_vs_forward"]["per_round"])
-    assert (tmp_path / "gpu.json").exists() and "tests" not in res
+    # the gpu tests: only the files that hold them, each test skipped here (no CUDA)
+    assert res["tests"]["files"] == ["tests/pipeline/test_teacher.py", "tests/student/test_feature_methods.py"]
+    assert res["tests"]["returncode"] == 0 and "2 skipped" in res["tests"]["summary"], res["tests"]
+    assert (tmp_path / "gpu.json").exists()
