@@ -63,10 +63,7 @@ def s3_store(url: str, storage_options: dict | None) -> S3Store | None:
     from obstore.store import S3Store
 
     bucket, _, prefix = url.removeprefix("s3://").strip("/").partition("/")
-    endpoint = config.pop("endpoint", None)
-    client = {"allow_http": True} if endpoint and endpoint.startswith("http://") else {}
-    if endpoint:
-        config["endpoint"] = endpoint
+    client = {"allow_http": True} if config.get("endpoint", "").startswith("http://") else {}
     return S3Store(bucket, prefix=prefix or None, config=config, client_options=client)
 
 
