@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except Exception as e:  # one place that turns known failures into one clear line
+        _end_ray_output()
         msg = _user_error(e)
         if msg is not None:  # the user can fix it: exit status 2
             print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
@@ -461,6 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdcache {args.command}: internal error: {type(e).__name__}: {e} (a bug in kdcache: rerun with "
               "--debug or KDCACHE_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
         return 1
+
+
+def _end_ray_output() -> None:
+    """Disconnect from Ray (stopping the private instance this process started) so that nothing of Ray's comes after
+    the error line. Ray's driver prints what its processes write — workers' output, the raylet's own warnings
+    ("… is over 95% full …", every 10 s while a disk is nearly full) — on a thread of its own until Ray shuts down,
+    which the exit would do only after the line: on CI such a warning came after it and was the shell's last line.
+    Disconnecting now costs nothing the exit would not spend anyway (the same shutdown, moved earlier)."""
+    ray = sys.modules.get("ray")  # not imported: no Ray output can come
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _user_error(e: BaseException) -> str | None:

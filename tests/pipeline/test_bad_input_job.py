@@ -129,6 +129,51 @@ def test_bad_input_ends_the_cli_with_one_line(case, bad_shards, tiny_teacher, tm
     assert "Traceback" not in r.stderr and "\x1b[" not in last and "ray::" not in last, r.stderr[-3000:]
 
 
+CHATTY = """
+import sys, time
+from pathlib import Path
+import ray
+from jobs import cli, console
+from pipeline.job import init_ray
+from storage_schemas.errors import CacheError
+
+@ray.remote(num_cpus=0)
+def chatter(started):
+    Path(started).touch()
+    for _ in range(3000):  # a minute of a worker's lines (the raylet's disk warnings on CI came the same way)
+        print("a worker's line", file=sys.stderr, flush=True)
+        time.sleep(0.02)
+
+def failing_command(args):  # `kdcache ls` made into a command that fails while Ray's output still flows
+    init_ray(None, num_cpus=1)
+    ref = chatter.remote(sys.argv[1])
+    for _ in range(600):
+        if Path(sys.argv[1]).exists():
+            break
+        time.sleep(0.1)
+    time.sleep(2)  # its lines reach this process's stderr through Ray's log thread
+    raise CacheError("the error line")
+
+cli.cmd_ls = failing_command
+console.main(["ls", "."])
+"""
+
+
+def test_the_error_line_stays_last_while_ray_processes_still_print(tmp_path):
+    """The error line is the shell's last line even while Ray's processes are still writing: on CI a raylet
+    warning ("… is over 95% full …") arrived after it. Here a Ray task prints every 20 ms when the command fails."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", CHATTY, str(tmp_path / "started")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert any("a worker's line" in x for x in lines), r.stderr[-3000:]  # Ray's output did flow to the shell
+    assert lines[-1] == "kdcache ls: error: the error line", r.stderr[-3000:]
+
+
 def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, small_digits, tmp_path):
     """Issue 16: the writer's disk fills up mid-job (a 1 MB tmpfs): one line naming the cache, exit 2, no unit
     recorded that is not whole; with space again the rerun finishes the cache and it verifies."""
