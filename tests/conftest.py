@@ -182,9 +182,9 @@ def pytest_collection_modifyitems(config, items):
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and "ray" not in item.keywords:
             item.add_marker(pytest.mark.ray)
         if "ray" in item.keywords and item.nodeid.split("::", 1)[0] not in RAY_FILES:
-            raise pytest.UsageError(f"{item.nodeid} is a Ray test in a file missing from RAY_FILES "
-                                    "(tests/conftest.py): add the file there, so that `make test` runs it on the "
-                                    "Ray worker and never beside another Ray test")
+            raise pytest.UsageError(f"{item.nodeid} is a Ray test in a file missing from RAY_STREAMS "
+                                    "(tests/conftest.py): add the file to one of them, so that `make test` runs it in a "
+                                    "Ray stream and never beside another Ray test of its stream")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -195,31 +195,34 @@ def pytest_collection_modifyitems(config, items):
 
 # --- Ray tests on one pytest-xdist worker, all others on the rest -------------------------------------
 
-# Every file that holds a ``ray`` test (checked at collection, above). ``make test`` runs pytest-xdist
-# with two workers: one takes these files, one after another; the other worker takes every other file.
-# The Ray tests cannot share the machine with each other (each starts Ray and its actors, and some wait for
-# every UnitActor process on the machine to go), but they spend much of their time starting processes,
-# which leaves a core for the Ray-free tests (measured: README, "Tests").
-RAY_FILES = frozenset({
-    "tests/jobs/test_demo.py", "tests/jobs/test_train_ray.py",
-    "tests/pipeline/test_bad_input_job.py", "tests/pipeline/test_catalog.py",
-    "tests/pipeline/test_export_wds.py", "tests/pipeline/test_job.py", "tests/pipeline/test_kill_points.py",
-    "tests/pipeline/test_lease.py", "tests/student/test_trainer.py",
-})
+# Every file that holds a ``ray`` test (checked at collection, above), in two streams of about equal length.
+# ``make test`` runs pytest-xdist with two workers: each starts on one stream and runs its files one after
+# another, then both share every other file. Two Ray tests of one stream never run side by side (each starts
+# Ray and its actors; those of the job's tests wait for the job's actors to go, told apart by the xdist worker:
+# ``tests.pipeline.test_job._actor_pids``). A Ray stream alone left a core ~30 % idle (processes starting,
+# waiting on Ray; measured with vmstat over a CI run: README, "Tests"), so two run beside each other.
+RAY_STREAMS = (
+    frozenset({"tests/pipeline/test_kill_points.py", "tests/pipeline/test_bad_input_job.py",
+               "tests/pipeline/test_lease.py", "tests/pipeline/test_export_wds.py"}),
+    frozenset({"tests/jobs/test_train_ray.py", "tests/pipeline/test_catalog.py", "tests/pipeline/test_job.py",
+               "tests/jobs/test_demo.py", "tests/student/test_trainer.py"}),
+)
+RAY_FILES = frozenset().union(*RAY_STREAMS)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (a dev dependency): absent without it
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scheduling by file (``--dist loadfile``), with all of :data:`RAY_FILES` as one scope (so one
-    worker runs them in turn) and every other file a scope of its own. The Ray scope is handed out first (it
-    is the longest), so one worker starts on it at once and the others share the rest."""
+    """xdist's scheduling by file (``--dist loadfile``), with each of :data:`RAY_STREAMS` one scope (so one worker
+    runs its files in turn) and every other file a scope of its own. The Ray scopes are handed out first (they
+    are the longest), so the workers start on them at once and share the rest."""
     from collections import OrderedDict
 
     from xdist.scheduler import LoadFileScheduling
 
     class RayFirst(OrderedDict):
         def popitem(self, last: bool = True):
-            return ("ray", self.pop("ray")) if not last and "ray" in self else super().popitem(last)
+            ray = [k for k in self if k.startswith("ray-")]
+            return (ray[0], self.pop(ray[0])) if not last and ray else super().popitem(last)
 
     class RayApart(LoadFileScheduling):
         def __init__(self, config, log=None):
@@ -228,7 +231,7 @@ def pytest_xdist_make_scheduler(config, log):
 
         def _split_scope(self, nodeid: str) -> str:
             path = super()._split_scope(nodeid)
-            return "ray" if path in RAY_FILES else path
+            return next((f"ray-{i}" for i, files in enumerate(RAY_STREAMS) if path in files), path)
 
     return RayApart(config, log)
 

@@ -162,14 +162,21 @@ def test_changed_config_is_refused_on_resume(reference, digits, tiny_teacher):
 
 
 def _actor_pids() -> list[int]:
+    """The caching job's actor processes started from this pytest process (or its xdist worker): Ray's processes
+    inherit the environment of whoever started Ray, so those of the other xdist worker's Ray tests are told
+    apart by ``PYTEST_XDIST_WORKER`` (``make test`` runs two streams of Ray tests side by side)."""
+    mine = f"PYTEST_XDIST_WORKER={os.environ.get('PYTEST_XDIST_WORKER', '')}".encode()
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes().decode(errors="ignore")
+                if "UnitActor" not in cmd:
+                    continue
+                env = (d / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if "UnitActor" in cmd:
+            if mine in env or (mine.endswith(b"=") and not any(e.startswith(mine) for e in env)):
                 pids.append(int(d.name))
     return pids
 
