@@ -10,14 +10,12 @@ after a crash produces the same bytes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
 
 import numpy as np
 import ray
@@ -29,10 +27,10 @@ from storage_schemas.config import CacheConfig
 from storage_schemas.errors import (
     CacheError,
     ConfigError,
+    Failed,
     InputDataError,
-    KDCacheError,
-    from_portable,
-    portable,
+    returning_errors,
+    task_result,
 )
 from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
@@ -55,8 +53,6 @@ from .store import CacheStore
 from .tars import TarIndex, dataset_fingerprint, expand_urls, index_tar
 from .teacher import Teacher
 from .unit import UnitRunner
-
-T = TypeVar("T")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -94,7 +90,7 @@ def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[Tar
         while fut:
             ready, _ = ray.wait(list(fut.values()), num_returns=1)
             i = next(k for k, v in fut.items() if v == ready[0])
-            out[i] = result(ray.get(fut.pop(i)))
+            out[i] = task_result(ray.get(fut.pop(i)))
             bar.update(1)
     return [out[i] for i in range(len(urls))]
 
@@ -154,36 +150,12 @@ class UnitActor:
         for t, vs in zip(batch["tar"], batch["views"], strict=True):
             views = [int(v) for v in str(vs).split(",")]
             r = run(int(t), views, skip_done=True)
-            if isinstance(r, _Failed):
+            if isinstance(r, Failed):
                 rows.append((int(t), views[0], 0, 0.0, *r))
             else:
                 rows += [(u.tar, u.view, u.valid, u.seconds, "", "") for u in r]
         cols = ("tar", "view", "valid", "seconds", "error_kind", "error")
         return {c: np.array([r[i] for r in rows]) for i, c in enumerate(cols)}
-
-
-def returning_errors(fn: Callable[..., T]) -> Callable[..., T | tuple[str, str]]:
-    """``fn`` for a Ray task: an error the user can fix is returned (as :func:`portable` strings), not raised,
-    so that :func:`result` raises it in the driver as it was, not as a Ray traceback."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KDCacheError as e:
-            return _Failed(*portable(e))
-    return run
-
-
-class _Failed(NamedTuple):
-    kind: str
-    message: str
-
-
-def result(value):
-    """A :func:`returning_errors` task's value, its error raised here."""
-    if isinstance(value, _Failed):
-        raise from_portable(value.kind, value.message)
-    return value
 
 
 def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, int]], progress: bool,
@@ -214,7 +186,7 @@ def run_units(cfg: CacheConfig, m: Manifest, url: str, pending: list[tuple[int, 
     with tqdm(total=len(pending), desc="cache units", unit="unit", disable=not progress) as bar:
         for row in ds.iter_rows():
             if row["error"]:
-                result(_Failed(str(row["error_kind"]), str(row["error"])))
+                task_result(Failed(str(row["error_kind"]), str(row["error"])))
             bar.update(1)
             bar.set_postfix(tar=int(row["tar"]), view=int(row["view"]))
             if on_unit:
@@ -265,7 +237,7 @@ def _run_in_root(cfg: CacheConfig, urls: list[str], address: str | None, progres
     init_ray(address)
     probing = probe_remotely(cfg)  # loads the teacher while the tars are indexed
     tars = index_dataset(cfg, urls, progress)
-    probe = result(ray.get(probing))
+    probe = task_result(ray.get(probing))
     identity, lineage = requested_identity(cfg, probe, tars)
     entries = catalog.discover(root, cfg.output.storage_options, missing_ok=True)
     choice = catalog.choose(entries, identity=identity, lineage=lineage, urls=urls, num_views=cfg.views.num_views,
@@ -389,7 +361,7 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
     t0 = time.time()
     tars = tars or index_dataset(cfg, urls, progress)
     m = start(store, cfg, existing, change, tars,
-              lambda: probe or result(ray.get(probe_remotely(cfg))), log)
+              lambda: probe or task_result(ray.get(probe_remotely(cfg))), log)
     pending = pending_units(store, m)
     if pending:
         run_units(cfg, m, store.url, pending, progress)

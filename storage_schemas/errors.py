@@ -9,6 +9,11 @@ the built-in type keep working.
 from __future__ import annotations
 
 import errno
+import functools
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 class KDCacheError(Exception):
@@ -54,6 +59,36 @@ def portable(e: KDCacheError) -> tuple[str, str]:
 def from_portable(kind: str, message: str) -> KDCacheError:
     """The error :func:`portable` described, to raise on this side."""
     return _KINDS.get(kind, KDCacheError)(message)
+
+
+class Failed(NamedTuple):
+    """What a :func:`returning_errors` function returns instead of raising: :func:`portable`'s pair."""
+
+    kind: str
+    message: str
+
+
+def returning_errors(fn: Callable[..., T]) -> Callable[..., T | Failed]:
+    """``fn`` for a Ray task: an error the user can fix is returned (as :func:`portable` strings), not raised,
+    so that :func:`task_result` raises it in the driver as it was, not as a Ray traceback.
+
+    It lives here, in a module that imports nothing heavy, because a Ray worker that runs the task imports the
+    module of everything the wrapper refers to: defined in :mod:`pipeline.job`, it made each worker of the index
+    pass import torch, timm and torch._dynamo (~10 s of CPU a process on this machine) to index a tar."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KDCacheError as e:
+            return Failed(*portable(e))
+    return run
+
+
+def task_result(value):
+    """A :func:`returning_errors` task's value, its error raised here."""
+    if isinstance(value, Failed):
+        raise from_portable(value.kind, value.message)
+    return value
 
 
 # the state of the machine or the bucket, not a bug: permissions, a read-only file system, no space, quota
