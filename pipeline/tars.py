@@ -53,7 +53,6 @@ import numpy as np
 from braceexpand import braceexpand
 from fsspec.core import split_protocol, url_to_fs
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import base_plus_ext
 
 from storage_schemas.errors import ConfigError, InputDataError, NotFoundError
 from storage_schemas.views import ViewRecord
@@ -70,6 +69,16 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 _GLOB = re.compile(r"[*?\[]")
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+# webdataset's key rule (``webdataset.tariterators.base_plus_ext``, the same pattern), written here because importing
+# webdataset imports torch: ~3 s of CPU in every Ray worker of the index pass, which needs neither (measured on
+# this 2-core machine; tests/pipeline/test_tars.py checks it against webdataset's on awkward names).
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(name: str) -> tuple[str, str] | tuple[None, None]:
+    """A member's (key, extension) by webdataset's rule, or (None, None) where it has no extension."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
 _INT = re.compile(rb"[+-]?[0-9]+")
 
 

@@ -20,6 +20,7 @@ from pipeline.tars import (
     BadSampleError,
     BadTarError,
     TarIndex,
+    base_plus_ext,
     dataset_fingerprint,
     expand_urls,
     index_tar,
@@ -161,6 +162,17 @@ def test_meta_and_uppercase_extension(tmp_path):
     url = write_tar(tmp_path / "s.tar", members)
     (s,) = iter_samples(url, num_classes=10)
     assert (s.key, s.label, s.meta) == ("dir/n01_1", 7, {"wnid": "n01"})
+
+
+def test_key_rule_is_webdatasets():
+    """The tar reader's key rule (written out so that the index pass does not import torch through webdataset)
+    splits every name as webdataset's own ``base_plus_ext`` does."""
+    from webdataset.tariterators import base_plus_ext as webdatasets
+
+    names = ["n01440764/n01440764_10026.JPEG", "a.v2.jpg", "k.cls", "README", "dir.d/x", "dir.d/x.png", ".hidden",
+             "a/.b.c", "a/b/", "a..b", "x.", "./a.jpg", "sp ace/é.Jpeg", "__key__.txt", "a/b.c/d.e.f", ""]
+    assert [base_plus_ext(n) for n in names] == [webdatasets(n) for n in names]
+    assert base_plus_ext("a.v2.jpg") == ("a", "v2.jpg") and base_plus_ext("README") == (None, None)
 
 
 # ---------------------------------------------------------------------------------------- bad samples
