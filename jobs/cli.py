@@ -448,10 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ray_was_up = _ray_is_up()  # a caller's own Ray (main called in-process) is left as it is
     try:
         return args.fn(args)
     except Exception as e:  # one place that turns known failures into one clear line
-        _end_ray_output()
+        if not ray_was_up:
+            _end_ray_output()
         msg = _user_error(e)
         if msg is not None:  # the user can fix it: exit status 2
             print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
@@ -464,15 +466,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not started
+    return ray is not None and ray.is_initialized()
+
+
 def _end_ray_output() -> None:
     """Disconnect from Ray (stopping the private instance this process started) so that nothing of Ray's comes after
     the error line. Ray's driver prints what its processes write — workers' output, the raylet's own warnings
     ("… is over 95% full …", every 10 s while a disk is nearly full) — on a thread of its own until Ray shuts down,
     which the exit would do only after the line: on CI such a warning came after it and was the shell's last line.
     Disconnecting now costs nothing the exit would not spend anyway (the same shutdown, moved earlier)."""
-    ray = sys.modules.get("ray")  # not imported: no Ray output can come
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if _ray_is_up():
+        sys.modules["ray"].shutdown()
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -174,6 +174,15 @@ def test_the_error_line_stays_last_while_ray_processes_still_print(tmp_path):
     assert lines[-1] == "kdcache ls: error: the error line", r.stderr[-3000:]
 
 
+def test_a_callers_own_ray_is_left_running_after_an_error(ray_local, tmp_path):
+    """Called in-process by a program with its own Ray up, ``jobs.cli.main`` says the error and leaves that Ray
+    alone (only a Ray the command itself started is stopped before the line)."""
+    from jobs.cli import main
+
+    assert main(["cache", str(tmp_path / "missing.yaml")]) == 2
+    assert ray_local.is_initialized()
+
+
 def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_teacher, small_digits, tmp_path):
     """Issue 16: the writer's disk fills up mid-job (a 1 MB tmpfs): one line naming the cache, exit 2, no unit
     recorded that is not whole; with space again the rerun finishes the cache and it verifies."""
