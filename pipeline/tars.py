@@ -73,13 +73,13 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 # webdataset imports torch: ~3 s of CPU in every Ray worker of the index pass, which needs neither (measured on
 # this 2-core machine; tests/pipeline/test_tars.py checks it against webdataset's on awkward names).
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_INT = re.compile(rb"[+-]?[0-9]+")
 
 
 def base_plus_ext(name: str) -> tuple[str, str] | tuple[None, None]:
     """A member's (key, extension) by webdataset's rule, or (None, None) where it has no extension."""
     m = _KEY_EXT.match(name)
     return (m.group(1), m.group(2)) if m else (None, None)
-_INT = re.compile(rb"[+-]?[0-9]+")
 
 
 class BadSampleError(InputDataError):

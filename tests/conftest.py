@@ -193,7 +193,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# --- Ray tests on one pytest-xdist worker, all others on the rest -------------------------------------
+# --- Ray tests in two streams, one per pytest-xdist worker, then all others shared --------------------
 
 # Every file that holds a ``ray`` test (checked at collection, above), in two streams of about equal length.
 # ``make test`` runs pytest-xdist with two workers: each starts on one stream and runs its files one after

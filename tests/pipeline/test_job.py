@@ -165,7 +165,8 @@ def _actor_pids() -> list[int]:
     """The caching job's actor processes started from this pytest process (or its xdist worker): Ray's processes
     inherit the environment of whoever started Ray, so those of the other xdist worker's Ray tests are told
     apart by ``PYTEST_XDIST_WORKER`` (``make test`` runs two streams of Ray tests side by side)."""
-    mine = f"PYTEST_XDIST_WORKER={os.environ.get('PYTEST_XDIST_WORKER', '')}".encode()
+    var = b"PYTEST_XDIST_WORKER="
+    mine = var + os.environ.get("PYTEST_XDIST_WORKER", "").encode()
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -176,7 +177,7 @@ def _actor_pids() -> list[int]:
                 env = (d / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if mine in env or (mine.endswith(b"=") and not any(e.startswith(mine) for e in env)):
+            if next((e for e in env if e.startswith(var)), var) == mine:  # unset counts as empty on both sides
                 pids.append(int(d.name))
     return pids
 
