@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
-import torch
 from tqdm.auto import tqdm
 
 from storage_schemas import layout
@@ -36,10 +35,10 @@ from storage_schemas.identity import SHORT
 from storage_schemas.manifest import Manifest, TeacherInfo, TPPInfo, UnitCompletion
 
 from . import catalog
-from . import tpp as tpp_mod
 from .crash_points import crash_point
 from .lease import Lease
 from .plan import (
+    TailPack,
     TeacherProbe,
     grown_manifest,
     now,
@@ -51,8 +50,7 @@ from .plan import (
 )
 from .store import CacheStore
 from .tars import TarIndex, dataset_fingerprint, expand_urls, index_tar
-from .teacher import Teacher
-from .unit import UnitRunner
+from .tpp_files import input_stats_of, save_input_stats, write_pack
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -100,8 +98,11 @@ def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[Tar
 
 def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
     """Load the teacher once (on a Ray worker): its identity, taps resolved and, with ``targets.tpp``,
-    its tail (tensors + spec) for the TPP pack. Keeps the driver free of the teacher's weights; only
-    the tail travels back."""
+    its tail (tensors + spec) for the TPP pack. Keeps the driver free of the teacher's weights (and of torch:
+    the tail travels back as safetensors bytes)."""
+    from . import tpp as tpp_mod  # torch, timm: imported where the teacher runs, never by the job's driver
+    from .teacher import Teacher
+
     teacher = Teacher(cfg.teacher, cfg.targets.features, keep_prefix_tokens=cfg.targets.keep_prefix_tokens)
     info = TeacherInfo(
         model=cfg.teacher.model, model_kwargs=cfg.teacher.model_kwargs,
@@ -113,7 +114,8 @@ def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
     if cfg.targets.tpp is not None:
         tensors, spec = tpp_mod.extract_tail(teacher.model, cfg.targets.tpp.tail, model_name=cfg.teacher.model,
                                              model_kwargs=cfg.teacher.model_kwargs)
-        tail = (tensors, spec)
+        tail = TailPack(weights=tpp_mod.pack_weights(tensors, spec), spec=spec,
+                        num_params=int(sum(t.numel() for t in tensors.values())))
     return TeacherProbe(teacher=info, taps=teacher.tap_infos(cfg.targets.feature_dtype), tail=tail)
 
 
@@ -125,10 +127,9 @@ def probe_remotely(cfg: CacheConfig) -> ray.ObjectRef:
 def write_tpp_pack(store: CacheStore, probe: TeacherProbe) -> TPPInfo | None:
     if probe.tail is None:
         return None
-    tensors, spec = probe.tail
-    nbytes = tpp_mod.save_pack(store, tensors, spec)
-    return TPPInfo(family=spec.family, num_params=int(sum(t.numel() for t in tensors.values())),
-                   bytes=nbytes, spec=spec)
+    tail = probe.tail
+    nbytes = write_pack(store, tail.weights, tail.spec)
+    return TPPInfo(family=tail.spec.family, num_params=tail.num_params, bytes=nbytes, spec=tail.spec)
 
 
 # --- Ray Data actor ---------------------------------------------------------------------
@@ -138,6 +139,8 @@ class UnitActor:
     """Ray Data callable class: the teacher is loaded once per actor in ``__init__``."""
 
     def __init__(self, url: str, secrets: dict, num_threads: int, manifest: str) -> None:
+        from .unit import UnitRunner  # torch, timm: in the actor, not in the driver that defines the pool
+
         self.runner = UnitRunner(url, secrets, num_threads=num_threads, manifest=Manifest.model_validate_json(manifest))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -202,11 +205,8 @@ def write_tpp_stats(store: CacheStore, done: list[UnitCompletion]) -> None:
     if not recs:
         return
     n = sum(r.tpp_input_count for r in recs)
-    s1 = torch.tensor([r.tpp_input_sum for r in recs], dtype=torch.float64).sum(0)
-    s2 = torch.tensor([r.tpp_input_sumsq for r in recs], dtype=torch.float64).sum(0)
-    mean = s1 / n
-    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-    tpp_mod.save_input_stats(store, mean, std, n)
+    mean, std = input_stats_of([r.tpp_input_sum for r in recs], [r.tpp_input_sumsq for r in recs], n)
+    save_input_stats(store, mean, std, n)
 
 
 def run_cache_job(cfg: CacheConfig, *, address: str | None = None, progress: bool = True,
@@ -359,9 +359,11 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
                 tars: list[TarIndex] | None, probe: TeacherProbe | None) -> Manifest:
     init_ray(address)
     t0 = time.time()
+    # a new cache needs the teacher probed: load it on a worker while the tars are indexed
+    probing = probe_remotely(cfg) if existing is None and probe is None else None
     tars = tars or index_dataset(cfg, urls, progress)
     m = start(store, cfg, existing, change, tars,
-              lambda: probe or task_result(ray.get(probe_remotely(cfg))), log)
+              lambda: probe or task_result(ray.get(probing if probing is not None else probe_remotely(cfg))), log)
     pending = pending_units(store, m)
     if pending:
         run_units(cfg, m, store.url, pending, progress)
@@ -375,6 +377,10 @@ def build_cache_in_process(cfg: CacheConfig, log: Callable[[str], None] = print)
     """Build the new cache ``cfg`` describes at ``output.url`` in this process, without Ray: the
     steps of :func:`run_cache_job` (the same bytes), every task (a tar, its views decoded once) run in turn by one
     :class:`~pipeline.unit.UnitRunner`. For tests and debugging: no lease, no resume, no growth."""
+    import torch
+
+    from .unit import UnitRunner
+
     url = cfg.output.url
     if url is None:
         raise ConfigError("build_cache_in_process needs output.url (output.root is resolved on Ray)")

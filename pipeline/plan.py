@@ -15,7 +15,6 @@ import socket
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from storage_schemas import arrays as A
 from storage_schemas.codecs import FidelityAcc, LogitsInfo, codecs_of
@@ -68,11 +67,22 @@ def who() -> str:
 @dataclass
 class TeacherProbe:
     """What the job learns from loading the teacher once: its identity, its taps resolved (shapes,
-    grids) and, with ``targets.tpp``, its tail for the TPP pack (tensors + spec)."""
+    grids) and, with ``targets.tpp``, its tail for the TPP pack: the weights as safetensors bytes
+    (:func:`pipeline.tpp.pack_weights`), the spec and the number of parameters. Bytes, not tensors: the
+    probe runs on a Ray worker and the driver that receives it never imports torch."""
 
     teacher: TeacherInfo
     taps: list[TapInfo]
-    tail: tuple[dict[str, torch.Tensor], TPPSpec] | None = None
+    tail: TailPack | None = None
+
+
+@dataclass(frozen=True)
+class TailPack:
+    """The teacher's tail as the probe sends it: ``weights`` (safetensors bytes), ``spec``, ``num_params``."""
+
+    weights: bytes
+    spec: TPPSpec
+    num_params: int
 
 
 def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[TarIndex]) -> tuple[str, str]:

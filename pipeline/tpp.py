@@ -33,9 +33,10 @@ from storage_schemas.tpp_spec import TPPSpec
 
 from .store import CacheStore
 from .tail_families import family_named, family_of
+from .tpp_files import save_input_stats, write_pack  # torch-free: the job's driver writes them
 
 __all__ = ["TailInputStats", "TeacherTail", "build_tail", "extract_tail", "load_input_stats", "load_pack",
-           "save_input_stats", "save_pack", "tail_family", "tail_input_index"]
+           "pack_weights", "save_input_stats", "save_pack", "tail_family", "tail_input_index"]
 
 SPEC_VERSION = 1
 METHOD = "ScaleKD teacher parameter perception (TPP)"
@@ -265,21 +266,23 @@ def build_tail(tensors: dict[str, torch.Tensor], spec: TPPSpec, device: str | to
 # --- the pack in the cache store ------------------------------------------------------------
 
 
-def save_pack(store: CacheStore, tensors: dict[str, torch.Tensor], spec: TPPSpec) -> int:
-    """Write the pack into ``store`` (``TPP_WEIGHTS`` safetensors, then ``TPP_SPEC`` JSON); bytes written.
-
-    The written spec carries ``weights_sha256`` so :func:`load_pack` detects a torn or mixed pack.
-    """
-    weights = safetensors.torch.save(
+def pack_weights(tensors: dict[str, torch.Tensor], spec: TPPSpec) -> bytes:
+    """The pack's ``TPP_WEIGHTS``: the tail's tensors (:func:`extract_tail`) as safetensors bytes, on CPU."""
+    return safetensors.torch.save(
         {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
         # One metadata key only: safetensors orders metadata through a hash map, so several
         # keys give different bytes run to run, and a rerun must write identical bytes.
         metadata={"kdcache": f"tpp model={spec.model_name} tail={spec.tail}"},
     )
-    spec_bytes = spec.with_weights(hashlib.sha256(weights).hexdigest()).to_json_bytes()
-    store.write_bytes(TPP_WEIGHTS, weights)
-    store.write_bytes(TPP_SPEC, spec_bytes)  # spec last: its sha names the weights it belongs to
-    return len(weights) + len(spec_bytes)
+
+
+def save_pack(store: CacheStore, tensors: dict[str, torch.Tensor], spec: TPPSpec) -> int:
+    """Write the pack into ``store`` (``TPP_WEIGHTS`` safetensors, then ``TPP_SPEC`` JSON); bytes written.
+
+    The written spec carries ``weights_sha256`` so :func:`load_pack` detects a torn or mixed pack
+    (:func:`pipeline.tpp_files.write_pack`, which the job's driver calls with the bytes of :func:`pack_weights`).
+    """
+    return write_pack(store, pack_weights(tensors, spec), spec)
 
 
 def load_pack(store: CacheStore, device: str | torch.device = "cpu") -> TeacherTail:
@@ -311,12 +314,6 @@ class TailInputStats:
     mean: torch.Tensor
     std: torch.Tensor
     count: int
-
-
-def save_input_stats(store: CacheStore, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:
-    """Write ``TPP_STATS``: safetensors ``mean`` [C] and ``std`` [C] (float32), ``count`` [1] (int64)."""
-    store.write_bytes(TPP_STATS, safetensors.torch.save({"mean": mean.float(), "std": std.float(),
-                                                         "count": torch.tensor([count], dtype=torch.int64)}))
 
 
 def load_input_stats(store: CacheStore) -> TailInputStats | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from jobs.cli import main as cli
@@ -126,10 +129,21 @@ def test_tail_input_stats_are_the_live_teachers_over_every_cached_view(reference
     torch.testing.assert_close(stats.std, tokens.std(0, correction=0).float(), atol=1e-5, rtol=1e-4)
 
 
+# ``kdcache cache`` with ``import torch`` refused in its own process (Ray's workers are other processes)
+DRIVER_WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.argv[0] = 'kdcache'; "
+                        "from jobs.console import main; main()")
+
+
 def test_rerun_is_byte_identical_and_resume_is_a_no_op(reference, digits, tiny_teacher, tmp_path):
+    """Run again, through the CLI in a process that cannot import torch (the job's driver never needs it: the
+    teacher runs on Ray workers, the TPP tail comes back as bytes; torch, timm and torchvision would cost it ~7 s of
+    CPU at every start), the job writes the reference's bytes; run once more, it has nothing to do."""
     out = tmp_path / "again.zarr"
     cfg = CacheConfig.model_validate(cache_config(digits, tiny_teacher, str(out)))
-    run_cache_job(cfg, progress=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cache_config(digits, tiny_teacher, str(out))))
+    r = subprocess.run([sys.executable, "-c", DRIVER_WITHOUT_TORCH, "cache", str(tmp_path / "c.yaml"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
     a, b = data_files(reference["path"]), data_files(out)
     assert a.keys() == b.keys() and len(a) > 20
     assert [k for k in a if a[k] != b[k]] == []
