@@ -12,10 +12,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned, so that resolving the project never pulls another torch build.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# torch first, pinned, so that resolving the project never pulls another torch build; constraints.txt holds
+# the versions that pip's resolver would otherwise backtrack through (see its header).
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed
