@@ -98,8 +98,8 @@ def index_dataset(cfg: CacheConfig, urls: list[str], progress: bool) -> list[Tar
 
 def probe_teacher(cfg: CacheConfig) -> TeacherProbe:
     """Load the teacher once (on a Ray worker): its identity, taps resolved and, with ``targets.tpp``,
-    its tail (tensors + spec) for the TPP pack. Keeps the driver free of the teacher's weights (and of torch:
-    the tail travels back as safetensors bytes)."""
+    its tail for the TPP pack (:class:`~pipeline.plan.TailPack`: safetensors bytes + spec). Keeps the driver free
+    of the teacher's weights and of torch."""
     from . import tpp as tpp_mod  # torch, timm: imported where the teacher runs, never by the job's driver
     from .teacher import Teacher
 
@@ -363,7 +363,7 @@ def _run_leased(cfg: CacheConfig, store: CacheStore, existing: Manifest | None, 
     probing = probe_remotely(cfg) if existing is None and probe is None else None
     tars = tars or index_dataset(cfg, urls, progress)
     m = start(store, cfg, existing, change, tars,
-              lambda: probe or task_result(ray.get(probing if probing is not None else probe_remotely(cfg))), log)
+              lambda: probe or task_result(ray.get(probing)), log)  # start() probes a new cache only
     pending = pending_units(store, m)
     if pending:
         run_units(cfg, m, store.url, pending, progress)

@@ -64,6 +64,15 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+@dataclass(frozen=True)
+class TailPack:
+    """The teacher's tail as the probe sends it: ``weights`` (safetensors bytes), ``spec``, ``num_params``."""
+
+    weights: bytes
+    spec: TPPSpec
+    num_params: int
+
+
 @dataclass
 class TeacherProbe:
     """What the job learns from loading the teacher once: its identity, its taps resolved (shapes,
@@ -74,15 +83,6 @@ class TeacherProbe:
     teacher: TeacherInfo
     taps: list[TapInfo]
     tail: TailPack | None = None
-
-
-@dataclass(frozen=True)
-class TailPack:
-    """The teacher's tail as the probe sends it: ``weights`` (safetensors bytes), ``spec``, ``num_params``."""
-
-    weights: bytes
-    spec: TPPSpec
-    num_params: int
 
 
 def requested_identity(cfg: CacheConfig, probe: TeacherProbe, tars: list[TarIndex]) -> tuple[str, str]:
