@@ -148,7 +148,8 @@ def test_legacy_cache_trains(legacy, tmp_path):
 
 
 # Arrays of the teacher's float outputs: the same bytes on the same kind of CPU; on another, its float kernels
-# round differently (rebuilt on an AMD EPYC, 2026-12-02, not the kind of CPU that made the fixture: 39 of 49,152
+# round differently (rebuilt on an AMD EPYC of family 26, 2026-12-02, where torch runs its AVX-512 kernels, not
+# the kind of CPU that made the fixture, on which the test had passed until then: 39 of 49,152
 # fp16 block0 values and 65 of final's were one fp16 step apart or, near zero, a few; 754 of 1,632 int8 scales a
 # few float32 steps; no int8 code)
 TEACHER_FLOATS = ("feat_", "logits_logsumexp", "logits_topk_values", "logits_full")
