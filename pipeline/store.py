@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -274,10 +275,12 @@ class CacheStore:
         return shas, sizes
 
     def read_unit(
-        self, m: Manifest, tar: int, view: int, names: list[str] | None = None, lo: int = 0, hi: int | None = None
+        self, m: Manifest, tar: int, view: int, names: list[str] | None = None, lo: int = 0, hi: int | None = None,
+        *, alloc: Callable[[int], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays); with ``lo``/``hi``
-        only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them)."""
+        only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them). ``alloc``: the
+        buffers local reads of uncompressed arrays land in (:class:`~pipeline.raw_shards.ReadBuffers`)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
         out = {}
@@ -290,7 +293,7 @@ class CacheStore:
             if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
                 s3 = self._obstore()
                 get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
-                out[n] = RawShard(self.fs, key, arr, get).rows(lo, hi)
+                out[n] = RawShard(self.fs, key, arr, get, alloc).rows(lo, hi)
                 continue
             try:
                 out[n] = arr[tar * S + lo: tar * S + hi, view]

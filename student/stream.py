@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.raw_shards import ReadBuffers
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -58,12 +59,14 @@ class Loaded(NamedTuple):
 
 
 def _gather(store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str], lo: int = 0,
-            hi: int | None = None) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
+            hi: int | None = None, alloc: Callable[[int], np.ndarray] | None = None
+            ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
     """Rows ``lo..hi-1`` of ``names``, each position's from the unit of its view in ``views`` (each unit read
-    once, one contiguous read), and the rows each unit read gave, by view."""
+    once, one contiguous read), and the rows each unit read gave, by view (``alloc``: see
+    :meth:`CacheStore.read_unit`)."""
     hi = len(views) if hi is None else hi
     drawn = views[lo:hi]
-    units = {int(v): store.read_unit(m, tar, int(v), list(names), lo, hi) for v in np.unique(drawn)}
+    units = {int(v): store.read_unit(m, tar, int(v), list(names), lo, hi, alloc=alloc) for v in np.unique(drawn)}
     if len(units) == 1:
         return next(iter(units.values())), units
     rows: dict[str, np.ndarray] = {}
@@ -86,16 +89,21 @@ class BlockRows:
     A sample gets a copy of its rows, not a view into its block: a shuffle buffer lets a few samples of each
     block linger for thousands of draws (each draw takes a random one of its 1,024), and a view would keep
     their whole block alive with them: ~66 blocks of 64 ViT-L rows, 5.4 GB, measured by
-    ``python -m bench.reader_memory``, against 5.6 GB for whole units."""
+    ``python -m bench.reader_memory``, against 5.6 GB for whole units. So nothing views a block once the
+    stream has passed it, and the next blocks are read into its buffers
+    (:class:`~pipeline.raw_shards.ReadBuffers`, shared by the tars a worker reads)."""
 
-    def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
+    def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str],
+                 buffers: ReadBuffers | None = None) -> None:
         count, step = len(views), m.chunk_rows
+        self._buffers = buffers or ReadBuffers()
 
-        def read(lo: int) -> tuple[int, dict[str, np.ndarray]]:
-            return lo, _gather(store, m, tar, views, names, lo, lo + step)[0]
+        def read(lo: int) -> tuple[int, dict[str, np.ndarray], list[np.ndarray]]:
+            alloc, lent = self._buffers.lender()
+            return lo, _gather(store, m, tar, views, names, lo, lo + step, alloc)[0], lent
 
         self._blocks = prefetch_map(read, range(0, count, step), workers=1, lookahead=2)
-        self._lo, self._rows = next(self._blocks)  # the first block; the second is read meanwhile
+        self._lo, self._rows, self._lent = next(self._blocks)  # the first block; the second is read meanwhile
         self._hi = min(step, count)
         self._step, self._count = step, count
 
@@ -104,13 +112,20 @@ class BlockRows:
         if position < self._lo:
             raise ValueError(f"position {position} is before the block read ({self._lo}..{self._hi - 1})")
         while position >= self._hi:
-            self._lo, self._rows = next(self._blocks)
+            self._rows = {}
+            self._buffers.give_back(self._lent)  # its rows were copied out: nothing views the block any more
+            self._lo, self._rows, self._lent = next(self._blocks)
             self._hi = min(self._lo + self._step, self._count)
         return {name: a[position - self._lo].copy() for name, a in self._rows.items()}
 
+    def close(self) -> None:
+        """The tar's stream has passed its last sample: the last block's buffers are free too."""
+        self._rows = {}
+        self._buffers.give_back(self._lent)
+
 
 def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], *, random_policy: bool, seed: int,
-              epoch: int) -> Loaded:
+              epoch: int, buffers: ReadBuffers | None = None) -> Loaded:
     """Index keys, rows ``[count, ...]`` of ``names`` and the view of each position, for one tar; each unit
     is read once (policy ``random`` gathers each position's drawn view from the units it reads). Also, per
     view read, that unit's view-record arrays among ``names`` for every position: a mixed view's partner is
@@ -128,7 +143,7 @@ def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], 
     large = [n for n in names if n not in kept and count * m.arrays[n].row_bytes > WHOLE_UNIT_BYTES]
     rows, units = _gather(store, m, t, views, [n for n in names if n not in large])
     records = {v: {n: unit[n] for n in A.VIEW_RECORD_ARRAYS if n in unit} for v, unit in units.items()}
-    return Loaded(keys, rows, views, records, BlockRows(store, m, t, views, large) if large else None)
+    return Loaded(keys, rows, views, records, BlockRows(store, m, t, views, large, buffers) if large else None)
 
 
 def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict | None) -> Iterator[Sample]:
@@ -154,6 +169,8 @@ def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict |
         if blocks is not None:
             row |= blocks.at(p)
         yield dataclasses.replace(s, view=int(views[p]), rows=row)
+    if blocks is not None:
+        blocks.close()
     if n != task.n:
         raise BadTarError(url, f"{n} cached samples streamed, the cache records {task.n}")
 

@@ -12,6 +12,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader
 
+from pipeline.raw_shards import ReadBuffers, is_raw_sharded
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.targets import input_fingerprint
 from pipeline.tars import Sample, iter_samples
@@ -91,22 +92,26 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
     whole = {n for n in names if m.arrays[n].row_bytes * 120 > stream.WHOLE_UNIT_BYTES}
     assert not whole  # the digits' units are small: random_epoch read every array whole
     monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)  # now every target array counts as large
+    monkeypatch.setattr(ReadBuffers, "MIN_BYTES", 0)  # and every block is read into a reused buffer
     ds = make(small_cache, arrays=names, view_policy="random")
     step = 16
     ds.m = ds.m.model_copy(update={"chunk_rows": step})  # finer than the stored chunks: many blocks a tar
     reads, read_unit = [], CacheStore.read_unit
 
-    def spy(self, m, tar, view, names=None, lo=0, hi=None):
+    def spy(self, m, tar, view, names=None, lo=0, hi=None, **kw):
         reads.append((tar, view, tuple(names or ()), lo, hi))
-        return read_unit(self, m, tar, view, names, lo, hi)
+        return read_unit(self, m, tar, view, names, lo, hi, **kw)
 
     monkeypatch.setattr(CacheStore, "read_unit", spy)
-    got = list(ds)
+    got = list(ds)  # every sample kept: a row that viewed a reused buffer would now hold a later block's bytes
     assert ids(got) == ids(random_epoch) and [s.view for s in got] == [s.view for s in random_epoch]
     for a, b in zip(got, random_epoch, strict=True):
         assert set(a.rows) == set(b.rows)
         for name in a.rows:
             np.testing.assert_array_equal(a.rows[name], b.rows[name], err_msg=f"{name} {a.key}")
+    raw = [n for n in names if is_raw_sharded(ds.store().array(n))]
+    raw_reads = sum(1 for *_, n, _, _ in reads for a in n if a in raw)
+    assert raw and ds._buffers.allocated <= raw_reads // 4  # the blocks' buffers were reused (see the next test)
     tap = target_arrays(m, logits=False, taps=["final"])[0]
     by_block = [(t, v, lo, hi) for t, v, n, lo, hi in reads if tap in n]
     assert by_block and all(hi - lo == step and lo % step == 0 for _, _, lo, hi in by_block)
@@ -116,6 +121,28 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
         want = sorted((t, int(v), lo, lo + step) for lo in range(0, sh.count, step)
                       for v in np.unique(drawn[lo:lo + step]))
         assert sorted(b for b in by_block if b[0] == t) == want
+
+
+def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(small_cache, monkeypatch):
+    """The large arrays' blocks are read into buffers the next blocks reuse (pipeline.raw_shards.ReadBuffers):
+    with one view a tar (cycle) a block's rows are views of its buffer, and every sample, kept to the end of
+    the epoch, still holds its own rows as Zarr reads them."""
+    m = small_cache["manifest"]
+    monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)
+    monkeypatch.setattr(ReadBuffers, "MIN_BYTES", 0)
+    names = target_arrays(m, logits=False, taps=TAPS)
+    ds = make(small_cache, arrays=names)
+    ds.m = ds.m.model_copy(update={"chunk_rows": 16})  # several blocks a tar
+    got = list(ds)
+    assert len(got) == sum(sh.count for sh in m.dataset.shards) and all(is_raw_sharded(ds.store().array(n))
+                                                                        for n in names)
+    S = m.rows_per_shard
+    for name in names:
+        arr = ds.store().array(name)  # Zarr's own reader
+        for s in got:
+            np.testing.assert_array_equal(s.rows[name], arr[s.tar * S + s.position, s.view], err_msg=f"{name} {s.key}")
+    blocks = sum(-(-sh.count // 16) for sh in m.dataset.shards) * len(names)
+    assert ds._buffers.allocated <= 4 * len(names) < blocks  # a block's buffers, and the two read ahead, reused
 
 
 def test_only_requested_arrays_are_read(small_cache):
