@@ -112,7 +112,8 @@ class ReadBuffers:
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
     ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore: :mod:`.s3_reads`);
-    ``alloc(nbytes)``, when given, the buffer a local read lands in (:meth:`ReadBuffers.lender`)."""
+    ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`ReadBuffers.lender`; ``get`` then takes it
+    as ``alloc=``)."""
 
     def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[[int, int | None], np.ndarray] | None = None,
                  alloc: Callable[[int], np.ndarray] | None = None) -> None:
@@ -160,7 +161,7 @@ class RawShard:
         """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
         file is read straight into it."""
         if self.get is not None:
-            return self.get(start, end)
+            return self.get(start, end) if self.alloc is None else self.get(start, end, alloc=self.alloc)
         if isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size

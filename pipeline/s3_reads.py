@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,10 +111,12 @@ def claim() -> None:
     _runtime_pid = os.getpid()
 
 
-def get(store: S3Store, key: str, start: int, end: int | None, *, name: str) -> np.ndarray:
+def get(store: S3Store, key: str, start: int, end: int | None, *, name: str,
+        alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Bytes ``start..end`` of object ``key`` (``start`` < 0: the last ``-start`` bytes; ``end`` None: to the
-    end) as a writable uint8 array; ``name`` is the object's URL for errors. A missing object raises
-    ``FileNotFoundError``, as s3fs does; a refused or failed request a :class:`CacheError` naming it."""
+    end) as a writable uint8 array (``alloc(nbytes)``'s when given: :class:`~pipeline.raw_shards.ReadBuffers`);
+    ``name`` is the object's URL for errors. A missing object raises ``FileNotFoundError``, as s3fs does; a
+    refused or failed request a :class:`CacheError` naming it."""
     import obstore
     from obstore.exceptions import BaseError
 
@@ -131,7 +134,12 @@ def get(store: S3Store, key: str, start: int, end: int | None, *, name: str) -> 
         raise
     except BaseError as e:
         raise request_error(e, name) from e
-    return np.frombuffer(data, np.uint8).copy()  # writable, as the rows Zarr returns are
+    got = np.frombuffer(data, np.uint8)
+    if alloc is None:
+        return got.copy()  # writable, as the rows Zarr returns are
+    out = alloc(len(got))
+    out[...] = got
+    return out
 
 
 def request_error(e: BaseException, name: str) -> CacheError:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline import s3_reads
+from pipeline.raw_shards import ReadBuffers
 from pipeline.store import CacheStore
 from storage_schemas.errors import CacheError
 from tests.pipeline.test_raw_shards import RANGES, TARS, VIEWS, S, make_array, manifest
@@ -89,6 +90,11 @@ def test_a_read_only_s3_cache_reads_through_obstore_as_zarr_over_s3fs_reads_it(m
                 assert got.dtype == want.dtype and got.shape == want.shape
                 np.testing.assert_array_equal(got, want, err_msg=f"unit {t},{v} rows {lo}..{hi}")
                 assert got.flags.writeable
+                if not compress:  # into a reused buffer (student.stream.BlockRows): the same rows, in it
+                    alloc, lent = ReadBuffers(min_bytes=0).lender()
+                    got = store.read_unit(manifest(S), t, v, ["a"], lo, hi, alloc=alloc)["a"]
+                    np.testing.assert_array_equal(got, want, err_msg=f"unit {t},{v} rows {lo}..{hi}, reused buffer")
+                    assert lent or hi <= lo or (t, v) == (1, 1)  # what was read landed in lent buffers
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw", "zstd"])
