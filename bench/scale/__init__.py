@@ -132,7 +132,11 @@ def parser() -> argparse.ArgumentParser:
                         "cores but one, which Ray's own processes need beside the actor — raylet, GCS, the Ray Data "
                         "executor in the driver, its stats actors; with every core the forward shares them and the job "
                         "falls behind: Swin-L 0.78 of the forward with 2 threads on 2 cores, 1.0 with 1, 2026-12-01)")
-    p.add_argument("--reader-per-tar", type=int, default=32, help="images per tar of the reader's caches (default 32)")
+    p.add_argument("--reader-per-tar", type=int, default=128,
+                   help="images per tar of the reader's caches (default 128, in Zarr chunks of 64: a unit of ViT-L's "
+                        "taps or Swin-L's final tap is then over student.stream.WHOLE_UNIT_BYTES, so the reader reads "
+                        "them a 64-row block at a time and copies each sample's rows out, as it reads ImageNet's "
+                        "1,250-sample tars; with 32, the default before 2026-12-02, it read every unit whole)")
     p.add_argument("--reader-tars", type=int, default=6,
                    help="tars of the reader's caches (default 6: 3 an epoch for each of 2 workers)")
     p.add_argument("--data-path-images", type=int, default=32, help="bench.decode_once --images (default 32)")

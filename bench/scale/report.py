@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from student.stream import WHOLE_UNIT_BYTES
+
 from .. import decode_once
 from ..common import (
     OUT,
@@ -92,7 +94,9 @@ def markdown(res: dict) -> str:
     if d["reader"]:
         rd = d["reader"]
         lines += ["### Student reader at real size (item 4)", "",
-                  f"Caches of {d['data']['reader_images']} images in tars of {d['data']['reader_per_tar']}; "
+                  f"Caches of {d['data']['reader_images']} images in tars of {d['data']['reader_per_tar']} (Zarr chunks of "
+                  f"{min(d['data']['reader_per_tar'], 64)} rows; a unit over {WHOLE_UNIT_BYTES >> 20} MiB is read a "
+                  "chunk of rows at a time, each sample's rows copied out, as an ImageNet tar's taps are); "
                   f"{rd['workers']} DataLoader workers, batch {rd['batch_size']}, {rd['samples_per_epoch']} samples "
                   f"an epoch; {rd['rounds']} rounds × {rd['epochs']} epochs per configuration in slices of "
                   f"{rd['slice_epochs']} (a DataLoader each). Samples/s after each DataLoader's first batch (the "
