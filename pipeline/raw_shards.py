@@ -42,6 +42,7 @@ from fsspec.implementations.local import LocalFileSystem
 from storage_schemas.errors import CacheError
 
 MISSING = 2**64 - 1  # an index entry of a chunk not stored
+MAX_INDEXES = 4096  # shard indexes a read-only store keeps (16 bytes a chunk each)
 CRC_BYTES = 4
 
 
@@ -113,11 +114,15 @@ class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
     ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore: :mod:`.s3_reads`);
     ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`ReadBuffers.lender`; ``get`` then takes it
-    as ``alloc=``)."""
+    as ``alloc=``). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
+    part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
+    time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
+    and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""
 
     def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[[int, int | None], np.ndarray] | None = None,
-                 alloc: Callable[[int], np.ndarray] | None = None) -> None:
-        self.fs, self.path, self.get, self.alloc = fs, path, get, alloc
+                 alloc: Callable[[int], np.ndarray] | None = None, indexes: dict[str, np.ndarray] | None = None
+                 ) -> None:
+        self.fs, self.path, self.get, self.alloc, self.indexes = fs, path, get, alloc, indexes
         self.shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
         self.chunk_rows = arr.metadata.codecs[0].chunk_shape[0]
         self.row_shape = tuple(arr.shape[2:])
@@ -134,11 +139,17 @@ class RawShard:
             return np.empty((0, *self.row_shape), self.dtype)
         first, last = lo // self.chunk_rows, (hi - 1) // self.chunk_rows
         whole = first == 0 and last == self.n_chunks - 1  # the whole shard: one read
-        try:
-            data = self._read(0 if whole else -self.index_bytes, None)
-        except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
-            return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
-        index = self._index(data[-self.index_bytes:])
+        index = None if whole or self.indexes is None else self.indexes.get(self.path)
+        if index is None:
+            try:
+                data = self._read(0 if whole else -self.index_bytes, None)
+            except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
+                return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
+            index = self._index(data[-self.index_bytes:])
+            if not whole and self.indexes is not None:
+                if len(self.indexes) >= MAX_INDEXES:  # the oldest out
+                    del self.indexes[next(iter(self.indexes))]
+                self.indexes[self.path] = index.copy()  # not a view of a buffer that is reused
         parts = []
         for c in range(first, last + 1):
             offset, nbytes = int(index[c, 0]), int(index[c, 1])

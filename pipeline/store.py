@@ -107,6 +107,7 @@ class CacheStore:
         self.fs, self.root = url_to_fs(url, self.storage_options)
         self._arrays: dict[str, zarr.Array] = {}
         self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
+        self._indexes: dict[str, np.ndarray] = {}  # raw shards' indexes, kept when read-only (see RawShard)
         self._group: zarr.Group | None = None
         self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
 
@@ -293,7 +294,7 @@ class CacheStore:
             if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
                 s3 = self._obstore()
                 get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
-                out[n] = RawShard(self.fs, key, arr, get, alloc).rows(lo, hi)
+                out[n] = RawShard(self.fs, key, arr, get, alloc, self._indexes if self.read_only else None).rows(lo, hi)
                 continue
             try:
                 out[n] = arr[tar * S + lo: tar * S + hi, view]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.raw_shards import RawShard, is_raw_sharded
+from pipeline.raw_shards import RawShard, ReadBuffers, is_raw_sharded
 from pipeline.store import CacheStore, url_to_fs
 from storage_schemas import arrays as A
 from storage_schemas import layout
@@ -99,6 +99,35 @@ def test_the_cache_store_reads_raw_arrays_without_zarr_and_the_rest_with_it(tmp_
     rows = store.read_unit(manifest(10), 2, 0, ["a"], 1, None)["a"]
     np.testing.assert_array_equal(rows, arr[2 * S + 1:2 * S + 10, 0])
     assert calls == [(store.path("a/c/2/0/0/0"), 1, 10)]
+
+
+def test_a_read_only_store_reads_a_shard_index_once_for_its_blocks(tmp_path, monkeypatch):
+    """Rows read a block at a time (student.stream.BlockRows): a read-only store reads each shard's index once,
+    then only the chunks; a writable one (the job's, whose shards change) reads it every time."""
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    reads = []
+    real = RawShard._read
+
+    def spy(self, start, end):
+        reads.append((self.path.rsplit("/a/", 1)[1], start < 0))
+        return real(self, start, end)
+
+    monkeypatch.setattr(RawShard, "_read", spy)
+    for read_only, index_reads in ((True, 1), (False, 3)):
+        store = CacheStore(url, read_only=read_only)
+        pool = ReadBuffers(min_bytes=0)  # every read into a reused buffer, given back after its block, as
+        reads.clear()  # BlockRows does: a kept index must not be a view of one (unit (2, 0)'s differs)
+        for lo in range(0, S, CR):  # three blocks of an inner chunk each, the tars in turn
+            for t in range(TARS):
+                alloc, lent = pool.lender()
+                got = store.read_unit(manifest(S), t, 0, ["a"], lo, lo + CR, alloc=alloc)["a"]
+                np.testing.assert_array_equal(got, arr[t * S + lo:t * S + lo + CR, 0], err_msg=f"{t} {lo}")
+                pool.give_back(lent)
+        for t in range(TARS):
+            stored = 3 - (t == 2)  # unit (2, 0)'s middle chunk is all fill: not stored, not read
+            mine = sorted(r for r in reads if r[0] == f"c/{t}/0/0/0")
+            assert mine == [(f"c/{t}/0/0/0", False)] * stored + [(f"c/{t}/0/0/0", True)] * index_reads, (read_only, t)
 
 
 def damaged(tmp_path, where: str) -> tuple[RawShard, str]:
