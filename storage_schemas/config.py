@@ -45,9 +45,10 @@ class OutputConfig(_Strict):
         "none",
         description="the feature taps' arrays: none (the default) or zstd (level 3). fp16 teacher activations "
                     "shrink only ~8 % under zstd (int8 ~14 %), and decompressing them is most of what reading "
-                    "them costs (ViT-L's three ViTKD taps, 1.2 MB a view: 3.0 ms a sample with zstd, 0.4 ms "
+                    "them costs (ViT-L's three ViTKD taps, 1.2 MB a view: 2.7 ms a sample with zstd, 0.2 ms "
                     "without, read past Zarr's copies by pipeline.raw_shards; the student's 2-worker reader at "
-                    "0.67 of images alone with zstd, 0.84 without, `python -m bench --scale`). zstd trades that "
+                    "0.65-0.71 of images alone with zstd, 0.83-0.88 without, `python -m bench --scale`). zstd "
+                    "trades that "
                     "read time for the disk. Every other array "
                     "stays zstd; every chunk keeps its crc32c checksum; a resumed or grown cache keeps the chain "
                     "it was created with (caches made before schema 1.8 without the key: zstd).")
