@@ -22,8 +22,8 @@ fill value), followed by the index's crc32c; a shard whose chunks are all fill i
 A reader that copies the rows out before it reads the next block (:class:`student.stream.BlockRows`, the
 student's path for taps at ImageNet's tar size) reads into reused buffers (:class:`ReadBuffers`): a fresh
 buffer of a 64-row block of ViT-L taps (25 MB) is a fresh ``mmap`` whose pages the kernel zeroes on their
-first write, one more pass over the bytes; reused, the ``bench.scale`` reader's workers spent 0.2–0.4 ms less
-CPU a ViTKD sample (2 workers on 2 cores, 64-row blocks; scratch ablation, 2026-12-02).
+first write, one more pass over the bytes; reused, the ``bench.scale`` reader's workers spent 0.2–2 ms less
+CPU a ViTKD sample (2 workers on 2 cores, 64-row blocks; interleaved scratch ablations, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 
 
 class ReadBuffers:
-    """Buffers a local read lands in, reused (see the module docstring): :meth:`lender` gives one read its
+    """Buffers a read lands in (a local file's ``readinto``, an object's GET), reused (see the module docstring): :meth:`lender` gives one read its
     ``alloc(nbytes)``, which hands out a free buffer of that size (or a new one) and notes it; once nothing
     reads the rows any more, :meth:`give_back` frees what that read was lent. Reads under ``min_bytes`` (shard
     indexes) get a fresh array. Thread-safe: a block is read on a prefetch thread and given back on another."""

@@ -281,7 +281,7 @@ class CacheStore:
     ) -> dict[str, np.ndarray]:
         """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays); with ``lo``/``hi``
         only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them). ``alloc``: the
-        buffers local reads of uncompressed arrays land in (:class:`~pipeline.raw_shards.ReadBuffers`)."""
+        buffers the reads of uncompressed arrays land in (:class:`~pipeline.raw_shards.ReadBuffers`)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
         out = {}
