@@ -91,9 +91,9 @@ def child(url: str, way: str, shuffle_buffer: int, whole_unit_mb: float | None =
     largest = 0
     read_unit = CacheStore.read_unit
 
-    def counted(self, m, tar, view, names=None, lo=0, hi=None):
+    def counted(self, m, tar, view, names=None, lo=0, hi=None, **kw):
         nonlocal largest
-        rows = read_unit(self, m, tar, view, names, lo, hi)
+        rows = read_unit(self, m, tar, view, names, lo, hi, **kw)
         largest = max(largest, *(len(a) for n, a in rows.items() if n.startswith("feat_")), 0)
         return rows
 
