@@ -47,7 +47,7 @@ class OutputConfig(_Strict):
                     "shrink only ~8 % under zstd (int8 ~14 %), and decompressing them is most of what reading "
                     "them costs (ViT-L's three ViTKD taps, 1.2 MB a view: 2.7 ms a sample with zstd, 0.2 ms "
                     "without, read past Zarr's copies by pipeline.raw_shards; the student's 2-worker reader at "
-                    "0.65-0.71 of images alone with zstd, 0.83-0.88 without, `python -m bench --scale`). zstd "
+                    "0.65-0.71 of images alone with zstd, 0.82-0.88 without, `python -m bench --scale`). zstd "
                     "trades that "
                     "read time for the disk. Every other array "
                     "stays zstd; every chunk keeps its crc32c checksum; a resumed or grown cache keeps the chain "
