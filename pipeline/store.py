@@ -34,7 +34,7 @@ from storage_schemas.manifest import Manifest, UnitCompletion
 
 from . import s3_reads
 from .crash_points import crash_point
-from .raw_shards import RawShard, damaged, is_raw_sharded
+from .raw_shards import RawShard, ReadBuffers, damaged, is_raw_sharded
 
 
 class CacheNotReadyError(CacheError):
@@ -108,6 +108,7 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
         self._indexes: dict[str, np.ndarray] = {}  # raw shards' indexes, kept when read-only (see RawShard)
+        self.read_buffers = ReadBuffers()  # this process's reused buffers of block reads (student.stream.BlockRows)
         self._group: zarr.Group | None = None
         self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
 
@@ -120,6 +121,7 @@ class CacheStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state["read_buffers"] = ReadBuffers()  # not this process's buffers
         if state["_s3"] not in (None, _UNSET):  # obstore's client is per process: chosen again where unpickled
             state.update(_s3=_UNSET, _group=None, _arrays={})
         return state

@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.raw_shards import ReadBuffers
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import Sample, expand_urls, index_tar, iter_samples
@@ -346,14 +345,11 @@ class CacheDataset(EpochDataset):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_store"] = None  # zarr/fsspec handles do not cross processes
-        state.pop("_buffers", None)  # nor this process's read buffers
         return state
 
     def _load(self, task: Task) -> Loaded:
-        if getattr(self, "_buffers_pid", None) != os.getpid():  # the large targets' block buffers, per process
-            self._buffers, self._buffers_pid = ReadBuffers(), os.getpid()
         return load_rows(self.store(), self.m, task, self.read_names, random_policy=self.view_policy == "random",
-                         seed=self.seed, epoch=self.epoch, buffers=self._buffers)
+                         seed=self.seed, epoch=self.epoch)
 
     def _stream(self, task: Task, loaded: Loaded) -> Iterator[Sample]:
         samples = lockstep(self.m, task, loaded, storage_options=self.input_storage_options)

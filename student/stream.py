@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.raw_shards import ReadBuffers
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -90,13 +89,12 @@ class BlockRows:
     block linger for thousands of draws (each draw takes a random one of its 1,024), and a view would keep
     their whole block alive with them: ~66 blocks of 64 ViT-L rows, 5.4 GB, measured by
     ``python -m bench.reader_memory``, against 5.6 GB for whole units. So nothing views a block once the
-    stream has passed it, and the next blocks are read into its buffers
-    (:class:`~pipeline.raw_shards.ReadBuffers`, shared by the tars a worker reads)."""
+    stream has passed it, and the next blocks are read into its buffers (the store's
+    :class:`~pipeline.raw_shards.ReadBuffers`, one per process: shared by the tars a worker reads)."""
 
-    def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str],
-                 buffers: ReadBuffers | None = None) -> None:
+    def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
         count, step = len(views), m.chunk_rows
-        self._buffers = buffers or ReadBuffers()
+        self._buffers = store.read_buffers
 
         def read(lo: int) -> tuple[int, dict[str, np.ndarray], list[np.ndarray]]:
             alloc, lent = self._buffers.lender()
@@ -125,7 +123,7 @@ class BlockRows:
 
 
 def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], *, random_policy: bool, seed: int,
-              epoch: int, buffers: ReadBuffers | None = None) -> Loaded:
+              epoch: int) -> Loaded:
     """Index keys, rows ``[count, ...]`` of ``names`` and the view of each position, for one tar; each unit
     is read once (policy ``random`` gathers each position's drawn view from the units it reads). Also, per
     view read, that unit's view-record arrays among ``names`` for every position: a mixed view's partner is
@@ -143,7 +141,7 @@ def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], 
     large = [n for n in names if n not in kept and count * m.arrays[n].row_bytes > WHOLE_UNIT_BYTES]
     rows, units = _gather(store, m, t, views, [n for n in names if n not in large])
     records = {v: {n: unit[n] for n in A.VIEW_RECORD_ARRAYS if n in unit} for v, unit in units.items()}
-    return Loaded(keys, rows, views, records, BlockRows(store, m, t, views, large, buffers) if large else None)
+    return Loaded(keys, rows, views, records, BlockRows(store, m, t, views, large) if large else None)
 
 
 def lockstep(m: Manifest, task: Task, loaded: Loaded, *, storage_options: dict | None) -> Iterator[Sample]:

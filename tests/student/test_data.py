@@ -111,7 +111,7 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
             np.testing.assert_array_equal(a.rows[name], b.rows[name], err_msg=f"{name} {a.key}")
     raw = [n for n in names if is_raw_sharded(ds.store().array(n))]
     raw_reads = sum(1 for *_, n, _, _ in reads for a in n if a in raw)
-    assert raw and ds._buffers.allocated <= raw_reads // 4  # the blocks' buffers were reused (see the next test)
+    assert raw and ds.store().read_buffers.allocated <= raw_reads // 4  # the blocks' buffers were reused (see the next test)
     tap = target_arrays(m, logits=False, taps=["final"])[0]
     by_block = [(t, v, lo, hi) for t, v, n, lo, hi in reads if tap in n]
     assert by_block and all(hi - lo == step and lo % step == 0 for _, _, lo, hi in by_block)
@@ -142,7 +142,7 @@ def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(s
         for s in got:
             np.testing.assert_array_equal(s.rows[name], arr[s.tar * S + s.position, s.view], err_msg=f"{name} {s.key}")
     blocks = sum(-(-sh.count // 16) for sh in m.dataset.shards) * len(names)
-    assert ds._buffers.allocated <= 4 * len(names) < blocks  # a block's buffers, and the two read ahead, reused
+    assert ds.store().read_buffers.allocated <= 4 * len(names) < blocks  # a block's buffers, and the two read ahead, reused
 
 
 def test_only_requested_arrays_are_read(small_cache):
