@@ -71,8 +71,8 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 
 
 class ReadBuffers:
-    """Buffers a read lands in (a local file's ``readinto``, an object's GET), reused (see the module docstring): :meth:`lender` gives one read its
-    ``alloc(nbytes)``, which hands out a free buffer of that size (or a new one) and notes it; once nothing
+    """Buffers a read lands in (a local file's ``readinto``, an object's GET), reused (see the module
+    docstring): :meth:`lender` gives one read its ``alloc(nbytes)``, which hands out a free buffer of that size (or a new one) and notes it; once nothing
     reads the rows any more, :meth:`give_back` frees what that read was lent. Reads under ``min_bytes`` (shard
     indexes) get a fresh array. Thread-safe: a block is read on a prefetch thread and given back on another."""
 
@@ -112,14 +112,13 @@ class ReadBuffers:
 
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
-    ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore: :mod:`.s3_reads`);
-    ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`ReadBuffers.lender`; ``get`` then takes it
-    as ``alloc=``). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
+    ``get(start, end, alloc=)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
+    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`ReadBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
     part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
     time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
     and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""
 
-    def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[[int, int | None], np.ndarray] | None = None,
+    def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[..., np.ndarray] | None = None,
                  alloc: Callable[[int], np.ndarray] | None = None, indexes: dict[str, np.ndarray] | None = None
                  ) -> None:
         self.fs, self.path, self.get, self.alloc, self.indexes = fs, path, get, alloc, indexes
@@ -139,14 +138,15 @@ class RawShard:
             return np.empty((0, *self.row_shape), self.dtype)
         first, last = lo // self.chunk_rows, (hi - 1) // self.chunk_rows
         whole = first == 0 and last == self.n_chunks - 1  # the whole shard: one read
-        index = None if whole or self.indexes is None else self.indexes.get(self.path)
+        keep = not whole and self.indexes is not None  # the index, for the shard's next blocks
+        index = self.indexes.get(self.path) if keep else None
         if index is None:
             try:
                 data = self._read(0 if whole else -self.index_bytes, None)
             except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
                 return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
             index = self._index(data[-self.index_bytes:])
-            if not whole and self.indexes is not None:
+            if keep:
                 if len(self.indexes) >= MAX_INDEXES:  # the oldest out
                     del self.indexes[next(iter(self.indexes))]
                 self.indexes[self.path] = index.copy()  # not a view of a buffer that is reused
@@ -172,7 +172,7 @@ class RawShard:
         """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
         file is read straight into it."""
         if self.get is not None:
-            return self.get(start, end) if self.alloc is None else self.get(start, end, alloc=self.alloc)
+            return self.get(start, end, alloc=self.alloc)
         if isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.store import CacheStore
 from pipeline.teacher import Teacher, TeacherOutput
+from storage_schemas.config import JobConfig
 
 from .caching import scale_config
 from .spec import READER_CACHES, TEACHERS
@@ -56,10 +57,16 @@ def synthetic_forward(seed: int = 0) -> Iterator[None]:
         Teacher.__call__ = real
 
 
+def reader_chunk_rows(per_tar: int) -> int:
+    """Rows a Zarr chunk of the reader's caches: the job's default (64), fewer when a tar holds fewer."""
+    return min(per_tar, JobConfig.model_fields["chunk_rows"].default)
+
+
 def reader_caches(tmp: Path, per_tar: int, tars: int, batch_size: int) -> tuple[dict, dict[str, str]]:
     """The caches the reader reads: ``tars`` synthetic tars of ``per_tar`` images cached for each real-size teacher
     by :func:`pipeline.job.build_cache_in_process` (the job's steps and bytes, without Ray) under
-    :func:`synthetic_forward`, in Zarr chunks of the job's default 64 rows (fewer when a tar holds fewer). Larger than the caching benchmark's data, which the real
+    :func:`synthetic_forward`, in Zarr chunks of :func:`reader_chunk_rows`. Larger than the caching benchmark's
+    data, which the real
     forward makes costly: a reader pays fixed costs per tar (opening it and its unit's arrays; on S3 a few requests
     an array) that ImageNet's 1,250 samples a tar amortise, and reads the next tar's rows ahead only when a worker
     has more than one tar an epoch. Reused from an earlier run in the same ``--workdir`` with the same config."""
@@ -71,7 +78,7 @@ def reader_caches(tmp: Path, per_tar: int, tars: int, batch_size: int) -> tuple[
     for key, (model, dtype, compression) in READER_CACHES.items():
         t0 = time.perf_counter()
         cfg = scale_config(model, TEACHERS[model], data["train"], str(tmp / f"reader-{key}.zarr"),
-                           batch_size=batch_size, chunk_rows=min(per_tar, 64), feature_dtype=dtype,
+                           batch_size=batch_size, chunk_rows=reader_chunk_rows(per_tar), feature_dtype=dtype,
                            feature_compression=compression)
         caches[key] = cfg.output.url
         store = CacheStore(cfg.output.url)

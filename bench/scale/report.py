@@ -21,6 +21,7 @@ from ..common import (
     with_spread,
 )
 from ..common import with_section as common_with_section
+from .caches import reader_chunk_rows
 from .spec import GOALS, MD_BEGIN, MD_END
 
 
@@ -95,7 +96,7 @@ def markdown(res: dict) -> str:
         rd = d["reader"]
         lines += ["### Student reader at real size (item 4)", "",
                   f"Caches of {d['data']['reader_images']} images in tars of {d['data']['reader_per_tar']} (Zarr chunks of "
-                  f"{min(d['data']['reader_per_tar'], 64)} rows; a unit over {WHOLE_UNIT_BYTES >> 20} MiB is read a "
+                  f"{reader_chunk_rows(d['data']['reader_per_tar'])} rows; a unit over {WHOLE_UNIT_BYTES >> 20} MiB is read a "
                   "chunk of rows at a time, each sample's rows copied out, as an ImageNet tar's taps are); "
                   f"{rd['workers']} DataLoader workers, batch {rd['batch_size']}, {rd['samples_per_epoch']} samples "
                   f"an epoch; {rd['rounds']} rounds × {rd['epochs']} epochs per configuration in slices of "
