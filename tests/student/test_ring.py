@@ -128,6 +128,32 @@ def test_taken_tensors_are_copies_and_the_slot_is_free_again():
     assert first["a"].data_ptr() != ring.buf.data_ptr() and not first["a"].is_shared()
 
 
+def test_a_batch_taken_to_the_cpu_keeps_its_memory_while_any_view_of_it_lives_then_a_later_batch_reuses_it():
+    """The copy out lands in memory of batches already gone (``_Outputs``): never in one still viewed (a tensor
+    view, a NumPy view), and, once all are gone, in theirs instead of freshly allocated memory."""
+    ring = BatchRing(workers=1, slots=1, slot_bytes=4096)
+
+    def batch(i: int) -> dict[str, torch.Tensor]:
+        out = ring.take(ring.put({"a": [np.full(3, i, np.int32)] * 2, "b": np.arange(5.0) + i}, worker=0))
+        assert out["a"].tolist() == [[i] * 3] * 2 and out["b"].tolist() == [i + k for k in range(5)]
+        return out
+
+    first = batch(0)
+    first_ptr = first["a"].data_ptr()
+    held_tensor, held_array = first["a"][1], first["b"].numpy()[2:]
+    del first
+    second = batch(1)
+    assert second["a"].data_ptr() != first_ptr  # the first batch's views still live
+    assert held_tensor.tolist() == [0, 0, 0] and held_array.tolist() == [2.0, 3.0, 4.0]  # not written into
+    del held_tensor
+    third_ptr = batch(2)["a"].data_ptr()  # a NumPy view of the first's "b" still lives; this batch dies here
+    assert third_ptr not in (first_ptr, second["a"].data_ptr())
+    del held_array
+    assert batch(3)["a"].data_ptr() in (first_ptr, third_ptr)
+    assert ring._outputs.made == 3  # the first's, the second's (alive), the third's: none for the fourth
+    assert not ring.busy.any()
+
+
 def test_received_needs_the_ring_a_batch_came_through():
     assert received({"x": 1}, None) == {"x": 1}  # the usual way: as it came
     with pytest.raises(ValueError, match="BatchRing"):
