@@ -224,3 +224,36 @@ def test_a_partial_rerun_without_a_last_run_is_refused_before_any_work(monkeypat
     msg = str(e.value)
     assert str(tmp_path / "scale.json") in msg and "python -m bench --scale" in msg
     assert not (tmp_path / "results.md").exists() and not (tmp_path / "w").exists()
+
+
+def test_the_reader_s3_server_answers_each_range_with_its_bytes_as_s3_does():
+    """:mod:`bench.scale.moto_server` reads a ranged GET's range alone: the bytes and headers S3 defines for
+    each form of range (RFC 9110: first-last, first-, the last n; a range past the end clamped, one starting past
+    it refused), checked against the object sliced here; a GET without a range is whole."""
+    import boto3
+    import botocore.exceptions
+    import numpy as np
+
+    from pipeline import s3_reads
+
+    obj = np.random.default_rng(0).bytes(1_000_003)
+    n = len(obj)
+    s3 = reader.MotoS3()
+    try:
+        c = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                         aws_secret_access_key="testing-secret-0xKDC")
+        c.put_object(Bucket=s3.bucket, Key="o", Body=obj)
+        for spec_, first, last in [("0-9", 0, 9), ("10-", 10, n - 1), ("-7", n - 7, n - 1), ("999990-2000000", 999990, n - 1),
+                                   ("5-5", 5, 5), ("-2000000", 0, n - 1)]:
+            got = c.get_object(Bucket=s3.bucket, Key="o", Range=f"bytes={spec_}")
+            assert got["ResponseMetadata"]["HTTPStatusCode"] == 206, spec_
+            assert got["ContentRange"] == f"bytes {first}-{last}/{n}", spec_
+            assert got["Body"].read() == obj[first:last + 1], spec_
+        with pytest.raises(botocore.exceptions.ClientError, match="InvalidRange"):
+            c.get_object(Bucket=s3.bucket, Key="o", Range=f"bytes={n}-")
+        assert c.get_object(Bucket=s3.bucket, Key="o")["Body"].read() == obj
+        store = s3_reads.s3_store(f"s3://{s3.bucket}", s3.options)  # the reader's own client
+        assert s3_reads.get(store, "o", 1000, 501_000, name="o").tobytes() == obj[1000:501_000]
+        assert s3_reads.get(store, "o", -20, None, name="o").tobytes() == obj[-20:]
+    finally:
+        s3.close()
