@@ -82,26 +82,30 @@ def read(ds: CacheDataset, epochs: int, *, batch_size: int, workers: int) -> dic
     """``epochs`` epochs of ``ds`` through a DataLoader of ``workers`` workers, as the trainer's loader runs it, up
     to the batches it hands out (``collate_rows`` in the workers; decoding the targets to fp32 is the training
     device's work, in the step: :func:`decode_ms`). Returns samples and seconds in all (``n``, ``s``), the seconds
-    to the first batch (``first_s``: the workers' start, opening the cache and the first tar) and the steady
+    to the first batch (``first_s``: the workers' start, opening the cache and the first tar), the steady
     state's samples and seconds (``n_steady``, ``s_steady``: :func:`steady_rate`), which an epoch of ImageNet's
-    size is all but made of."""
+    size is all but made of, and the CPU seconds of the workers (``n_cpu``, ``s_cpu``: :func:`steady_cpu`) and of
+    this process (``n_main``, ``s_main``: taking each batch out of its slot, the loader's own work) in it."""
     with ds.batch_ring(batch_size, workers) if workers else contextlib.nullcontext() as ring:
         dl = DataLoader(Epochs(ds, epochs), batch_size=batch_size, num_workers=workers,
                         collate_fn=partial(timed_collate, names=ds.targets, ring=ring), persistent_workers=False)
         produced: list[tuple[float, int]] = []
         cpu: list[tuple[int, float, int]] = []
+        main: list[tuple[float, int]] = []  # this process's CPU seconds when each batch was out of its slot
         t0 = time.perf_counter()
         t_first = None
         for raw in dl:
             raw = received(raw, ring)  # out of its slot, as the loader copies it to the training device
             produced.append((raw["produced"], len(raw["label"])))
             cpu.append((raw["worker"], raw["cpu"], len(raw["label"])))
+            main.append((time.process_time(), len(raw["label"])))
             t_first = t_first or time.perf_counter()
     t1 = time.perf_counter()
     n_steady, s_steady = steady_rate(produced, workers)
     n_cpu, s_cpu = steady_cpu(cpu)
+    n_main, s_main = steady_rate(main, workers)  # the same steady state, on this process's CPU clock
     return {"n": sum(n for _, n in produced), "s": t1 - t0, "first_s": (t_first or t1) - t0, "n_steady": n_steady,
-            "s_steady": s_steady, "n_cpu": n_cpu, "s_cpu": s_cpu}
+            "s_steady": s_steady, "n_cpu": n_cpu, "s_cpu": s_cpu, "n_main": n_main, "s_main": s_main}
 
 
 def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[str, float]:
@@ -266,9 +270,11 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
     first = {k: [] for k in names}
     cpu_n = {k: [] for k in names}
     cpu_s = {k: [] for k in names}
+    main_n = {k: [] for k in names}
+    main_s = {k: [] for k in names}
     for r, order in enumerate(round_orders(names, rounds, seed)):
         for k in names:
-            for acc in (samples, seconds, cpu_n, cpu_s):
+            for acc in (samples, seconds, cpu_n, cpu_s, main_n, main_s):
                 acc[k].append(0)
         for name, e in interleave(order, epochs, slice_epochs):
             c = server_cpu()
@@ -278,6 +284,8 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
             seconds[name][-1] += got["s_steady"]
             cpu_n[name][-1] += got["n_cpu"]
             cpu_s[name][-1] += got["s_cpu"]
+            main_n[name][-1] += got["n_main"]
+            main_s[name][-1] += got["s_main"]
             first[name].append(got["first_s"])
         print(f"reader round {r + 1}/{rounds}: " + ", ".join(f"{k} {samples[k][-1] / seconds[k][-1]:.1f}"
                                                              for k in names), flush=True)
@@ -298,6 +306,7 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
                          "cache_mb_per_s_decoded": sp["median"] * raw / 1e6,
                          "first_batch_s": quantile(first[k], 0.5),
                          "worker_cpu_ms_per_sample": spread([1e3 / x for x in per_cpu_s[k]]),
+                         "main_cpu_ms_per_sample": spread([1e3 * s / n for n, s in zip(main_n[k], main_s[k], strict=True)]),
                          "cpu_vs_images_only": None if name == "images_only" else cpu_ratios[src][name],
                          "server_cpu_ms_per_sample": 1e3 * cpu0[k] / sum(samples[k]) if src == "s3" else None,
                          "decode_ms_per_sample": decode_ms(datasets[k], batch_size) if src == "local" else None,

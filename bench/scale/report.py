@@ -135,7 +135,7 @@ def _data_path_rows(dp: dict) -> list[dict]:
 
 JOB_COLUMNS = ["teacher", "views (steady/all)", "rounds", "forward alone views/s", "job steady views/s",
                "job end-to-end views/s", "steady / forward", "end-to-end / forward", "job fixed s"]
-READER_COLUMNS = ["source", "targets", "samples/s", "vs images only", "worker CPU ms/sample",
+READER_COLUMNS = ["source", "targets", "samples/s", "vs images only", "worker CPU ms/sample", "main-process CPU ms/sample",
                   "samples per CPU s vs images only", "target KB/sample (stored)",
                   "cache MB/s (stored)", "cache MB/s (decoded)", "first batch s", "S3 server CPU ms/sample",
                   "read rows ms/sample", "hand-over (ring) ms/sample", "hand-over (fresh shared memory) ms/sample",
@@ -158,10 +158,12 @@ def _job_row(j: dict) -> dict:
 
 def _reader_row(r: dict) -> dict:
     sp, vs, cm, cv = r["samples_per_s"], r["vs_images_only"], r["worker_cpu_ms_per_sample"], r["cpu_vs_images_only"]
+    mm = r.get("main_cpu_ms_per_sample")  # runs before 2026-12-02 have none
     return {"source": r["source"], "targets": r["targets"],
             "samples/s": with_spread(sp["median"], sp["min"], sp["max"]),
             "vs images only": with_spread(vs["median"], *vs["interval"]) if vs else "1",
             "worker CPU ms/sample": with_spread(cm["median"], cm["min"], cm["max"]),
+            "main-process CPU ms/sample": with_spread(mm["median"], mm["min"], mm["max"]) if mm else None,
             "samples per CPU s vs images only": with_spread(cv["median"], *cv["interval"]) if cv else "1",
             "target KB/sample (stored)": r["stored_bytes_per_sample"] / 1e3,
             "cache MB/s (stored)": r["cache_mb_per_s_stored"], "cache MB/s (decoded)": r["cache_mb_per_s_decoded"],
