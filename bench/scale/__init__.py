@@ -27,7 +27,8 @@ Four parts, on ImageNet-shaped synthetic JPEGs (:mod:`pipeline.synthetic`, 1,000
    trainer's loader copies it to its device) over caches of synthetic-forward rows
    (:func:`bench.scale.caches.reader_caches`), with targets (a) none, (b) top-10 logits, (c) Swin-L's final
    tap, (d) ViT-L's three ViTKD taps (also with zstd and as int8); from local disk and from S3 (a moto server in
-   its own process on 127.0.0.1, tars and cache uploaded, the manifest's tar URLs pointed at the bucket). The
+   its own process on 127.0.0.1 that reads a ranged GET's range alone, :mod:`bench.scale.moto_server`; tars and
+   cache uploaded, the manifest's tar URLs pointed at the bucket). The
    configurations take turns in ``--reader-rounds`` rounds (:func:`bench.common.round_orders`,
    :func:`bench.common.interleave`: each reads ``--reader-epochs`` epochs of its cache a round, in slices of
    ``--reader-slice`` epochs, one DataLoader per slice); ratios (b), (c), (d) to (a) are paired by round.

@@ -112,7 +112,7 @@ def markdown(res: dict) -> str:
                   "the DataLoader's usual way (stack into a fresh shared segment, whose pages the kernel allocates "
                   "and zeroes on first touch). The caches' rows come from a synthetic forward "
                   "with the real teachers' shapes and per-channel statistics (`bench.scale.caches.synthetic_forward`); "
-                  "the S3 server (moto) runs on this machine's cores too.", "",
+                  "the S3 server (moto, reading a ranged GET's range alone: `bench/scale/moto_server.py`) runs on this machine's cores too.", "",
                   markdown_table([_reader_row(r) for r in rd["rows"]], READER_COLUMNS), ""]
     if h["bytes_per_view"]:
         lines += ["### Bytes per view at real shapes", "",
