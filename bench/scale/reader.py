@@ -164,22 +164,17 @@ def relocated(m: Manifest, urls: dict[str, str]) -> Manifest:
     return m.model_copy(update={"dataset": m.dataset.model_copy(update={"shards": shards, "fingerprint": fp})})
 
 
-PLAIN_MOTO = ("import sys; from moto.server import ThreadedMotoServer; s = ThreadedMotoServer(ip_address='127.0.0.1', "
-              "port=0); s.start(); print('endpoint %s:%d' % s.get_host_and_port(), flush=True); sys.stdin.read(); s.stop()")
-
-
 class MotoS3:
     """A moto S3 server in its own process on 127.0.0.1 (so that serving does not hold this process's GIL), one
     bucket, and the s3fs options to reach it (as ``tests/conftest.py``'s ``moto_s3``). The server reads a ranged
-    GET's range alone (:mod:`bench.scale.moto_server`; ``whole_reads=True``: moto as it is, which reads the whole
-    object for each)."""
+    GET's range alone (:mod:`bench.scale.moto_server`), where moto as it is reads the whole object for each."""
 
-    def __init__(self, bucket: str = "kdcache", *, whole_reads: bool = False) -> None:
+    def __init__(self, bucket: str = "kdcache") -> None:
         import boto3
 
         self.log = tempfile.TemporaryFile("w+")  # its request log: a line a request
-        server = ["-c", PLAIN_MOTO] if whole_reads else [str(Path(__file__).with_name("moto_server.py"))]
-        self.proc = subprocess.Popen([sys.executable, *server], stdin=subprocess.PIPE,
+        server = Path(__file__).with_name("moto_server.py")  # a script: the bench package would import torch there
+        self.proc = subprocess.Popen([sys.executable, str(server)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = ""
         while not line.startswith("endpoint "):  # moto prints a line of its own first
