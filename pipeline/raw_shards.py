@@ -19,18 +19,14 @@ sharding codec's (its spec, "Binary shard format"): the inner chunks, then the i
 ``uint64`` (offset, nbytes) pair per inner chunk in C order, ``2**64 - 1`` twice for a chunk not stored (all
 fill value), followed by the index's crc32c; a shard whose chunks are all fill is not stored at all.
 
-A reader that copies the rows out before it reads the next block (:class:`student.stream.BlockRows`, the
-student's path for taps at ImageNet's tar size) reads into reused buffers (:class:`ReadBuffers`): a fresh
-buffer of a 64-row block of ViT-L taps (25 MB) is a fresh ``mmap`` whose pages the kernel zeroes on their
-first write, one more pass over the bytes; reused, the ``bench.scale`` reader's workers spent 0.2–2 ms less
-CPU a ViTKD sample (2 workers on 2 cores, 64-row blocks; interleaved scratch ablations, 2026-12-02).
+A reader that reads a shard a block of rows at a time (:class:`student.stream.BlockRows`, the student's path
+for taps at ImageNet's tar size) reads each block into a reused buffer (:class:`pipeline.buffers.ReusedBuffers`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Callable
 
 import google_crc32c
@@ -70,50 +66,10 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
             and tuple(sc.chunk_shape[1:]) == shard[1:] and shard[0] % sc.chunk_shape[0] == 0)
 
 
-class ReadBuffers:
-    """Buffers a read lands in (a local file's ``readinto``, an object's GET), reused (see the module
-    docstring): :meth:`lender` gives one read its ``alloc(nbytes)``, which hands out a free buffer of that size (or a new one) and notes it; once nothing
-    reads the rows any more, :meth:`give_back` frees what that read was lent. Reads under ``min_bytes`` (shard
-    indexes) get a fresh array. Thread-safe: a block is read on a prefetch thread and given back on another."""
-
-    MIN_BYTES = 1 << 20
-
-    def __init__(self, min_bytes: int | None = None) -> None:
-        self.min_bytes = self.MIN_BYTES if min_bytes is None else min_bytes
-        self.allocated = 0  # buffers made so far (for tests: the pool stays as small as the reads in flight)
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def lender(self) -> tuple[Callable[[int], np.ndarray], list[np.ndarray]]:
-        """``(alloc, lent)``: pass ``alloc`` to one read (:meth:`RawShard.rows`); ``lent`` fills with the
-        buffers it hands out, for :meth:`give_back`."""
-        lent: list[np.ndarray] = []
-
-        def alloc(nbytes: int) -> np.ndarray:
-            if nbytes < self.min_bytes:
-                return np.empty(nbytes, np.uint8)
-            with self._lock:
-                free = self._free.get(nbytes)
-                buf = free.pop() if free else None
-                self.allocated += buf is None
-            buf = np.empty(nbytes, np.uint8) if buf is None else buf
-            lent.append(buf)
-            return buf
-
-        return alloc, lent
-
-    def give_back(self, lent: list[np.ndarray]) -> None:
-        """The buffers of ``lent`` free for the next reads: only once no array that views them is used again."""
-        with self._lock:
-            for buf in lent:
-                self._free.setdefault(len(buf), []).append(buf)
-        lent.clear()
-
-
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
     ``get(start, end, alloc=)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
-    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`ReadBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
+    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`pipeline.buffers.ReusedBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
     part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
     time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
     and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""

@@ -114,7 +114,7 @@ def claim() -> None:
 def get(store: S3Store, key: str, start: int, end: int | None, *, name: str,
         alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Bytes ``start..end`` of object ``key`` (``start`` < 0: the last ``-start`` bytes; ``end`` None: to the
-    end) as a writable uint8 array (``alloc(nbytes)``'s when given: :class:`~pipeline.raw_shards.ReadBuffers`);
+    end) as a writable uint8 array (``alloc(nbytes)``'s when given: :class:`~pipeline.buffers.ReusedBuffers`);
     ``name`` is the object's URL for errors. A missing object raises ``FileNotFoundError``, as s3fs does; a
     refused or failed request a :class:`CacheError` naming it."""
     import obstore

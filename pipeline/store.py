@@ -33,8 +33,9 @@ from storage_schemas.errors import CacheError
 from storage_schemas.manifest import Manifest, UnitCompletion
 
 from . import s3_reads
+from .buffers import ReusedBuffers
 from .crash_points import crash_point
-from .raw_shards import RawShard, ReadBuffers, damaged, is_raw_sharded
+from .raw_shards import RawShard, damaged, is_raw_sharded
 
 
 class CacheNotReadyError(CacheError):
@@ -108,7 +109,9 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
         self._indexes: dict[str, np.ndarray] = {}  # raw shards' indexes, kept when read-only (see RawShard)
-        self.read_buffers = ReadBuffers()  # this process's reused buffers of block reads (student.stream.BlockRows)
+        # this process's reused memory (pipeline.buffers): blocks read, and the rows copied out of them
+        # (student.stream.BlockRows)
+        self.read_buffers, self.row_buffers = ReusedBuffers(), ReusedBuffers()
         self._group: zarr.Group | None = None
         self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
 
@@ -121,7 +124,7 @@ class CacheStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["read_buffers"] = ReadBuffers()  # not this process's buffers
+        state["read_buffers"], state["row_buffers"] = ReusedBuffers(), ReusedBuffers()  # not this process's
         if state["_s3"] not in (None, _UNSET):  # obstore's client is per process: chosen again where unpickled
             state.update(_s3=_UNSET, _group=None, _arrays={})
         return state
@@ -283,7 +286,7 @@ class CacheStore:
     ) -> dict[str, np.ndarray]:
         """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays); with ``lo``/``hi``
         only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them). ``alloc``: the
-        buffers the reads of uncompressed arrays land in (:class:`~pipeline.raw_shards.ReadBuffers`)."""
+        buffers the reads of uncompressed arrays land in (:class:`~pipeline.buffers.ReusedBuffers`)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
         out = {}

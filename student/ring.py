@@ -28,8 +28,8 @@ torch splits a copy this large over its intra-op threads, and while the loader's
 threads wait for one another at the copy's end; in the ``bench.scale`` reader (2 workers on 2 cores, a ViTKD
 batch of 19.7 MB rows and 9.6 MB images) ``clone`` cost the main process 0.82 ms of CPU a sample and
 ``np.copyto`` into ``np.empty`` 0.15 (ViTKD), 0.26 and 0.06 with images alone (scratch, 2026-12-02). It copies
-into memory of batches already gone (:class:`_Outputs`), not a fresh ``np.empty``, whose pages glibc often
-returns to the system between batches of this size: 0.38 → 0.13 ms a ViTKD sample (same reader, later).
+into memory of batches already gone (:class:`pipeline.buffers.ReusedBuffers`), not a fresh ``np.empty``, whose
+pages glibc often returns to the system between batches of this size: 0.38 → 0.13 ms a ViTKD sample.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ import logging
 import multiprocessing
 import os
 import time
-import weakref
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
+
+from pipeline.buffers import ReusedBuffers
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ class BatchRing:
         self.lock = multiprocessing.get_context().Lock()
         self._turn = 0  # this worker's next slot (each worker process has its own copy)
         self._warned = False
-        self._outputs = _Outputs(keep=workers * slots)  # the main process's: CPU batches' memory, reused
+        self._outputs = ReusedBuffers(keep=workers * slots)  # the main process's: CPU batches' memory, reused
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_outputs"] = _Outputs(keep=self.workers * self.slots)  # a worker's copy starts empty
+        state["_outputs"] = ReusedBuffers(keep=self.workers * self.slots)  # a worker's copy starts empty
         return state
 
     # --- worker side ----------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class BatchRing:
         on_cpu = torch.device(device).type == "cpu"
         out: dict[str, torch.Tensor] = {}
         try:
-            if on_cpu:  # one block for the batch's tensors, memory of batches gone (:class:`_Outputs`)
+            if on_cpu:  # one buffer for the batch's tensors, memory of batches gone (pipeline.buffers)
                 mem = self._outputs.lend(max((off + _nbytes(shape, dt) for _, off, shape, dt in packed["fields"]),
                                              default=0))
             for name, off, shape, dt in packed["fields"]:
@@ -175,39 +176,6 @@ class BatchRing:
             with self.lock:
                 self.busy[w, k] = 0
         return out
-
-
-class _Outputs:
-    """Memory for the batches :meth:`BatchRing.take` copies out to the CPU, reused once a batch is gone.
-
-    A fresh ``np.empty`` per batch looks free but is not: glibc hands a freshly freed block back to the system
-    once more than twice the largest recent block sits free at the top of its heap, which a ViTKD batch (three
-    6.4 MB tap fields and a 9.6 MB image field, 29 MB freed together) does each time, so the next batch
-    faults its pages in again; in the ``bench.scale`` reader that was 69 page faults and 0.38 ms of main-process
-    CPU a ViTKD sample against 0.07 with images alone (scratch /tmp/s22/mainprof.py, 2026-12-02). A batch's
-    tensors view one block (:meth:`lend`); the block comes back here once every array and tensor made from it
-    is gone (a ``weakref.finalize`` on the buffer NumPy keeps as the base of all of them), so a batch a
-    trainer still holds is never written into; ``keep`` blocks of a size are kept, more are freed."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.free: dict[int, list[np.ndarray]] = {}
-        self.made = 0  # blocks allocated so far (for tests: reuse keeps it at the batches alive at once)
-
-    def lend(self, nbytes: int) -> np.ndarray:
-        """A uint8 array of ``nbytes`` no live array views; its memory comes back once all views are gone."""
-        free = self.free.get(nbytes)
-        block = free.pop() if free else None  # list.pop/append are atomic: a finalizer may run on any thread
-        if block is None:
-            block, self.made = np.empty(nbytes, np.uint8), self.made + 1
-        out = np.frombuffer(memoryview(block), np.uint8)  # its base, a memoryview, is the end of every view's chain
-        weakref.finalize(out.base, self._give_back, block)
-        return out
-
-    def _give_back(self, block: np.ndarray) -> None:
-        free = self.free.setdefault(len(block), [])
-        if len(free) < self.keep:
-            free.append(block)
 
 
 def _numpy(a: torch.Tensor | np.ndarray | np.generic | int | float) -> np.ndarray:

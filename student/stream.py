@@ -45,6 +45,11 @@ from storage_schemas.views import NO_PARTNER, ViewRecipe, ViewRecord
 from .plan import Task, random_views
 
 WHOLE_UNIT_BYTES = 16 * 2**20  # a target array whose unit is larger is read a Zarr chunk of rows at a time
+ALIGN = 64  # bytes: where each of a sample's rows starts in the buffer they share
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 class Loaded(NamedTuple):
@@ -89,12 +94,13 @@ class BlockRows:
     block linger for thousands of draws (each draw takes a random one of its 1,024), and a view would keep
     their whole block alive with them: ~66 blocks of 64 ViT-L rows, 5.4 GB, measured by
     ``python -m bench.reader_memory``, against 5.6 GB for whole units. So nothing views a block once the
-    stream has passed it, and the next blocks are read into its buffers (the store's
-    :class:`~pipeline.raw_shards.ReadBuffers`, one per process: shared by the tars a worker reads)."""
+    stream has passed it, and the next blocks are read into its buffers; a sample's copies share one buffer,
+    which comes back once the sample's rows are gone (both the store's :class:`~pipeline.buffers.ReusedBuffers`,
+    one per process: shared by the tars a worker reads)."""
 
     def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
         count, step = len(views), m.chunk_rows
-        self._buffers = store.read_buffers
+        self._buffers, self._row_buffers = store.read_buffers, store.row_buffers
 
         def read(lo: int) -> tuple[int, dict[str, np.ndarray], list[np.ndarray]]:
             alloc, lent = self._buffers.lender()
@@ -114,7 +120,14 @@ class BlockRows:
             self._buffers.give_back(self._lent)  # its rows were copied out: nothing views the block any more
             self._lo, self._rows, self._lent = next(self._blocks)
             self._hi = min(self._lo + self._step, self._count)
-        return {name: a[position - self._lo].copy() for name, a in self._rows.items()}
+        rows = [(name, a[position - self._lo]) for name, a in self._rows.items()]
+        offsets = np.cumsum([0] + [_aligned(r.nbytes) for _, r in rows])
+        mem = self._row_buffers.lend(int(offsets[-1]))  # comes back once the sample's rows are gone
+        out = {}
+        for (name, r), off in zip(rows, offsets[:-1], strict=True):
+            out[name] = mem[off:off + r.nbytes].view(r.dtype).reshape(r.shape)
+            np.copyto(out[name], r)
+        return out
 
     def close(self) -> None:
         """The tar's stream has passed its last sample: the last block's buffers are free too."""

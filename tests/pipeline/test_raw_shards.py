@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.raw_shards import RawShard, ReadBuffers, is_raw_sharded
+from pipeline.buffers import ReusedBuffers
+from pipeline.raw_shards import RawShard, is_raw_sharded
 from pipeline.store import CacheStore, url_to_fs
 from storage_schemas import arrays as A
 from storage_schemas import layout
@@ -116,7 +117,7 @@ def test_a_read_only_store_reads_a_shard_index_once_for_its_blocks(tmp_path, mon
     monkeypatch.setattr(RawShard, "_read", spy)
     for read_only, index_reads in ((True, 1), (False, 3)):
         store = CacheStore(url, read_only=read_only)
-        pool = ReadBuffers(min_bytes=0)  # every read into a reused buffer, given back after its block, as
+        pool = ReusedBuffers(min_bytes=0)  # every read into a reused buffer, given back after its block, as
         reads.clear()  # BlockRows does: a kept index must not be a view of one (unit (2, 0)'s differs)
         for lo in range(0, S, CR):  # three blocks of an inner chunk each, the tars in turn
             for t in range(TARS):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline import s3_reads
-from pipeline.raw_shards import ReadBuffers
+from pipeline.buffers import ReusedBuffers
 from pipeline.store import CacheStore
 from storage_schemas.errors import CacheError
 from tests.pipeline.test_raw_shards import RANGES, TARS, VIEWS, S, make_array, manifest
@@ -91,7 +91,7 @@ def test_a_read_only_s3_cache_reads_through_obstore_as_zarr_over_s3fs_reads_it(m
                 np.testing.assert_array_equal(got, want, err_msg=f"unit {t},{v} rows {lo}..{hi}")
                 assert got.flags.writeable
                 if not compress:  # into a reused buffer (student.stream.BlockRows): the same rows, in it
-                    alloc, lent = ReadBuffers(min_bytes=0).lender()
+                    alloc, lent = ReusedBuffers(min_bytes=0).lender()
                     got = store.read_unit(manifest(S), t, v, ["a"], lo, hi, alloc=alloc)["a"]
                     np.testing.assert_array_equal(got, want, err_msg=f"unit {t},{v} rows {lo}..{hi}, reused buffer")
                     assert lent or (got == 7).all()  # what was read (not all fill) landed in lent buffers

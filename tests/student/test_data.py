@@ -12,7 +12,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader
 
-from pipeline.raw_shards import ReadBuffers, is_raw_sharded
+from pipeline.buffers import ReusedBuffers
+from pipeline.raw_shards import is_raw_sharded
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.targets import input_fingerprint
 from pipeline.tars import Sample, iter_samples
@@ -92,7 +93,7 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
     whole = {n for n in names if m.arrays[n].row_bytes * 120 > stream.WHOLE_UNIT_BYTES}
     assert not whole  # the digits' units are small: random_epoch read every array whole
     monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)  # now every target array counts as large
-    monkeypatch.setattr(ReadBuffers, "MIN_BYTES", 0)  # and every block is read into a reused buffer
+    monkeypatch.setattr(ReusedBuffers, "MIN_BYTES", 0)  # and every block is read into a reused buffer
     ds = make(small_cache, arrays=names, view_policy="random")
     step = 16
     ds.m = ds.m.model_copy(update={"chunk_rows": step})  # finer than the stored chunks: many blocks a tar
@@ -124,12 +125,12 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
 
 
 def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(small_cache, monkeypatch):
-    """The large arrays' blocks are read into buffers the next blocks reuse (pipeline.raw_shards.ReadBuffers):
+    """The large arrays' blocks are read into buffers the next blocks reuse (pipeline.buffers.ReusedBuffers):
     with one view a tar (cycle) a block's rows are views of its buffer, and every sample, kept to the end of
     the epoch, still holds its own rows as Zarr reads them."""
     m = small_cache["manifest"]
     monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)
-    monkeypatch.setattr(ReadBuffers, "MIN_BYTES", 0)
+    monkeypatch.setattr(ReusedBuffers, "MIN_BYTES", 0)
     names = target_arrays(m, logits=False, taps=TAPS)
     ds = make(small_cache, arrays=names)
     ds.m = ds.m.model_copy(update={"chunk_rows": 16})  # several blocks a tar
@@ -143,6 +144,10 @@ def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(s
             np.testing.assert_array_equal(s.rows[name], arr[s.tar * S + s.position, s.view], err_msg=f"{name} {s.key}")
     blocks = sum(-(-sh.count // 16) for sh in m.dataset.shards) * len(names)
     assert ds.store().read_buffers.allocated <= 4 * len(names) < blocks  # a block's buffers, and the two read ahead, reused
+    made = ds.store().row_buffers.allocated
+    assert made == len(got)  # each kept sample's rows in a buffer of its own
+    del got, s
+    assert sum(1 for _ in ds) == made and ds.store().row_buffers.allocated == made  # all came back: reused
 
 
 def test_only_requested_arrays_are_read(small_cache):

@@ -129,7 +129,7 @@ def test_taken_tensors_are_copies_and_the_slot_is_free_again():
 
 
 def test_a_batch_taken_to_the_cpu_keeps_its_memory_while_any_view_of_it_lives_then_a_later_batch_reuses_it():
-    """The copy out lands in memory of batches already gone (``_Outputs``): never in one still viewed (a tensor
+    """The copy out lands in memory of batches already gone (``pipeline.buffers.ReusedBuffers``): never in one still viewed (a tensor
     view, a NumPy view), and, once all are gone, in theirs instead of freshly allocated memory."""
     ring = BatchRing(workers=1, slots=1, slot_bytes=4096)
 
@@ -150,7 +150,7 @@ def test_a_batch_taken_to_the_cpu_keeps_its_memory_while_any_view_of_it_lives_th
     assert third_ptr not in (first_ptr, second["a"].data_ptr())
     del held_array
     assert batch(3)["a"].data_ptr() in (first_ptr, third_ptr)
-    assert ring._outputs.made == 3  # the first's, the second's (alive), the third's: none for the fourth
+    assert ring._outputs.allocated == 3  # the first's, the second's (alive), the third's: none for the fourth
     assert not ring.busy.any()
 
 

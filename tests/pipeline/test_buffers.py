@@ -1,0 +1,45 @@
+"""pipeline.buffers: memory lent for reads and copies, reused only once nothing views it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.buffers import ReusedBuffers
+
+
+def test_lent_memory_comes_back_only_after_every_view_and_tensor_of_it_is_gone():
+    pool = ReusedBuffers()
+    a = pool.lend(64)
+    a[:] = 7
+    first = a.__array_interface__["data"][0]
+    as_floats = a[8:24].view(np.float32).reshape(2, 2)  # a view of a view
+    tensor_view = torch.from_numpy(as_floats)[1]  # a torch view of it
+    del a, as_floats
+    b = pool.lend(64)  # the first is still viewed: fresh memory
+    assert b.__array_interface__["data"][0] != first and pool.allocated == 2
+    b[:] = 1
+    assert tensor_view.numpy().view(np.uint8).tolist() == [7] * 8  # not written into
+    del tensor_view
+    c = pool.lend(64)  # now the first's memory is free again
+    assert c.__array_interface__["data"][0] == first and pool.allocated == 2
+    assert pool.lend(32) is not None and pool.allocated == 3  # another size: its own buffers
+
+
+def test_given_back_reads_are_reused_and_small_reads_are_not_pooled():
+    pool = ReusedBuffers(min_bytes=100)
+    alloc, lent = pool.lender()
+    big, _small = alloc(200), alloc(10)
+    assert [len(x) for x in lent] == [200] and pool.allocated == 1  # the small one is not the pool's
+    pool.give_back(lent)
+    assert lent == []
+    alloc2, lent2 = pool.lender()
+    assert alloc2(200) is big and pool.allocated == 1
+
+
+def test_at_most_keep_free_buffers_of_a_size_are_kept():
+    pool = ReusedBuffers(keep=2)
+    held = [pool.lend(16) for _ in range(5)]
+    del held  # five come back, two are kept
+    again = [pool.lend(16) for _ in range(5)]
+    assert pool.allocated == 5 + 3 and len(again) == 5
