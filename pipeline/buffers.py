@@ -29,6 +29,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+ALIGN = 64  # bytes: a cache line, where each array packed into a shared buffer starts (:func:`aligned`)
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of :data:`ALIGN`: the room an array takes in a buffer it shares."""
+    return -(-nbytes // ALIGN) * ALIGN
+
 
 class ReusedBuffers:
     """Buffers of uint8, reused by size (see the module docstring). Thread-safe: a block is read on a prefetch

@@ -69,8 +69,9 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
     ``get(start, end, alloc=)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
-    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in (:meth:`pipeline.buffers.ReusedBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by path for the next reads of a
-    part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
+    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in
+    (:meth:`pipeline.buffers.ReusedBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by
+    path for the next reads of a part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
     time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
     and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""
 

@@ -44,16 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipeline.buffers import ReusedBuffers
+from pipeline.buffers import ReusedBuffers, aligned
 
 log = logging.getLogger(__name__)
 
-ALIGN = 64  # bytes: each field starts on a cache line
 Field = tuple[str, int, tuple[int, ...], str]  # name, byte offset in the slot, shape, NumPy dtype
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
@@ -63,7 +58,7 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
 def packed_bytes(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype | str]]) -> int:
     """Bytes a slot needs for arrays of these ``name: (shape, dtype)``, each aligned as :meth:`BatchRing.put`
     lays them out."""
-    return sum(_aligned(_nbytes(shape, dt)) for shape, dt in shapes.values())
+    return sum(aligned(_nbytes(shape, dt)) for shape, dt in shapes.values())
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:
@@ -84,7 +79,7 @@ class BatchRing:
     def __init__(self, workers: int, slots: int, slot_bytes: int, *, wait_s: float = 2.0) -> None:
         if workers < 1 or slots < 1 or slot_bytes < 1:
             raise ValueError(f"BatchRing(workers={workers}, slots={slots}, slot_bytes={slot_bytes}): all must be >= 1")
-        self.workers, self.slots, self.slot_bytes, self.wait_s = workers, slots, _aligned(slot_bytes), wait_s
+        self.workers, self.slots, self.slot_bytes, self.wait_s = workers, slots, aligned(slot_bytes), wait_s
         self.buf = torch.empty((workers, slots, self.slot_bytes), dtype=torch.uint8).share_memory_()
         self.busy = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
         self.lock = multiprocessing.get_context().Lock()
@@ -116,7 +111,7 @@ class BatchRing:
             first = v[0] if isinstance(v, list) else v
             shape = (len(v), *first.shape) if isinstance(v, list) else tuple(first.shape)
             fields.append((name, offset, shape, first.dtype.str))
-            offset += _aligned(_nbytes(shape, first.dtype))
+            offset += aligned(_nbytes(shape, first.dtype))
         if offset > self.slot_bytes:
             return None
         w, k = worker, self._turn % self.slots

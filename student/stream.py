@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.buffers import aligned
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -45,11 +46,6 @@ from storage_schemas.views import NO_PARTNER, ViewRecipe, ViewRecord
 from .plan import Task, random_views
 
 WHOLE_UNIT_BYTES = 16 * 2**20  # a target array whose unit is larger is read a Zarr chunk of rows at a time
-ALIGN = 64  # bytes: where each of a sample's rows starts in the buffer they share
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 class Loaded(NamedTuple):
@@ -121,7 +117,7 @@ class BlockRows:
             self._lo, self._rows, self._lent = next(self._blocks)
             self._hi = min(self._lo + self._step, self._count)
         rows = [(name, a[position - self._lo]) for name, a in self._rows.items()]
-        offsets = np.cumsum([0] + [_aligned(r.nbytes) for _, r in rows])
+        offsets = np.cumsum([0] + [aligned(r.nbytes) for _, r in rows])
         mem = self._row_buffers.lend(int(offsets[-1]))  # comes back once the sample's rows are gone
         out = {}
         for (name, r), off in zip(rows, offsets[:-1], strict=True):
