@@ -186,6 +186,12 @@ def merged(res: dict, last: dict | None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
+    per_worker = a.reader_tars // max(a.workers, 1) * a.reader_per_tar  # a worker's samples an epoch (whole tars)
+    if "reader" in a.parts and per_worker < 2 * a.reader_batch:
+        raise SystemExit(f"--reader-tars {a.reader_tars} of --reader-per-tar {a.reader_per_tar} give each of the "
+                         f"{a.workers} workers {per_worker} samples an epoch, under two batches of {a.reader_batch}: "
+                         "the reader's steady state (a worker's batches after its first) would be empty; raise "
+                         "--reader-tars or --reader-per-tar")
     last = OUT / "scale.json"
     if set(a.parts) != set(PARTS) and not last.exists():  # checked first: nothing is measured in vain
         raise SystemExit(f"--parts {' '.join(a.parts)} reruns those parts and keeps the others from {last}, which "

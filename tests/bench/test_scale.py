@@ -226,6 +226,29 @@ def test_a_partial_rerun_without_a_last_run_is_refused_before_any_work(monkeypat
     assert not (tmp_path / "results.md").exists() and not (tmp_path / "w").exists()
 
 
+def test_a_reader_too_small_for_a_steady_state_is_refused_before_any_work(monkeypatch, tmp_path):
+    """A worker needs two batches an epoch for the reader's steady state (its batches after its first): fewer
+    (2 tars of 16 for 2 workers, batch 16) is refused in one line naming the options, before anything runs."""
+    monkeypatch.setattr(scale, "OUT", tmp_path)
+    monkeypatch.setattr(scale, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as e:
+        scale.main(["--reader-tars", "2", "--reader-per-tar", "16", "--workdir", str(tmp_path / "w")])
+    assert "--reader-tars 2 of --reader-per-tar 16" in str(e.value) and "16 samples an epoch" in str(e.value)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit, match="under two batches"):  # 3 tars: still one a worker
+        scale.main(["--reader-tars", "3", "--reader-per-tar", "31", "--reader-batch", "16"])
+
+    class Ran(Exception):
+        pass
+
+    def run(*a, **k):
+        raise Ran
+
+    monkeypatch.setattr(scale, "run", run)
+    with pytest.raises(Ran):  # the defaults pass the check
+        scale.main(["--workdir", str(tmp_path / "w")])
+
+
 def test_the_reader_s3_server_answers_each_range_with_its_bytes_as_s3_does():
     """:mod:`bench.scale.moto_server` reads a ranged GET's range alone: the bytes and headers S3 defines for
     each form of range (RFC 9110: first-last, first-, the last n; a range past the end clamped, one starting past
