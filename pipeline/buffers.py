@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-ALIGN = 64  # bytes: a cache line, where each array packed into a shared buffer starts (:func:`aligned`)
+ALIGN = 64  # bytes: arrays packed into one buffer start this far apart at least (:func:`aligned`), so each is
+# aligned for its dtype wherever the buffer starts, and on a cache line of its own where the buffer starts on one
 
 
 def aligned(nbytes: int) -> int:
@@ -77,6 +78,17 @@ class ReusedBuffers:
         buf = self._take(nbytes)
         out = np.frombuffer(memoryview(buf), np.uint8)  # its base, a memoryview, ends every view's chain of bases
         weakref.finalize(out.base, self._put, buf)
+        return out
+
+    def copies(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A copy of each of ``arrays`` (NumPy's, on this thread), all in one buffer from :meth:`lend`, each at an
+        :func:`aligned` offset from its start: the buffer comes back once every copy (and whatever views one) is gone."""
+        offsets = np.cumsum([0] + [aligned(a.nbytes) for a in arrays.values()])
+        mem = self.lend(int(offsets[-1]))
+        out = {}
+        for (name, a), off in zip(arrays.items(), offsets[:-1], strict=True):
+            out[name] = mem[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            np.copyto(out[name], a)
         return out
 
     def _take(self, nbytes: int) -> np.ndarray:

@@ -152,21 +152,15 @@ class BatchRing:
         w, k = packed["slot"]
         slot = self.buf[w, k]
         on_cpu = torch.device(device).type == "cpu"
-        out: dict[str, torch.Tensor] = {}
         try:
-            if on_cpu:  # one buffer for the batch's tensors, memory of batches gone (pipeline.buffers)
-                mem = self._outputs.lend(max((off + _nbytes(shape, dt) for _, off, shape, dt in packed["fields"]),
-                                             default=0))
-            for name, off, shape, dt in packed["fields"]:
-                src = slot[off:off + _nbytes(shape, dt)].numpy().view(dt).reshape(shape)
-                if on_cpu:  # NumPy's copy, on this thread: see the module docstring
-                    dst = mem[off:off + _nbytes(shape, dt)].view(dt).reshape(shape)
-                    np.copyto(dst, src)
-                    out[name] = torch.from_numpy(dst)
-                elif pin_memory:
-                    out[name] = torch.from_numpy(src).pin_memory().to(device, non_blocking=True)
-                else:  # from pageable memory the copy has left the slot when .to returns
-                    out[name] = torch.from_numpy(src).to(device)
+            src = {name: slot[off:off + _nbytes(shape, dt)].numpy().view(dt).reshape(shape)
+                   for name, off, shape, dt in packed["fields"]}
+            if on_cpu:  # NumPy's copy on this thread, into memory of batches gone: see the module docstring
+                out = {name: torch.from_numpy(a) for name, a in self._outputs.copies(src).items()}
+            elif pin_memory:
+                out = {name: torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for name, a in src.items()}
+            else:  # from pageable memory the copy has left the slot when .to returns
+                out = {name: torch.from_numpy(a).to(device) for name, a in src.items()}
         finally:
             with self.lock:
                 self.busy[w, k] = 0

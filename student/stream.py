@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.buffers import aligned
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -116,14 +115,8 @@ class BlockRows:
             self._buffers.give_back(self._lent)  # its rows were copied out: nothing views the block any more
             self._lo, self._rows, self._lent = next(self._blocks)
             self._hi = min(self._lo + self._step, self._count)
-        rows = [(name, a[position - self._lo]) for name, a in self._rows.items()]
-        offsets = np.cumsum([0] + [aligned(r.nbytes) for _, r in rows])
-        mem = self._row_buffers.lend(int(offsets[-1]))  # comes back once the sample's rows are gone
-        out = {}
-        for (name, r), off in zip(rows, offsets[:-1], strict=True):
-            out[name] = mem[off:off + r.nbytes].view(r.dtype).reshape(r.shape)
-            np.copyto(out[name], r)
-        return out
+        # in one buffer that comes back once the sample's rows are gone
+        return self._row_buffers.copies({name: a[position - self._lo] for name, a in self._rows.items()})
 
     def close(self) -> None:
         """The tar's stream has passed its last sample: the last block's buffers are free too."""

@@ -43,3 +43,15 @@ def test_at_most_keep_free_buffers_of_a_size_are_kept():
     del held  # five come back, two are kept
     again = [pool.lend(16) for _ in range(5)]
     assert pool.allocated == 5 + 3 and len(again) == 5
+
+
+def test_copies_share_one_buffer_at_aligned_offsets_and_equal_what_was_copied():
+    pool = ReusedBuffers()
+    src = {"a": np.arange(5, dtype=np.float16), "b": np.arange(12, dtype=np.int64).reshape(3, 4), "c": np.ones(1, bool)}
+    got = pool.copies(src)
+    assert pool.allocated == 1 and list(got) == list(src)
+    for name, a in src.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape and np.array_equal(got[name], a)
+        assert got[name].flags.aligned and not np.shares_memory(got[name], a)
+    a_addr = got["a"].__array_interface__["data"][0]
+    assert got["b"].__array_interface__["data"][0] - a_addr == 64 and got["c"].__array_interface__["data"][0] - a_addr == 64 + 128  # b: 96 B
