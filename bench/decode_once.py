@@ -42,11 +42,12 @@ import torch
 import torchvision.transforms.functional as F
 
 from pipeline.images import decode_image
+from pipeline.randaugment import apply_op
 from pipeline.synthetic import write_synthetic
 from pipeline.targets import encode_targets, to_numpy
 from pipeline.tars import _members, _open, iter_samples
 from pipeline.teacher import TeacherOutput
-from pipeline.views import _INTERPOLATION, _OPS, _erase, _to_pixels, apply_view, op_argument, sample_view
+from pipeline.views import _INTERPOLATION, _erase, _to_pixels, apply_view, sample_view
 from storage_schemas.arrays import CODEC_ZSTD_LEVEL
 from storage_schemas.codecs import LogitsInfo, codecs_of
 from storage_schemas.taps import TapInfo
@@ -108,8 +109,7 @@ def breakdown(url: str, views: int) -> dict[str, float]:
                 x = F.hflip(x)
             t1 = time.perf_counter()
             for op in rec.ops:
-                args = op_argument(op.name, op.magnitude, RECIPE.randaugment)
-                x = _OPS[op.name](x, args[0] if args else None, interp, list(RECIPE.randaugment.fill))
+                x = apply_op(x, op.name, op.magnitude, RECIPE.randaugment, interp)
             t2 = time.perf_counter()
             u8 = F.pil_to_tensor(x)
             t3 = time.perf_counter()

@@ -19,7 +19,8 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from pipeline.views import apply_view, eval_view, op_argument, sample_view
+from pipeline.randaugment import op_argument
+from pipeline.views import apply_view, eval_view, sample_view
 from storage_schemas.arrays import decode_view, encode_views
 from storage_schemas.views import (
     RAND_OPS,
