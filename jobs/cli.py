@@ -11,6 +11,7 @@ from pathlib import Path
 from storage_schemas.config import CacheConfig
 
 from .config_io import ConfigError, load_config
+from .failures import exit_status, ray_is_up
 from .report import format_ls, format_summary
 
 DESCRIPTION = """\
@@ -448,89 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ray_was_up = _ray_is_up()  # a caller's own Ray (main called in-process) is left as it is
+    ray_was_up = ray_is_up()  # a caller's own Ray (main called in-process) is left as it is
     try:
         return args.fn(args)
-    except Exception as e:  # one place that turns known failures into one clear line
-        if not ray_was_up:
-            _end_ray_output()
-        msg = _user_error(e)
-        if msg is not None:  # the user can fix it: exit status 2
-            print(f"kdcache {args.command}: error: {msg}", file=sys.stderr)
-            return 2
-        if args.debug or os.environ.get("KDCACHE_DEBUG", "") not in ("", "0"):
+    except Exception as e:  # one place that turns known failures into one clear line (jobs.failures)
+        rc = exit_status(args.command, e, debug=args.debug, ray_was_up=ray_was_up)
+        if rc is None:
             raise
-        # a bug: exit status 1, the traceback on demand
-        print(f"kdcache {args.command}: internal error: {type(e).__name__}: {e} (a bug in kdcache: rerun with "
-              "--debug or KDCACHE_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
-        return 1
-
-
-def _ray_is_up() -> bool:
-    ray = sys.modules.get("ray")  # not imported: not started
-    return ray is not None and ray.is_initialized()
-
-
-def _end_ray_output() -> None:
-    """Disconnect from Ray (stopping the private instance this process started) so that nothing of Ray's comes after
-    the error line. Ray's driver prints what its processes write — workers' output, the raylet's own warnings
-    ("… is over 95% full …", every 10 s while a disk is nearly full) — on a thread of its own until Ray shuts down,
-    which the exit would do only after the line: on CI such a warning came after it and was the shell's last line.
-    Disconnecting now costs nothing the exit would not spend anyway (the same shutdown, moved earlier)."""
-    if _ray_is_up():
-        sys.modules["ray"].shutdown()
-
-
-def _user_error(e: BaseException) -> str | None:
-    """The message of an error the user can act on — one of the project's own types
-    (:class:`storage_schemas.errors.KDCacheError`), possibly raised inside a Ray task — else None."""
-    from storage_schemas.errors import KDCacheError, storage_error
-
-    seen = 0
-    while e is not None and seen < 10:
-        seen += 1
-        failures = getattr(e, "worker_failures", None)  # Ray Train: {rank: the exception raised in that worker}
-        if isinstance(failures, dict) and failures:
-            e = failures[min(failures)]
-            continue
-        cause = getattr(e, "cause", None)  # a Ray task's error: the exception raised in the task
-        if isinstance(cause, BaseException) and cause is not e:
-            e = cause  # (a RayTaskError also *is* that type, but its str() is Ray's traceback)
-            continue
-        worker = _dataloader_worker_error(e)
-        if worker is not None:
-            return worker
-        if isinstance(e, KDCacheError):
-            return str(e)
-        err = storage_error(e)
-        if err is not None:  # the machine's state, not a bug of ours
-            return str(err)
-        e = e.__cause__
-    return None
-
-
-def _dataloader_worker_error(e: BaseException) -> str | None:
-    """The message of one of the project's own errors raised in a DataLoader worker, or None. torch re-raises a
-    worker's exception in the main process as its type (or as RuntimeError when that type will not take one
-    string) with the worker's traceback as the message (``Caught X in DataLoader worker process N.`` …); the
-    traceback's last line names the type and holds the message."""
-    import importlib
-
-    from storage_schemas.errors import KDCacheError
-
-    text = str(e)
-    if not (text.startswith("Caught ") and "in DataLoader worker process" in text and "\nOriginal Traceback" in text):
-        return None
-    last = text.rstrip().splitlines()[-1]
-    path, sep, message = last.partition(": ")
-    module, _, name = path.rpartition(".")
-    if not (sep and module):
-        return None
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    return message if isinstance(cls, type) and issubclass(cls, KDCacheError) else None
+        return rc
 
 
 if __name__ == "__main__":  # python -m jobs.cli: as the kdcache command (main, then a quick exit)

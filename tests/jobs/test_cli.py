@@ -218,7 +218,7 @@ def test_a_user_error_in_a_dataloader_worker_is_its_one_line(small_cache, tmp_pa
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from jobs.cli import _user_error
+    from jobs.failures import user_error
     from pipeline.tars import BadSampleError
     from student.data import CacheDataset
     from tests.conftest import damaged_copy
@@ -231,7 +231,7 @@ def test_a_user_error_in_a_dataloader_worker_is_its_one_line(small_cache, tmp_pa
     with pytest.raises(Exception) as e:
         list(DataLoader(ds, batch_size=8, num_workers=1, collate_fn=lambda b: len(b)))
     assert "Original Traceback" in str(e.value)  # what torch hands the main process
-    msg = _user_error(e.value)
+    msg = user_error(e.value)
     assert msg is not None and "\n" not in msg, msg
     assert msg.startswith(f"{shard}: inner chunk 0 does not match its crc32c checksum") and "kdcache verify" in msg
 
@@ -240,6 +240,6 @@ def test_a_user_error_in_a_dataloader_worker_is_its_one_line(small_cache, tmp_pa
 
     with pytest.raises(RuntimeError) as e:
         list(DataLoader(np.arange(2), num_workers=1, collate_fn=bad_sample))
-    assert _user_error(e.value) == str(BadSampleError("s3://b/train-000000.tar", "k7", "not a JPEG"))
-    assert _user_error(RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback "
+    assert user_error(e.value) == str(BadSampleError("s3://b/train-000000.tar", "k7", "not a JPEG"))
+    assert user_error(RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback "
                                     "(most recent call last):\nValueError: a bug")) is None

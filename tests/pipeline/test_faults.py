@@ -184,7 +184,7 @@ def test_the_job_survives_object_store_faults_byte_for_byte(small_cache, moto_s3
 def test_a_bucket_that_refuses_writes_stops_the_job_clearly(small_cache, moto_s3, faulty_s3):
     """The bucket starts refusing writes (403, as over a quota) mid-job: the job stops with an error the CLI
     shows as one line naming the cache and the unit, and no unit is recorded that is not whole."""
-    from jobs.cli import _user_error
+    from jobs.failures import user_error
     from pipeline.job import build_cache_in_process
 
     proxy, opts = faulty_s3
@@ -195,7 +195,7 @@ def test_a_bucket_that_refuses_writes_stops_the_job_clearly(small_cache, moto_s3
     proxy.refuse_writes_after = 100  # a build writes ~155 objects: the start and some units get through
     with pytest.raises(CacheError) as e:
         build_cache_in_process(cfg, log=lambda s: None)
-    line = _user_error(e.value)
+    line = user_error(e.value)
     assert line is not None and "refused/cache.zarr" in line and "over its quota" in line, line
     store = CacheStore(url, opts, read_only=True)
     m = store.read_manifest(allow_partial=True)
