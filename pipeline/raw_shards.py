@@ -40,6 +40,7 @@ from storage_schemas.errors import CacheError
 MISSING = 2**64 - 1  # an index entry of a chunk not stored
 MAX_INDEXES = 4096  # shard indexes a read-only store keeps (16 bytes a chunk each)
 CRC_BYTES = 4
+PIECE = 256 << 10  # bytes a local read lands at a time, each checksummed at once (RawShard._read)
 
 
 def damaged(path: str, what: str) -> CacheError:
@@ -118,32 +119,49 @@ class RawShard:
             if nbytes != self.chunk_bytes + CRC_BYTES:
                 raise damaged(self.path, f"inner chunk {c} is {nbytes} bytes, expected {self.chunk_bytes + CRC_BYTES} "
                                          f"for rows {self.row_shape} {self.dtype}")
-            chunk = data[offset:offset + nbytes] if whole else self._read(offset, offset + nbytes)
+            if whole:
+                chunk, crc = data[offset:offset + nbytes], None
+            else:
+                chunk, crc = self._read(offset, offset + nbytes, checksum=True)
             if len(chunk) != nbytes:
                 raise damaged(self.path, f"inner chunk {c} runs past the end of the shard")
-            self._check(chunk, f"inner chunk {c}")
+            self._check(chunk, f"inner chunk {c}", crc)
             parts.append(chunk[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[a:b])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _read(self, start: int, end: int | None) -> np.ndarray:
+    def _read(self, start: int, end: int | None, *, checksum: bool = False):
         """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
-        file is read straight into it."""
+        file is read straight into it. With ``checksum``: ``(bytes, crc)``, ``crc`` the crc32c of all but the
+        last :data:`CRC_BYTES` (an inner chunk's stored checksum), computed as a local read lands, else None
+        (:meth:`_check` computes it then).
+
+        A local read lands :data:`PIECE` bytes at a time and each piece is checksummed while it is still in the
+        core's cache, instead of read back from memory after the whole block. ``RawShard.rows`` of 64-row chunks
+        of ViT-L's three taps from the page cache: 0.534 → 0.491 ms of CPU a sample for read + checksum (medians
+        of 30 interleaved rounds, per-round ratio 0.92, quartiles 0.87–0.95; 0.91–0.92 with pieces of 128 KiB to
+        1 MiB; scratch /tmp/s23/fuse_ab4.py and fuse_ab3.py, 2026-12-02)."""
         if self.get is not None:
-            return self.get(start, end, alloc=self.alloc)
-        if isinstance(self.fs, LocalFileSystem):
+            out, crc = self.get(start, end, alloc=self.alloc), None
+        elif isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 lo = size + start if start < 0 else start
                 hi = size if end is None else min(end, size)
                 n = max(0, hi - lo)
                 out = np.empty(n, np.uint8) if self.alloc is None else self.alloc(n)
+                view, body, crc, got = memoryview(out), n - CRC_BYTES if checksum else 0, 0, 0
                 f.seek(lo)
-                got = f.readinto(memoryview(out))
-                if got != len(out):
-                    raise CacheError(f"{self.path}: read {got} of {len(out)} bytes; the shard changed while read")
-                return out
-        data = self.fs.cat_file(self.path, start=start, end=end)
-        return np.frombuffer(data, np.uint8).copy()  # writable, as the rows Zarr returns are
+                while got < n:
+                    k = f.readinto(view[got:got + PIECE])
+                    if not k:
+                        raise CacheError(f"{self.path}: read {got} of {n} bytes; the shard changed while read")
+                    if got < body:  # an ndarray: the C extension's "y#" refuses a memoryview
+                        crc = google_crc32c.extend(crc, out[got:min(got + k, body)])
+                    got += k
+        else:
+            data = self.fs.cat_file(self.path, start=start, end=end)
+            out, crc = np.frombuffer(data, np.uint8).copy(), None  # writable, as the rows Zarr returns are
+        return (out, crc) if checksum else out
 
     def _index(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) != self.index_bytes:
@@ -151,7 +169,10 @@ class RawShard:
         self._check(raw, "the shard index")
         return raw[:-CRC_BYTES].view("<u8").reshape(self.n_chunks, 2)
 
-    def _check(self, block: np.ndarray, what: str) -> None:
+    def _check(self, block: np.ndarray, what: str, crc: int | None = None) -> None:
+        """``block``'s last :data:`CRC_BYTES` against the crc32c of the rest (``crc``: already computed)."""
         stored = int(block[-CRC_BYTES:].view("<u4")[0])
-        if google_crc32c.value(block[:-CRC_BYTES]) != stored:  # as Zarr's crc32c codec computes it
+        if crc is None:
+            crc = google_crc32c.value(block[:-CRC_BYTES])  # as Zarr's crc32c codec computes it
+        if crc != stored:
             raise damaged(self.path, f"{what} does not match its crc32c checksum")

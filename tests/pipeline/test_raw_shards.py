@@ -110,9 +110,9 @@ def test_a_read_only_store_reads_a_shard_index_once_for_its_blocks(tmp_path, mon
     reads = []
     real = RawShard._read
 
-    def spy(self, start, end):
+    def spy(self, start, end, **kw):
         reads.append((self.path.rsplit("/a/", 1)[1], start < 0))
-        return real(self, start, end)
+        return real(self, start, end, **kw)
 
     monkeypatch.setattr(RawShard, "_read", spy)
     for read_only, index_reads in ((True, 1), (False, 3)):
@@ -157,6 +157,65 @@ def test_a_damaged_shard_is_one_error_naming_it(tmp_path, where, message):
     assert path in str(e.value) and "kdcache verify" in str(e.value)
     fs, _ = url_to_fs(str(tmp_path))
     assert fs.exists(path)  # nothing repaired or removed behind the reader's back
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64, None])
+def test_a_block_read_is_checksummed_as_it_lands(tmp_path, monkeypatch, piece):
+    """A block of one inner chunk from a local file is checksummed piece by piece as it is read: the crc is the
+    one computed over the whole chunk here, for pieces that end anywhere (the chunk here is 124 bytes: with 64,
+    the stored checksum starts inside the second piece), and the rows are Zarr's."""
+    import google_crc32c
+
+    from pipeline import raw_shards
+
+    if piece is not None:
+        monkeypatch.setattr(raw_shards, "PIECE", piece)
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    for t in range(TARS):
+        s = shard(store, arr, t, 0)
+        index = s._index(s._read(-s.index_bytes, None))
+        for c in range(S // CR):
+            if (t, c) == (2, 1):  # all fill: not stored
+                continue
+            offset, nbytes = (int(x) for x in index[c])
+            chunk, crc = s._read(offset, offset + nbytes, checksum=True)
+            whole = open(s.path, "rb").read()[offset:offset + nbytes]
+            assert chunk.tobytes() == whole
+            assert crc == google_crc32c.value(whole[:-4]) == int.from_bytes(whole[-4:], "little"), (t, c)
+            np.testing.assert_array_equal(s.rows(c * CR, (c + 1) * CR), arr[t * S + c * CR:t * S + (c + 1) * CR, 0])
+
+
+@pytest.mark.parametrize("at", [0, 61, 119, 120, 123])  # the chunk's first, a middle, its last row byte; its crc
+def test_a_damaged_block_read_as_it_lands_is_one_error_naming_it(tmp_path, monkeypatch, at):
+    from pipeline import raw_shards
+
+    monkeypatch.setattr(raw_shards, "PIECE", 64)
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    s = shard(store, arr, 0, 0)
+    offset = int(s._index(s._read(-s.index_bytes, None))[1, 0])  # inner chunk 1
+    data = bytearray(open(s.path, "rb").read())
+    data[offset + at] ^= 0x10
+    open(s.path, "wb").write(bytes(data))
+    np.testing.assert_array_equal(s.rows(0, CR), arr[0:CR, 0])  # chunk 0: untouched, read
+    with pytest.raises(CacheError, match=r"inner chunk 1 does not match its crc32c checksum") as e:
+        s.rows(CR, 2 * CR)
+    assert s.path in str(e.value) and "kdcache verify" in str(e.value)
+
+
+def test_a_block_cut_short_by_the_end_of_its_file_is_one_error(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    s = shard(store, arr, 0, 0)
+    index = s._index(s._read(-s.index_bytes, None))
+    open(s.path, "r+b").truncate(int(index[2, 0]) + 50)  # inside inner chunk 2
+    s.indexes = {s.path: index}  # the index read before the file changed, as a read-only store keeps it
+    with pytest.raises(CacheError, match=r"inner chunk 2 runs past the end of the shard"):
+        s.rows(2 * CR, 3 * CR)
 
 
 def test_a_damaged_zstd_shard_read_through_zarr_is_the_same_kind_of_error(tmp_path):
