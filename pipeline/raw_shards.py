@@ -6,8 +6,9 @@ for reading the same bytes into one array (scratch microbenchmark, 2026-12-01, t
 caches; its ``breakdown_ms_per_sample.read_rows`` shows the same 1.2 ms): it reads each shard into a fresh
 ``bytes`` object and then copies every decoded chunk into a fresh output array (py-spy: ``NDBuffer.__setitem__``
 44 % of a read). Zarr offers no way to decode into the bytes it read; ``out=`` still copies, and the compiled
-``zarrs`` codec pipeline read no faster (1.27 against 1.26 ms a sample). Here a local shard is read with one
-``readinto`` into one array whose chunks become the rows, zero copies after the read (from an object store: one
+``zarrs`` codec pipeline read no faster (1.27 against 1.26 ms a sample). Here a local shard is read with
+``readinto`` into one array whose chunks become the rows (checksummed as the read lands: :meth:`RawShard._read`),
+zero copies after the read (from an object store: one
 request for a whole shard instead of Zarr's two, index and chunk).
 
 Only the chain kdcache writes for an uncompressed array is read here — ``sharding_indexed`` with the index at
