@@ -70,7 +70,7 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
-    ``get(start, end, alloc=)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
+    ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
     :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in
     (:meth:`pipeline.buffers.ReusedBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by
     path for the next reads of a part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
@@ -131,38 +131,48 @@ class RawShard:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _read(self, start: int, end: int | None, *, checksum: bool = False):
-        """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array; a local
-        file is read straight into it. With ``checksum``: ``(bytes, crc)``, ``crc`` the crc32c of all but the
-        last :data:`CRC_BYTES` (an inner chunk's stored checksum), computed as a local read lands, else None
-        (:meth:`_check` computes it then).
-
-        A local read lands :data:`PIECE` bytes at a time and each piece is checksummed while it is still in the
-        core's cache, instead of read back from memory after the whole block. ``RawShard.rows`` of 64-row chunks
-        of ViT-L's three taps from the page cache: 0.534 → 0.491 ms of CPU a sample for read + checksum (medians
-        of 30 interleaved rounds, per-round ratio 0.92, quartiles 0.87–0.95; 0.91–0.92 with pieces of 128 KiB to
-        1 MiB; scratch /tmp/s23/fuse_ab4.py and fuse_ab3.py, 2026-12-02)."""
-        if self.get is not None:
-            out, crc = self.get(start, end, alloc=self.alloc), None
-        elif isinstance(self.fs, LocalFileSystem):
+        """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array, the
+        ``alloc``'s when given: a local file read straight into it, an object store's response copied into it.
+        With ``checksum``: ``(bytes, crc)``, ``crc`` the crc32c of all but the last :data:`CRC_BYTES` (an inner
+        chunk's stored checksum), computed as the bytes land (:meth:`_land`)."""
+        if self.get is None and isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 lo = size + start if start < 0 else start
                 hi = size if end is None else min(end, size)
-                n = max(0, hi - lo)
-                out = np.empty(n, np.uint8) if self.alloc is None else self.alloc(n)
-                view, body, crc, got = memoryview(out), n - CRC_BYTES if checksum else 0, 0, 0
                 f.seek(lo)
-                while got < n:
-                    k = f.readinto(view[got:got + PIECE])
-                    if not k:
-                        raise CacheError(f"{self.path}: read {got} of {n} bytes; the shard changed while read")
-                    if got < body:  # an ndarray: the C extension's "y#" refuses a memoryview
-                        crc = google_crc32c.extend(crc, out[got:min(got + k, body)])
-                    got += k
-        else:
-            data = self.fs.cat_file(self.path, start=start, end=end)
-            out, crc = np.frombuffer(data, np.uint8).copy(), None  # writable, as the rows Zarr returns are
+                out, crc = self._land(max(0, hi - lo), lambda view, at: f.readinto(view), checksum)
+        else:  # obstore's response (``get``), else fsspec's
+            src = memoryview(self.get(start, end) if self.get is not None
+                             else self.fs.cat_file(self.path, start=start, end=end)).cast("B")
+
+            def copy(view: memoryview, at: int) -> int:
+                view[:] = src[at:at + len(view)]
+                return len(view)
+
+            out, crc = self._land(len(src), copy, checksum)
         return (out, crc) if checksum else out
+
+    def _land(self, n: int, fill: Callable[[memoryview, int], int], checksum: bool) -> tuple[np.ndarray, int | None]:
+        """``n`` bytes into a fresh array (``alloc``'s when given), :data:`PIECE` bytes at a time:
+        ``fill(view, at)`` writes the bytes from ``at`` on into ``view`` and returns how many it wrote. With
+        ``checksum``, each piece is checksummed while it is still in the core's cache, instead of read back from
+        memory after the whole block: ``RawShard.rows`` of 64-row chunks of ViT-L's three taps from the page
+        cache, 0.534 → 0.491 ms of CPU a sample for read + checksum (medians of 30 interleaved rounds, per-round
+        ratio 0.92, quartiles 0.87–0.95; 0.91–0.92 with pieces of 128 KiB to 1 MiB; scratch /tmp/s23/fuse_ab4.py
+        and fuse_ab3.py, 2026-12-02). From S3 (moto on the same cores) the client's CPU a sample went 1.18 →
+        1.14 ms, a change its noise does not resolve (per-round ratio 0.99, quartiles 0.90–1.12, 20 rounds;
+        scratch /tmp/s23/s3_ab.py): one landing for every source all the same."""
+        out = np.empty(n, np.uint8) if self.alloc is None else self.alloc(n)
+        view, body, crc, got = memoryview(out), n - CRC_BYTES if checksum else 0, 0, 0
+        while got < n:
+            k = fill(view[got:got + PIECE], got)
+            if not k:
+                raise CacheError(f"{self.path}: read {got} of {n} bytes; the shard changed while read")
+            if got < body:  # an ndarray: the C extension's "y#" refuses a memoryview
+                crc = google_crc32c.extend(crc, out[got:min(got + k, body)])
+            got += k
+        return out, crc if checksum else None
 
     def _index(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) != self.index_bytes:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -111,12 +110,12 @@ def claim() -> None:
     _runtime_pid = os.getpid()
 
 
-def get(store: S3Store, key: str, start: int, end: int | None, *, name: str,
-        alloc: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+def get(store: S3Store, key: str, start: int, end: int | None, *, name: str) -> np.ndarray:
     """Bytes ``start..end`` of object ``key`` (``start`` < 0: the last ``-start`` bytes; ``end`` None: to the
-    end) as a writable uint8 array (``alloc(nbytes)``'s when given: :class:`~pipeline.buffers.ReusedBuffers`);
-    ``name`` is the object's URL for errors. A missing object raises ``FileNotFoundError``, as s3fs does; a
-    refused or failed request a :class:`CacheError` naming it."""
+    end) as a read-only uint8 array over obstore's own buffer, not copied: the caller copies it where it must
+    land (:meth:`pipeline.raw_shards.RawShard._read`: into a reused buffer, checksummed as it lands). ``name`` is
+    the object's URL for errors. A missing object raises ``FileNotFoundError``, as s3fs does; a refused or failed
+    request a :class:`CacheError` naming it."""
     import obstore
     from obstore.exceptions import BaseError
 
@@ -134,12 +133,7 @@ def get(store: S3Store, key: str, start: int, end: int | None, *, name: str,
         raise
     except BaseError as e:
         raise request_error(e, name) from e
-    got = np.frombuffer(data, np.uint8)
-    if alloc is None:
-        return got.copy()  # writable, as the rows Zarr returns are
-    out = alloc(len(got))
-    out[...] = got
-    return out
+    return np.frombuffer(data, np.uint8)
 
 
 def request_error(e: BaseException, name: str) -> CacheError:

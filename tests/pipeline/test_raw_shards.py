@@ -206,6 +206,44 @@ def test_a_damaged_block_read_as_it_lands_is_one_error_naming_it(tmp_path, monke
     assert s.path in str(e.value) and "kdcache verify" in str(e.value)
 
 
+@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+def test_a_block_from_s3_is_checksummed_as_it_lands(moto_s3, monkeypatch, client):
+    """From S3 (obstore's response, or s3fs's with ``KDCACHE_S3_READS=fsspec``) a block's bytes are copied into
+    the reader's buffer a piece at a time and checksummed as they land: the rows are Zarr's, and a byte changed
+    in the stored object is the checksum's one error naming it, the other blocks still read."""
+    from pipeline import raw_shards, s3_reads
+
+    monkeypatch.setattr(raw_shards, "PIECE", 64)  # a chunk is 124 bytes: its crc starts inside the second piece
+    if client == "fsspec":
+        monkeypatch.setenv(s3_reads.ENV, "fsspec")
+    gets = []
+    real_get = s3_reads.get
+    monkeypatch.setattr(s3_reads, "get", lambda *a, **k: gets.append(a[1]) or real_get(*a, **k))
+    opts = moto_s3["storage_options"]
+    url = f"s3://{moto_s3['bucket']}/raw-{uuid.uuid4().hex[:8]}.zarr"
+    arr = make_array(url, "float16", opts)
+    pool = ReusedBuffers(min_bytes=0)
+
+    def block(store: CacheStore, c: int) -> np.ndarray:
+        alloc, _ = pool.lender()
+        return store.read_unit(manifest(S), 0, 0, ["a"], c * CR, (c + 1) * CR, alloc=alloc)["a"]
+
+    store = CacheStore(url, opts, read_only=True)
+    for c in range(S // CR):
+        np.testing.assert_array_equal(block(store, c), arr[c * CR:(c + 1) * CR, 0], err_msg=f"block {c}")
+    assert (len(gets) > 0) == (client == "obstore")
+    key = store.path(layout.array_shard_key("a", 0, 0, len(INNER)))
+    data = bytearray(store.fs.cat_file(key))
+    offset = int(np.frombuffer(bytes(data[-(16 * (S // CR) + 4):-4]), "<u8").reshape(-1, 2)[1, 0])
+    data[offset + 100] ^= 0x10  # a row byte of inner chunk 1, in its second piece
+    store.fs.pipe_file(key, bytes(data))
+    store = CacheStore(url, opts, read_only=True)  # no index kept from before
+    np.testing.assert_array_equal(block(store, 0), arr[0:CR, 0])
+    with pytest.raises(CacheError, match=r"inner chunk 1 does not match its crc32c checksum") as e:
+        block(store, 1)
+    assert key.split("://")[-1] in str(e.value) and "kdcache verify" in str(e.value)
+
+
 def test_a_block_cut_short_by_the_end_of_its_file_is_one_error(tmp_path):
     url = str(tmp_path / "c.zarr")
     arr = make_array(url, "float16")
