@@ -79,6 +79,7 @@ def child(url: str, way: str, shuffle_buffer: int, whole_unit_mb: float | None =
     threshold, for small test caches)."""
     import torch
 
+    from pipeline.raw_shards import RawShard
     from pipeline.store import CacheStore
     from student import stream
     from student.data import CacheDataset
@@ -97,7 +98,16 @@ def child(url: str, way: str, shuffle_buffer: int, whole_unit_mb: float | None =
         largest = max(largest, *(len(a) for n, a in rows.items() if n.startswith("feat_")), 0)
         return rows
 
+    rows_into = RawShard.rows_into
+
+    def counted_into(self, lo, hi, dests):  # a block of an uncompressed tap, read straight into samples' buffers
+        nonlocal largest
+        if "/feat_" in self.path:
+            largest = max(largest, hi - lo)
+        return rows_into(self, lo, hi, dests)
+
     CacheStore.read_unit = counted
+    RawShard.rows_into = counted_into
     ds = CacheDataset(url, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), logits=False,
                       taps=("block0", "block1", "final"), shuffle_buffer=shuffle_buffer, threads=1)
     with open("/proc/self/clear_refs", "w") as f:

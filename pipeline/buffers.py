@@ -1,5 +1,5 @@
-"""Memory a reader fills again and again (blocks of rows read, each sample's rows copied out of its block, a
-batch copied out of its ring slot), reused instead of allocated afresh.
+"""Memory a reader fills again and again (each sample's rows of the arrays read by the block, a batch copied out
+of its ring slot), reused instead of allocated afresh.
 
 Why: a fresh array of a few hundred KB or more is not free on Linux. A large one is a fresh ``mmap``, and glibc
 hands freed memory back to the system once enough of it sits free at the top of its heap; either way the next
@@ -13,19 +13,20 @@ sample, 2 workers on 2 cores; scratch scripts under /tmp/s21 and /tmp/s22, 2026-
 * a batch taken out of its ring slot into a fresh ``np.empty``: 69 faults and 0.38 ms of main-process CPU a
   ViTKD sample, 0.13 reused.
 
-:class:`ReusedBuffers` lends memory two ways: to a read whose user says when its views are done
-(:meth:`~ReusedBuffers.lender`, :meth:`~ReusedBuffers.give_back`: :class:`student.stream.BlockRows` gives a
-block back once its stream has passed it), and as an array that comes back by itself once the last array or
-tensor viewing it is gone (:meth:`~ReusedBuffers.lend`: a ``weakref.finalize`` on the buffer NumPy keeps as the
-base of every view of it), for rows and batches whose lifetime is their user's (a shuffle buffer, a training
-step). Neither ever hands out memory that something still views.
+Since then the blocks are not read into buffers of their own at all: each sample's rows are read straight into
+the sample's buffer (:class:`student.stream.BlockRows`).
+
+:class:`ReusedBuffers` lends memory as an array that comes back by itself once the last array or tensor viewing
+it is gone (:meth:`~ReusedBuffers.lend`: a ``weakref.finalize`` on the buffer NumPy keeps as the base of every
+view of it), for rows and batches whose lifetime is their user's (a shuffle buffer, a training step); it never
+hands out memory that something still views.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -39,38 +40,15 @@ def aligned(nbytes: int) -> int:
 
 
 class ReusedBuffers:
-    """Buffers of uint8, reused by size (see the module docstring). Thread-safe: a block is read on a prefetch
-    thread and given back on another, and a finalizer runs on whichever thread drops the last view. At most
-    ``keep`` free buffers of a size are kept; more are freed."""
+    """Buffers of uint8, reused by size (see the module docstring). Thread-safe: rows are read on a prefetch
+    thread, and a finalizer runs on whichever thread drops the last view. At most ``keep`` free buffers of a size
+    are kept; more are freed."""
 
-    MIN_BYTES = 1 << 20  # a read smaller than this (a shard index) gets a fresh array from the lender
-
-    def __init__(self, min_bytes: int | None = None, keep: int = 1024) -> None:
-        self.min_bytes = self.MIN_BYTES if min_bytes is None else min_bytes
+    def __init__(self, keep: int = 1024) -> None:
         self.keep = keep
         self.allocated = 0  # buffers made so far (for tests: the pool stays as small as what is alive at once)
         self._free: dict[int, list[np.ndarray]] = {}
         self._lock = threading.RLock()  # re-entrant: a finalizer may run while this thread holds it
-
-    def lender(self) -> tuple[Callable[[int], np.ndarray], list[np.ndarray]]:
-        """``(alloc, lent)``: pass ``alloc`` to one read (:meth:`pipeline.raw_shards.RawShard.rows`); ``lent``
-        fills with the buffers it hands out, for :meth:`give_back`."""
-        lent: list[np.ndarray] = []
-
-        def alloc(nbytes: int) -> np.ndarray:
-            if nbytes < self.min_bytes:
-                return np.empty(nbytes, np.uint8)
-            buf = self._take(nbytes)
-            lent.append(buf)
-            return buf
-
-        return alloc, lent
-
-    def give_back(self, lent: list[np.ndarray]) -> None:
-        """The buffers of ``lent`` free for the next reads: only once no array that views them is used again."""
-        for buf in lent:
-            self._put(buf)
-        lent.clear()
 
     def lend(self, nbytes: int) -> np.ndarray:
         """A uint8 array of ``nbytes`` that nothing else views; its memory comes back once it and every array or

@@ -26,9 +26,10 @@ for taps at ImageNet's tar size) reads each block into a reused buffer (:class:`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import google_crc32c
 import numpy as np
@@ -71,16 +72,14 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
     ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
-    :func:`.s3_reads.get`); ``alloc(nbytes)``, when given, the buffer a read lands in
-    (:meth:`pipeline.buffers.ReusedBuffers.lender`). ``indexes``, when given, keeps each shard's checked index by
+    :func:`.s3_reads.get`). ``indexes``, when given, keeps each shard's checked index by
     path for the next reads of a part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
     time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
     and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""
 
     def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[..., np.ndarray] | None = None,
-                 alloc: Callable[[int], np.ndarray] | None = None, indexes: dict[str, np.ndarray] | None = None
-                 ) -> None:
-        self.fs, self.path, self.get, self.alloc, self.indexes = fs, path, get, alloc, indexes
+                 indexes: dict[str, np.ndarray] | None = None) -> None:
+        self.fs, self.path, self.get, self.indexes = fs, path, get, indexes
         self.shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
         self.chunk_rows = arr.metadata.codecs[0].chunk_shape[0]
         self.row_shape = tuple(arr.shape[2:])
@@ -97,18 +96,17 @@ class RawShard:
             return np.empty((0, *self.row_shape), self.dtype)
         first, last = lo // self.chunk_rows, (hi - 1) // self.chunk_rows
         whole = first == 0 and last == self.n_chunks - 1  # the whole shard: one read
-        keep = not whole and self.indexes is not None  # the index, for the shard's next blocks
-        index = self.indexes.get(self.path) if keep else None
-        if index is None:
+        data = None
+        if whole:
             try:
-                data = self._read(0 if whole else -self.index_bytes, None)
+                data = self._read(0, None)
             except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
                 return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
             index = self._index(data[-self.index_bytes:])
-            if keep:
-                if len(self.indexes) >= MAX_INDEXES:  # the oldest out
-                    del self.indexes[next(iter(self.indexes))]
-                self.indexes[self.path] = index.copy()  # not a view of a buffer that is reused
+        else:
+            index = self._chunk_index()
+            if index is None:
+                return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
         parts = []
         for c in range(first, last + 1):
             offset, nbytes = int(index[c, 0]), int(index[c, 1])
@@ -117,9 +115,7 @@ class RawShard:
             if offset == MISSING and nbytes == MISSING:
                 parts.append(np.full((b - a, *self.row_shape), self.fill, self.dtype))
                 continue
-            if nbytes != self.chunk_bytes + CRC_BYTES:
-                raise damaged(self.path, f"inner chunk {c} is {nbytes} bytes, expected {self.chunk_bytes + CRC_BYTES} "
-                                         f"for rows {self.row_shape} {self.dtype}")
+            self._check_size(c, nbytes)
             if whole:
                 chunk, crc = data[offset:offset + nbytes], None
             else:
@@ -130,49 +126,114 @@ class RawShard:
             parts.append(chunk[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[a:b])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def rows_into(self, lo: int, hi: int, dests: Sequence[np.ndarray | None]) -> None:
+        """Rows ``lo..hi-1`` of the shard written into ``dests`` (one per row: a uint8 array of a row's bytes, or
+        None for a row not wanted), read from the stored bytes straight into them and checksummed as they land:
+        no block buffer and no copy after the read (:class:`student.stream.BlockRows` reads a sample's rows of
+        every array into the one buffer the sample keeps). Each inner chunk holding a wanted row is read whole
+        (its checksum covers all of it); rows not wanted land in a scratch row."""
+        if len(dests) != hi - lo:
+            raise ValueError(f"{len(dests)} destinations for rows {lo}..{hi - 1}")
+        if all(d is None for d in dests):
+            return
+        row_bytes = self.chunk_bytes // self.chunk_rows
+        index = self._chunk_index()
+        scratch = None
+        for c in range(lo // self.chunk_rows, (hi - 1) // self.chunk_rows + 1):
+            start = c * self.chunk_rows
+            wanted = [dests[p - lo] if lo <= p < hi else None for p in range(start, start + self.chunk_rows)]
+            if all(d is None for d in wanted):
+                continue
+            offset, nbytes = (MISSING, MISSING) if index is None else (int(index[c, 0]), int(index[c, 1]))
+            if offset == MISSING and nbytes == MISSING:  # all fill value: not stored
+                fill = np.full(self.row_shape, self.fill, self.dtype).reshape(-1).view(np.uint8)
+                for d in wanted:
+                    if d is not None:
+                        d[...] = fill
+                continue
+            self._check_size(c, nbytes)
+            if scratch is None and any(d is None for d in wanted):
+                scratch = np.empty(row_bytes, np.uint8)
+            stored = np.empty(CRC_BYTES, np.uint8)
+            with self._source(offset, offset + nbytes) as (n, fill_from):
+                if n != nbytes:
+                    raise damaged(self.path, f"inner chunk {c} runs past the end of the shard")
+                crc = self._land([scratch if d is None else d for d in wanted] + [stored], fill_from, nbytes - CRC_BYTES)
+            if crc != int(stored.view("<u4")[0]):
+                raise damaged(self.path, f"inner chunk {c} does not match its crc32c checksum")
+
+    def _chunk_index(self) -> np.ndarray | None:
+        """The shard's checked index (kept in ``indexes`` when given, for the shard's next blocks), or None when
+        the shard is not stored (every chunk all fill value)."""
+        index = self.indexes.get(self.path) if self.indexes is not None else None
+        if index is None:
+            try:
+                index = self._index(self._read(-self.index_bytes, None))
+            except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
+                return None
+            if self.indexes is not None:
+                if len(self.indexes) >= MAX_INDEXES:  # the oldest out
+                    del self.indexes[next(iter(self.indexes))]
+                self.indexes[self.path] = index.copy()  # not a view of a buffer that is reused
+        return index
+
     def _read(self, start: int, end: int | None, *, checksum: bool = False):
-        """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a writable uint8 array, the
-        ``alloc``'s when given: a local file read straight into it, an object store's response copied into it.
+        """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a fresh writable uint8 array: a
+        local file read straight into it, an object store's response copied into it.
         With ``checksum``: ``(bytes, crc)``, ``crc`` the crc32c of all but the last :data:`CRC_BYTES` (an inner
         chunk's stored checksum), computed as the bytes land (:meth:`_land`)."""
+        with self._source(start, end) as (n, fill):
+            out = np.empty(n, np.uint8)
+            crc = self._land([out], fill, n - CRC_BYTES if checksum else 0)
+        return (out, crc) if checksum else out
+
+    @contextlib.contextmanager
+    def _source(self, start: int, end: int | None) -> Iterator[tuple[int, Callable[[memoryview, int], int]]]:
+        """``(n, fill)`` for bytes ``start..end`` of the shard (``start`` < 0: from the end): their number, and
+        ``fill(view, at)``, which writes them from ``at`` on into ``view`` and returns how many it wrote: a local
+        file's ``readinto``, else a copy of obstore's response (``get``) or fsspec's."""
         if self.get is None and isinstance(self.fs, LocalFileSystem):
             with open(self.path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 lo = size + start if start < 0 else start
                 hi = size if end is None else min(end, size)
                 f.seek(lo)
-                out, crc = self._land(max(0, hi - lo), lambda view, at: f.readinto(view), checksum)
-        else:  # obstore's response (``get``), else fsspec's
-            src = memoryview(self.get(start, end) if self.get is not None
-                             else self.fs.cat_file(self.path, start=start, end=end)).cast("B")
+                yield max(0, hi - lo), lambda view, at: f.readinto(view)
+            return
+        src = memoryview(self.get(start, end) if self.get is not None
+                         else self.fs.cat_file(self.path, start=start, end=end)).cast("B")
 
-            def copy(view: memoryview, at: int) -> int:
-                view[:] = src[at:at + len(view)]
-                return len(view)
+        def copy(view: memoryview, at: int) -> int:
+            view[:] = src[at:at + len(view)]
+            return len(view)
 
-            out, crc = self._land(len(src), copy, checksum)
-        return (out, crc) if checksum else out
+        yield len(src), copy
 
-    def _land(self, n: int, fill: Callable[[memoryview, int], int], checksum: bool) -> tuple[np.ndarray, int | None]:
-        """``n`` bytes into a fresh array (``alloc``'s when given), :data:`PIECE` bytes at a time:
-        ``fill(view, at)`` writes the bytes from ``at`` on into ``view`` and returns how many it wrote. With
-        ``checksum``, each piece is checksummed while it is still in the core's cache, instead of read back from
-        memory after the whole block: ``RawShard.rows`` of 64-row chunks of ViT-L's three taps from the page
-        cache, 0.534 → 0.491 ms of CPU a sample for read + checksum (medians of 30 interleaved rounds, per-round
-        ratio 0.92, quartiles 0.87–0.95; 0.91–0.92 with pieces of 128 KiB to 1 MiB; scratch /tmp/s23/fuse_ab4.py
-        and fuse_ab3.py, 2026-12-02). From S3 (moto on the same cores) the client's CPU a sample went 1.18 →
-        1.14 ms, a change its noise does not resolve (per-round ratio 0.99, quartiles 0.90–1.12, 20 rounds;
-        scratch /tmp/s23/s3_ab.py): one landing for every source all the same."""
-        out = np.empty(n, np.uint8) if self.alloc is None else self.alloc(n)
-        view, body, crc, got = memoryview(out), n - CRC_BYTES if checksum else 0, 0, 0
-        while got < n:
-            k = fill(view[got:got + PIECE], got)
-            if not k:
-                raise CacheError(f"{self.path}: read {got} of {n} bytes; the shard changed while read")
-            if got < body:  # an ndarray: the C extension's "y#" refuses a memoryview
-                crc = google_crc32c.extend(crc, out[got:min(got + k, body)])
-            got += k
-        return out, crc if checksum else None
+    def _land(self, dests: Sequence[np.ndarray], fill: Callable[[memoryview, int], int], checked: int) -> int:
+        """Fill ``dests`` (uint8 arrays, in the order of the bytes) from ``fill`` (:meth:`_source`), :data:`PIECE`
+        bytes at a time; returns the crc32c of the first ``checked`` bytes, each piece checksummed while it is
+        still in the core's cache instead of read back from memory after the whole block: ``RawShard.rows`` of
+        64-row chunks of ViT-L's three taps from the page cache, 0.534 → 0.491 ms of CPU a sample for read +
+        checksum (medians of 30 interleaved rounds, per-round ratio 0.92, quartiles 0.87–0.95; 0.91–0.92 with
+        pieces of 128 KiB to 1 MiB; scratch /tmp/s23/fuse_ab4.py and fuse_ab3.py, 2026-12-02). From S3 (moto on
+        the same cores) the client's CPU a sample went 1.18 → 1.14 ms, a change its noise does not resolve
+        (per-round ratio 0.99, quartiles 0.90–1.12, 20 rounds; scratch /tmp/s23/s3_ab.py)."""
+        crc, at = 0, 0
+        for out in dests:
+            view, got = memoryview(out), 0
+            while got < len(out):
+                k = fill(view[got:got + PIECE], at)
+                if not k:
+                    raise CacheError(f"{self.path}: read {at} bytes, then nothing; the shard changed while read")
+                if at < checked:  # an ndarray: the C extension's "y#" refuses a memoryview
+                    crc = google_crc32c.extend(crc, out[got:got + min(k, checked - at)])
+                got, at = got + k, at + k
+        return crc
+
+    def _check_size(self, c: int, nbytes: int) -> None:
+        if nbytes != self.chunk_bytes + CRC_BYTES:
+            raise damaged(self.path, f"inner chunk {c} is {nbytes} bytes, expected {self.chunk_bytes + CRC_BYTES} "
+                                     f"for rows {self.row_shape} {self.dtype}")
 
     def _index(self, raw: np.ndarray) -> np.ndarray:
         if len(raw) != self.index_bytes:

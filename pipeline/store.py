@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -109,9 +108,9 @@ class CacheStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._raw: dict[str, bool] = {}  # whether an array is read by raw_shards (uncompressed, kdcache's chain)
         self._indexes: dict[str, np.ndarray] = {}  # raw shards' indexes, kept when read-only (see RawShard)
-        # this process's reused memory (pipeline.buffers): blocks read, and the rows copied out of them
+        # this process's reused memory (pipeline.buffers): each sample's rows of the arrays read by the block
         # (student.stream.BlockRows)
-        self.read_buffers, self.row_buffers = ReusedBuffers(), ReusedBuffers()
+        self.row_buffers = ReusedBuffers()
         self._group: zarr.Group | None = None
         self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
 
@@ -124,7 +123,7 @@ class CacheStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["read_buffers"], state["row_buffers"] = ReusedBuffers(), ReusedBuffers()  # not this process's
+        state["row_buffers"] = ReusedBuffers()  # not this process's
         if state["_s3"] not in (None, _UNSET):  # obstore's client is per process: chosen again where unpickled
             state.update(_s3=_UNSET, _group=None, _arrays={})
         return state
@@ -280,27 +279,37 @@ class CacheStore:
             shas[name], sizes[name] = hashlib.sha256(stored).hexdigest(), len(stored)
         return shas, sizes
 
+    def raw_shard(self, tar: int, view: int, name: str) -> RawShard | None:
+        """Unit (``tar``, ``view``)'s shard of array ``name`` as a :class:`~pipeline.raw_shards.RawShard` when the
+        array is stored uncompressed as kdcache stores it (:func:`~pipeline.raw_shards.is_raw_sharded`; the taps
+        by default), read without Zarr's copies (from S3 through obstore where it can); else None: Zarr reads it.
+        A read-only store keeps each shard's index for the next reads of a part of it."""
+        arr = self.array(name)
+        if self._raw.get(name) is None:
+            self._raw[name] = is_raw_sharded(arr)
+        if not self._raw[name]:
+            return None
+        rel = layout.array_shard_key(name, tar, view, arr.ndim - 2)
+        key = self.path(rel)
+        s3 = self._obstore()
+        get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
+        return RawShard(self.fs, key, arr, get, self._indexes if self.read_only else None)
+
     def read_unit(
         self, m: Manifest, tar: int, view: int, names: list[str] | None = None, lo: int = 0, hi: int | None = None,
-        *, alloc: Callable[[int], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Rows ``[count, ...]`` of unit (tar, view) for ``names`` (default: all arrays); with ``lo``/``hi``
-        only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them). ``alloc``: the
-        buffers the reads of uncompressed arrays land in (:class:`~pipeline.buffers.ReusedBuffers`)."""
+        only the tar's positions ``lo..hi-1`` (Zarr then reads only the chunks holding them)."""
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
         out = {}
         for n in names or list(m.arrays):
-            arr = self.array(n)
-            if self._raw.get(n) is None:
-                self._raw[n] = is_raw_sharded(arr)
-            rel = layout.array_shard_key(n, tar, view, arr.ndim - 2)
-            key = self.path(rel)
-            if self._raw[n]:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
-                s3 = self._obstore()
-                get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
-                out[n] = RawShard(self.fs, key, arr, get, alloc, self._indexes if self.read_only else None).rows(lo, hi)
+            raw = self.raw_shard(tar, view, n)
+            if raw is not None:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
+                out[n] = raw.rows(lo, hi)
                 continue
+            arr = self.array(n)
+            key = self.path(layout.array_shard_key(n, tar, view, arr.ndim - 2))
             try:
                 out[n] = arr[tar * S + lo: tar * S + hi, view]
             except ValueError as e:  # Zarr's crc32c codec: the stored bytes changed since they were written

@@ -16,10 +16,11 @@ too), testable on its own:
 
 Memory: ``reorder`` holds the items the planned order has not reached yet (bounded by the shuffle
 buffer) and the rows of the tars being streamed (the tar read ahead too); each sample's ``rows`` are
-views into its tar's rows, not copies. Large target arrays are read by the block, not the tar, and
-each sample gets a copy of its own rows: the buffer's samples' rows, plus two blocks per tar loaded. For
+views into its tar's rows, not copies. Large target arrays are read by the block, not the tar, each
+sample's rows straight into a buffer of its own: the buffer's samples' rows, plus three blocks per tar loaded
+(the one streamed and two read ahead). For
 three ViT-L taps (1.2 MB a sample) and 64-row chunks that is about the buffer's own rows (1,024 samples:
-1.2 GB) plus ~0.3 GB, where whole units of ImageNet's 1,250-sample tars were 1.5 GB each and every tar
+1.2 GB) plus ~0.45 GB, where whole units of ImageNet's 1,250-sample tars were 1.5 GB each and every tar
 stayed alive until the buffer let go of its last sample. With mixed views ``with_partners`` adds one block of decoded samples (at most
 ``views.mix.window``, 128 by default) and each sample in the shuffle buffer keeps its partner's
 decoded image alive: at most twice the buffer's images, plus the block.
@@ -28,11 +29,13 @@ decoded image alive: at most twice the buffer's images, plus the block.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.buffers import aligned
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -57,20 +60,16 @@ class Loaded(NamedTuple):
     blocks: BlockRows | None  # the large target arrays, read by blocks as the stream reaches them
 
 
-def _gather(store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str], lo: int = 0,
-            hi: int | None = None, alloc: Callable[[int], np.ndarray] | None = None
+def _gather(store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]
             ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
-    """Rows ``lo..hi-1`` of ``names``, each position's from the unit of its view in ``views`` (each unit read
-    once, one contiguous read), and the rows each unit read gave, by view (``alloc``: see
-    :meth:`CacheStore.read_unit`)."""
-    hi = len(views) if hi is None else hi
-    drawn = views[lo:hi]
-    units = {int(v): store.read_unit(m, tar, int(v), list(names), lo, hi, alloc=alloc) for v in np.unique(drawn)}
+    """Rows of ``names``, each position's from the unit of its view in ``views`` (each unit read once, one
+    contiguous read), and the rows each unit read gave, by view."""
+    units = {int(v): store.read_unit(m, tar, int(v), list(names)) for v in np.unique(views)}
     if len(units) == 1:
         return next(iter(units.values())), units
     rows: dict[str, np.ndarray] = {}
     for v, unit in units.items():
-        sel = drawn == v
+        sel = views == v
         for name, arr in unit.items():
             if name not in rows:
                 rows[name] = np.empty_like(arr)
@@ -85,43 +84,61 @@ class BlockRows:
     hides an object store's latency). The first block is read with the tar's other rows, in the loading
     thread, and the second is read meanwhile.
 
-    A sample gets a copy of its rows, not a view into its block: a shuffle buffer lets a few samples of each
-    block linger for thousands of draws (each draw takes a random one of its 1,024), and a view would keep
-    their whole block alive with them: ~66 blocks of 64 ViT-L rows, 5.4 GB, measured by
-    ``python -m bench.reader_memory``, against 5.6 GB for whole units. So nothing views a block once the
-    stream has passed it, and the next blocks are read into its buffers; a sample's copies share one buffer,
-    which comes back once the sample's rows are gone (both the store's :class:`~pipeline.buffers.ReusedBuffers`,
-    one per process: shared by the tars a worker reads)."""
+    Each sample's rows (of every array) land in one buffer of its own (the store's
+    :class:`~pipeline.buffers.ReusedBuffers`, one per process, shared by the tars a worker reads), which comes
+    back once the sample's rows are gone; an uncompressed array's rows are read from its shard straight into
+    them (:meth:`pipeline.raw_shards.RawShard.rows_into`), a compressed one's copied in from Zarr's block. Not
+    views into a block: a shuffle buffer lets a few samples of each block linger for thousands of draws (each
+    draw takes a random one of its 1,024), and a view would keep their whole block alive with them: ~66 blocks of
+    64 ViT-L rows, 5.4 GB, measured by ``python -m bench.reader_memory``, against 5.6 GB for whole units. Read
+    straight into the samples' buffers rather than into a block buffer and then copied out sample by sample
+    (until 2026-12-02), the rows cost one pass over their bytes less: 0.48 → 0.31 ms of CPU a sample for ViT-L's
+    three taps from the page cache (read, checksum, the sample's own buffer; 20 interleaved rounds, per-round
+    ratio 0.61, quartiles 0.60–0.67; scratch /tmp/s23/direct_ab.py)."""
 
     def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
         count, step = len(views), m.chunk_rows
-        self._buffers, self._row_buffers = store.read_buffers, store.row_buffers
+        arrays = {name: store.array(name) for name in names}
+        layout = {name: (a.dtype, tuple(a.shape[2:]), a.dtype.itemsize * math.prod(a.shape[2:]))
+                  for name, a in arrays.items()}
+        offsets = dict(zip(names, np.cumsum([0] + [aligned(nb) for _, _, nb in layout.values()])[:-1].tolist(),
+                           strict=True))
+        size = sum(aligned(nb) for _, _, nb in layout.values())
 
-        def read(lo: int) -> tuple[int, dict[str, np.ndarray], list[np.ndarray]]:
-            alloc, lent = self._buffers.lender()
-            return lo, _gather(store, m, tar, views, names, lo, lo + step, alloc)[0], lent
+        def read(lo: int) -> tuple[int, list[dict[str, np.ndarray]]]:
+            hi = min(lo + step, count)
+            mems = [store.row_buffers.lend(size) for _ in range(lo, hi)]
+            dests = {name: [mem[offsets[name]:offsets[name] + nb] for mem in mems]
+                     for name, (_, _, nb) in layout.items()}
+            drawn = views[lo:hi]
+            for v in np.unique(drawn):
+                for name in names:
+                    mine = [d if w == v else None for d, w in zip(dests[name], drawn, strict=True)]
+                    raw = store.raw_shard(tar, int(v), name)
+                    if raw is not None:
+                        raw.rows_into(lo, hi, mine)
+                        continue
+                    rows = store.read_unit(m, tar, int(v), [name], lo, hi)[name]  # compressed: Zarr's block
+                    for d, row in zip(mine, rows, strict=True):
+                        if d is not None:
+                            d.view(row.dtype)[...] = row.reshape(-1)
+            return lo, [{name: dests[name][i].view(dt).reshape(shape) for name, (dt, shape, _) in layout.items()}
+                        for i in range(hi - lo)]
 
         self._blocks = prefetch_map(read, range(0, count, step), workers=1, lookahead=2)
-        self._lo, self._rows, self._lent = next(self._blocks)  # the first block; the second is read meanwhile
-        self._hi = min(step, count)
-        self._step, self._count = step, count
+        self._lo, self._rows = next(self._blocks)  # the first block; the second is read meanwhile
 
     def at(self, position: int) -> dict[str, np.ndarray]:
         """Each array's row at ``position``; positions must not decrease (the tar's order)."""
         if position < self._lo:
-            raise ValueError(f"position {position} is before the block read ({self._lo}..{self._hi - 1})")
-        while position >= self._hi:
-            self._rows = {}
-            self._buffers.give_back(self._lent)  # its rows were copied out: nothing views the block any more
-            self._lo, self._rows, self._lent = next(self._blocks)
-            self._hi = min(self._lo + self._step, self._count)
-        # in one buffer that comes back once the sample's rows are gone
-        return self._row_buffers.copies({name: a[position - self._lo] for name, a in self._rows.items()})
+            raise ValueError(f"position {position} is before the block read ({self._lo}..)")
+        while position >= self._lo + len(self._rows):
+            self._lo, self._rows = next(self._blocks)
+        return self._rows[position - self._lo]
 
     def close(self) -> None:
-        """The tar's stream has passed its last sample: the last block's buffers are free too."""
-        self._rows = {}
-        self._buffers.give_back(self._lent)
+        """The tar's stream has passed its last sample: nothing here keeps its rows any more."""
+        self._rows = []
 
 
 def load_rows(store: CacheStore, m: Manifest, task: Task, names: Sequence[str], *, random_policy: bool, seed: int,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.buffers import ReusedBuffers
 from pipeline.raw_shards import RawShard, is_raw_sharded
 from pipeline.store import CacheStore, url_to_fs
 from storage_schemas import arrays as A
@@ -107,28 +106,37 @@ def test_a_read_only_store_reads_a_shard_index_once_for_its_blocks(tmp_path, mon
     then only the chunks; a writable one (the job's, whose shards change) reads it every time."""
     url = str(tmp_path / "c.zarr")
     arr = make_array(url, "float16")
-    reads = []
-    real = RawShard._read
+    reads, chunk_reads = [], []
+    real, real_source = RawShard._read, RawShard._source
 
-    def spy(self, start, end, **kw):
-        reads.append((self.path.rsplit("/a/", 1)[1], start < 0))
+    def spy(self, start, end, **kw):  # index reads (a chunk's read goes through _source: below)
+        if start < 0:
+            reads.append((self.path.rsplit("/a/", 1)[1], True))
         return real(self, start, end, **kw)
 
+    def spy_source(self, start, end):
+        if start >= 0:
+            chunk_reads.append((self.path.rsplit("/a/", 1)[1], False))
+        return real_source(self, start, end)
+
     monkeypatch.setattr(RawShard, "_read", spy)
-    for read_only, index_reads in ((True, 1), (False, 3)):
+    monkeypatch.setattr(RawShard, "_source", spy_source)
+    for read_only, index_reads in ((True, 1), (False, 6)):  # writable: each of the 6 block reads reads it
         store = CacheStore(url, read_only=read_only)
-        pool = ReusedBuffers(min_bytes=0)  # every read into a reused buffer, given back after its block, as
-        reads.clear()  # BlockRows does: a kept index must not be a view of one (unit (2, 0)'s differs)
-        for lo in range(0, S, CR):  # three blocks of an inner chunk each, the tars in turn
+        reads.clear(), chunk_reads.clear()
+        for lo in range(0, S, CR):  # three blocks of an inner chunk each, the tars in turn, both ways
             for t in range(TARS):
-                alloc, lent = pool.lender()
-                got = store.read_unit(manifest(S), t, 0, ["a"], lo, lo + CR, alloc=alloc)["a"]
+                got = store.read_unit(manifest(S), t, 0, ["a"], lo, lo + CR)["a"]
                 np.testing.assert_array_equal(got, arr[t * S + lo:t * S + lo + CR, 0], err_msg=f"{t} {lo}")
-                pool.give_back(lent)
+                into = [np.empty(got[0].nbytes, np.uint8) for _ in range(CR)]
+                store.raw_shard(t, 0, "a").rows_into(lo, lo + CR, into)
+                np.testing.assert_array_equal(np.stack(into).view(got.dtype).reshape(got.shape), got)
         for t in range(TARS):
             stored = 3 - (t == 2)  # unit (2, 0)'s middle chunk is all fill: not stored, not read
             mine = sorted(r for r in reads if r[0] == f"c/{t}/0/0/0")
-            assert mine == [(f"c/{t}/0/0/0", False)] * stored + [(f"c/{t}/0/0/0", True)] * index_reads, (read_only, t)
+            assert mine == [(f"c/{t}/0/0/0", True)] * index_reads, (read_only, t)  # the chunks: spied below
+            chunks = sorted(r for r in chunk_reads if r[0] == f"c/{t}/0/0/0")
+            assert chunks == [(f"c/{t}/0/0/0", False)] * (2 * stored), (read_only, t)  # rows(), rows_into()
 
 
 def damaged(tmp_path, where: str) -> tuple[RawShard, str]:
@@ -187,6 +195,55 @@ def test_a_block_read_is_checksummed_as_it_lands(tmp_path, monkeypatch, piece):
             np.testing.assert_array_equal(s.rows(c * CR, (c + 1) * CR), arr[t * S + c * CR:t * S + (c + 1) * CR, 0])
 
 
+@pytest.mark.parametrize("piece", [1, 7, None])
+def test_rows_into_writes_each_wanted_row_as_zarr_reads_it(tmp_path, monkeypatch, piece):
+    """``rows_into`` (student.stream.BlockRows' read: each row straight into its sample's buffer) for every row
+    range, every third row not wanted, with pieces ending anywhere in a row: each wanted row is Zarr's (all fill
+    for a chunk or a shard not stored), a row not wanted is left as it was."""
+    from pipeline import raw_shards
+
+    if piece is not None:
+        monkeypatch.setattr(raw_shards, "PIECE", piece)
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    row_bytes = 2 * INNER[0] * INNER[1]
+    for t in range(TARS):
+        for v in range(VIEWS):
+            for lo, hi in RANGES:
+                dests = [None if (p % 3 == 2) else np.full(row_bytes, 0xAB, np.uint8) for p in range(lo, hi)]
+                untouched = np.full(row_bytes, 0xAB, np.uint8)
+                shard(store, arr, t, v).rows_into(lo, hi, dests)
+                for p, d in zip(range(lo, hi), dests, strict=True):
+                    if d is not None:
+                        want = arr[t * S + p, v]
+                        np.testing.assert_array_equal(d.view(np.float16).reshape(INNER), want, err_msg=f"{t},{v} {p}")
+                assert all(d is None or d.tobytes() != untouched.tobytes() for d in dests)  # each wanted row written
+    with pytest.raises(ValueError, match="2 destinations for rows 0..2"):
+        shard(store, arr, 0, 0).rows_into(0, 3, [None, None])
+
+
+def test_rows_into_a_damaged_or_cut_short_chunk_is_one_error_naming_it(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    arr = make_array(url, "float16")
+    store = CacheStore(url, read_only=True)
+    s = shard(store, arr, 0, 0)
+    index = s._index(s._read(-s.index_bytes, None))
+    data = bytearray(open(s.path, "rb").read())
+    data[int(index[1, 0]) + 50] ^= 0x01
+    open(s.path, "wb").write(bytes(data))
+    dests = [np.empty(2 * INNER[0] * INNER[1], np.uint8) for _ in range(CR)]
+    s.rows_into(0, CR, dests)  # chunk 0: untouched
+    np.testing.assert_array_equal(np.stack(dests).view(np.float16).reshape(CR, *INNER), arr[0:CR, 0])
+    with pytest.raises(CacheError, match=r"inner chunk 1 does not match its crc32c checksum") as e:
+        s.rows_into(CR + 1, CR + 2, [dests[0]])  # one row wanted: its chunk is read and checked whole
+    assert s.path in str(e.value) and "kdcache verify" in str(e.value)
+    open(s.path, "r+b").truncate(int(index[2, 0]) + 50)  # inside inner chunk 2
+    s.indexes = {s.path: index}  # the index read before the file changed, as a read-only store keeps it
+    with pytest.raises(CacheError, match=r"inner chunk 2 runs past the end of the shard"):
+        s.rows_into(2 * CR, 3 * CR, dests)
+
+
 @pytest.mark.parametrize("at", [0, 61, 119, 120, 123])  # the chunk's first, a middle, its last row byte; its crc
 def test_a_damaged_block_read_as_it_lands_is_one_error_naming_it(tmp_path, monkeypatch, at):
     from pipeline import raw_shards
@@ -222,11 +279,10 @@ def test_a_block_from_s3_is_checksummed_as_it_lands(moto_s3, monkeypatch, client
     opts = moto_s3["storage_options"]
     url = f"s3://{moto_s3['bucket']}/raw-{uuid.uuid4().hex[:8]}.zarr"
     arr = make_array(url, "float16", opts)
-    pool = ReusedBuffers(min_bytes=0)
-
-    def block(store: CacheStore, c: int) -> np.ndarray:
-        alloc, _ = pool.lender()
-        return store.read_unit(manifest(S), 0, 0, ["a"], c * CR, (c + 1) * CR, alloc=alloc)["a"]
+    def block(store: CacheStore, c: int) -> np.ndarray:  # as BlockRows reads it: straight into rows' buffers
+        rows = np.empty((CR, *INNER), arr.dtype)
+        store.raw_shard(0, 0, "a").rows_into(c * CR, (c + 1) * CR, [r.reshape(-1).view(np.uint8) for r in rows])
+        return rows
 
     store = CacheStore(url, opts, read_only=True)
     for c in range(S // CR):

@@ -12,7 +12,6 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader
 
-from pipeline.buffers import ReusedBuffers
 from pipeline.raw_shards import is_raw_sharded
 from pipeline.store import CacheNotReadyError, CacheStore
 from pipeline.targets import input_fingerprint
@@ -93,7 +92,6 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
     whole = {n for n in names if m.arrays[n].row_bytes * 120 > stream.WHOLE_UNIT_BYTES}
     assert not whole  # the digits' units are small: random_epoch read every array whole
     monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)  # now every target array counts as large
-    monkeypatch.setattr(ReusedBuffers, "MIN_BYTES", 0)  # and every block is read into a reused buffer
     ds = make(small_cache, arrays=names, view_policy="random")
     step = 16
     ds.m = ds.m.model_copy(update={"chunk_rows": step})  # finer than the stored chunks: many blocks a tar
@@ -103,7 +101,22 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
         reads.append((tar, view, tuple(names or ()), lo, hi))
         return read_unit(self, m, tar, view, names, lo, hi, **kw)
 
+    raw_shard = CacheStore.raw_shard
+
+    def spy_raw(self, tar, view, name):  # an uncompressed array's block: read straight into the samples' buffers
+        shard = raw_shard(self, tar, view, name)
+        if shard is not None:
+            rows_into = shard.rows_into
+
+            def into(lo, hi, dests):
+                reads.append((tar, view, (name,), lo, hi))
+                return rows_into(lo, hi, dests)
+
+            shard.rows_into = into
+        return shard
+
     monkeypatch.setattr(CacheStore, "read_unit", spy)
+    monkeypatch.setattr(CacheStore, "raw_shard", spy_raw)
     got = list(ds)  # every sample kept: a row that viewed a reused buffer would now hold a later block's bytes
     assert ids(got) == ids(random_epoch) and [s.view for s in got] == [s.view for s in random_epoch]
     for a, b in zip(got, random_epoch, strict=True):
@@ -111,26 +124,28 @@ def test_large_target_arrays_are_read_a_chunk_at_a_time_with_the_same_rows(rando
         for name in a.rows:
             np.testing.assert_array_equal(a.rows[name], b.rows[name], err_msg=f"{name} {a.key}")
     raw = [n for n in names if is_raw_sharded(ds.store().array(n))]
-    raw_reads = sum(1 for *_, n, _, _ in reads for a in n if a in raw)
-    assert raw and ds.store().read_buffers.allocated <= raw_reads // 4  # the blocks' buffers were reused (see the next test)
+    assert raw and len(raw) < len(names)  # both kinds: read straight into the samples' buffers, and by Zarr
+    large = [n for n in names if n not in {A.LABEL, A.VALID, *A.VIEW_RECORD_ARRAYS}]
+    for s in got[:50]:  # a sample's rows of every large array share the one buffer it keeps
+        assert len({id(s.rows[n].base) for n in large}) == 1, s.key
     tap = target_arrays(m, logits=False, taps=["final"])[0]
     by_block = [(t, v, lo, hi) for t, v, n, lo, hi in reads if tap in n]
-    assert by_block and all(hi - lo == step and lo % step == 0 for _, _, lo, hi in by_block)
+    count = {t: sh.count for t, sh in enumerate(m.dataset.shards)}
+    assert by_block and all(hi == min(lo + step, count[t]) and lo % step == 0 for t, _, lo, hi in by_block)
     assert all(A.LABEL not in n for _, _, n, _, _ in reads if tap in n)  # what a tar needs whole, read whole
     for t, sh in enumerate(m.dataset.shards):  # each block of each view drawn read once
         drawn = random_views(0, 0, t, sh.count, tuple(range(m.num_views)))
-        want = sorted((t, int(v), lo, lo + step) for lo in range(0, sh.count, step)
+        want = sorted((t, int(v), lo, min(lo + step, sh.count)) for lo in range(0, sh.count, step)
                       for v in np.unique(drawn[lo:lo + step]))
         assert sorted(b for b in by_block if b[0] == t) == want
 
 
 def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(small_cache, monkeypatch):
-    """The large arrays' blocks are read into buffers the next blocks reuse (pipeline.buffers.ReusedBuffers):
-    with one view a tar (cycle) a block's rows are views of its buffer, and every sample, kept to the end of
-    the epoch, still holds its own rows as Zarr reads them."""
+    """The large arrays' rows are read straight into a buffer of each sample's, reused once the sample is gone
+    (pipeline.buffers.ReusedBuffers): every sample, kept to the end of the epoch, holds its own rows as Zarr
+    reads them, and an epoch after them takes no new memory."""
     m = small_cache["manifest"]
     monkeypatch.setattr(stream, "WHOLE_UNIT_BYTES", 0)
-    monkeypatch.setattr(ReusedBuffers, "MIN_BYTES", 0)
     names = target_arrays(m, logits=False, taps=TAPS)
     ds = make(small_cache, arrays=names)
     ds.m = ds.m.model_copy(update={"chunk_rows": 16})  # several blocks a tar
@@ -142,8 +157,6 @@ def test_blocks_read_into_reused_buffers_leave_each_sample_the_rows_zarr_reads(s
         arr = ds.store().array(name)  # Zarr's own reader
         for s in got:
             np.testing.assert_array_equal(s.rows[name], arr[s.tar * S + s.position, s.view], err_msg=f"{name} {s.key}")
-    blocks = sum(-(-sh.count // 16) for sh in m.dataset.shards) * len(names)
-    assert ds.store().read_buffers.allocated <= 4 * len(names) < blocks  # a block's buffers, and the two read ahead, reused
     made = ds.store().row_buffers.allocated
     assert made == len(got)  # each kept sample's rows in a buffer of its own
     del got, s
