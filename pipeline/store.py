@@ -303,7 +303,7 @@ class CacheStore:
         S, count = m.rows_per_shard, m.dataset.shards[tar].count
         hi = count if hi is None else min(hi, count)
         out = {}
-        for n in names or list(m.arrays):
+        for n in list(m.arrays) if names is None else names:
             raw = self.raw_shard(tar, view, n)
             if raw is not None:  # uncompressed (the taps by default): read without Zarr's copies, see raw_shards
                 out[n] = raw.rows(lo, hi)

@@ -21,7 +21,9 @@ from pipeline.store import CacheStore
 from storage_schemas.manifest import Manifest
 from student.batch import collate_rows, received, stack
 from student.data import CacheDataset
+from student.plan import Task
 from student.ring import BatchRing, packed_bytes
+from student.stream import load_rows
 
 from ..common import interleave, quantile, ratio_summary, round_orders, spread
 from .spec import MEAN, READER, SIZE, STD
@@ -110,20 +112,33 @@ def read(ds: CacheDataset, epochs: int, *, batch_size: int, workers: int) -> dic
 
 def breakdown_ms(ds: CacheDataset, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """CPU milliseconds per sample, in this process, of what a worker does for ``ds``'s targets on top of the
-    images: reading every tar's target rows (:meth:`pipeline.store.CacheStore.read_unit`: read, checksums, and for
-    arrays with zstd Zarr's decompression and copies; uncompressed ones by :mod:`pipeline.raw_shards`) and handing them over in batches as the loader does (:meth:`student.ring.BatchRing.put`, the
-    worker's stack into a reused shared-memory slot, and :meth:`~student.ring.BatchRing.take`, the main
-    process's copy out of it; ``fresh_shared_memory``: :func:`student.batch.stack` into a new shared segment, the
-    DataLoader's usual way, for comparison)."""
+    images: reading every tar's target rows as a worker does (:func:`student.stream.load_rows`: a unit at a time,
+    or for a unit over ``WHOLE_UNIT_BYTES`` a block at a time into each sample's buffer,
+    :class:`student.stream.BlockRows`; read, checksums, and for arrays with zstd Zarr's decompression and
+    copies; uncompressed ones by :mod:`pipeline.raw_shards`) and handing them over in batches as the loader does
+    (:meth:`student.ring.BatchRing.put`, the worker's stack into a reused shared-memory slot, and
+    :meth:`~student.ring.BatchRing.take`, the main process's copy out of it; ``fresh_shared_memory``:
+    :func:`student.batch.stack` into a new shared segment, the DataLoader's usual way, for comparison)."""
     if not ds.targets:
         return {"read_rows": 0.0, "hand_over": 0.0, "fresh_shared_memory": 0.0}
     store, m = ds.store(), ds.m
-    one = store.read_unit(m, 0, 0, ds.targets)  # warm-up (metadata); rows of one tar kept for the collation
+
+    def tar_rows(t: int) -> Iterator[dict[str, np.ndarray]]:  # each position's rows of ds.targets, in tar order
+        count = m.dataset.shards[t].count
+        loaded = load_rows(store, m, Task(tar=t, n=count, views=(0,)), ds.targets, random_policy=False, seed=0,
+                           epoch=0)
+        for p in range(count):
+            yield {name: a[p] for name, a in loaded.rows.items()} | (loaded.blocks.at(p) if loaded.blocks else {})
+        if loaded.blocks:
+            loaded.blocks.close()
+
+    first = list(tar_rows(0))  # warm-up (metadata); rows of one tar kept for the collation
+    one = {name: np.stack([r[name] for r in first]) for name in ds.targets}
     n = 0
     t0 = time.process_time()
     for _ in range(repeats):
-        for t in range(len(m.dataset.shards)):  # each tar's rows dropped before the next, as a worker drops them
-            n += len(store.read_unit(m, t, 0, ds.targets)[ds.targets[0]])
+        for t in range(len(m.dataset.shards)):  # each sample's rows dropped before the next, as the stream goes
+            n += sum(1 for _ in tar_rows(t))
     read = time.process_time() - t0
     out = {"read_rows": 1e3 * read / n}
     ring = BatchRing(1, 1, packed_bytes({k: ((batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}))
