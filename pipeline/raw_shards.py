@@ -21,7 +21,8 @@ sharding codec's (its spec, "Binary shard format"): the inner chunks, then the i
 fill value), followed by the index's crc32c; a shard whose chunks are all fill is not stored at all.
 
 A reader that reads a shard a block of rows at a time (:class:`student.stream.BlockRows`, the student's path
-for taps at ImageNet's tar size) reads each block into a reused buffer (:class:`pipeline.buffers.ReusedBuffers`).
+for taps at ImageNet's tar size) reads each row straight into the buffer of the sample it belongs to
+(:meth:`RawShard.rows_into`).
 """
 
 from __future__ import annotations
