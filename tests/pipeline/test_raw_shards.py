@@ -223,12 +223,8 @@ def test_rows_into_writes_each_wanted_row_as_zarr_reads_it(tmp_path, monkeypatch
         shard(store, arr, 0, 0).rows_into(0, 3, [None, None])
 
 
-def test_rows_into_a_damaged_or_cut_short_chunk_is_one_error_naming_it(tmp_path):
-    url = str(tmp_path / "c.zarr")
-    arr = make_array(url, "float16")
-    store = CacheStore(url, read_only=True)
-    s = shard(store, arr, 0, 0)
-    index = s._index(s._read(-s.index_bytes, None))
+def test_rows_into_a_damaged_chunk_is_one_error_naming_it(tmp_path):
+    arr, s, index = opened(tmp_path)
     data = bytearray(open(s.path, "rb").read())
     data[int(index[1, 0]) + 50] ^= 0x01
     open(s.path, "wb").write(bytes(data))
@@ -238,10 +234,13 @@ def test_rows_into_a_damaged_or_cut_short_chunk_is_one_error_naming_it(tmp_path)
     with pytest.raises(CacheError, match=r"inner chunk 1 does not match its crc32c checksum") as e:
         s.rows_into(CR + 1, CR + 2, [dests[0]])  # one row wanted: its chunk is read and checked whole
     assert s.path in str(e.value) and "kdcache verify" in str(e.value)
-    open(s.path, "r+b").truncate(int(index[2, 0]) + 50)  # inside inner chunk 2
-    s.indexes = {s.path: index}  # the index read before the file changed, as a read-only store keeps it
-    with pytest.raises(CacheError, match=r"inner chunk 2 runs past the end of the shard"):
-        s.rows_into(2 * CR, 3 * CR, dests)
+
+
+def opened(tmp_path) -> tuple[zarr.Array, RawShard, np.ndarray]:
+    """A local array, its unit (0, 0)'s shard and the shard's index."""
+    arr = make_array(str(tmp_path / "c.zarr"), "float16")
+    s = shard(CacheStore(str(tmp_path / "c.zarr"), read_only=True), arr, 0, 0)
+    return arr, s, s._index(s._read(-s.index_bytes, None))
 
 
 @pytest.mark.parametrize("at", [0, 61, 119, 120, 123])  # the chunk's first, a middle, its last row byte; its crc
@@ -249,11 +248,8 @@ def test_a_damaged_block_read_as_it_lands_is_one_error_naming_it(tmp_path, monke
     from pipeline import raw_shards
 
     monkeypatch.setattr(raw_shards, "PIECE", 64)
-    url = str(tmp_path / "c.zarr")
-    arr = make_array(url, "float16")
-    store = CacheStore(url, read_only=True)
-    s = shard(store, arr, 0, 0)
-    offset = int(s._index(s._read(-s.index_bytes, None))[1, 0])  # inner chunk 1
+    arr, s, index = opened(tmp_path)
+    offset = int(index[1, 0])  # inner chunk 1
     data = bytearray(open(s.path, "rb").read())
     data[offset + at] ^= 0x10
     open(s.path, "wb").write(bytes(data))
@@ -301,15 +297,13 @@ def test_a_block_from_s3_is_checksummed_as_it_lands(moto_s3, monkeypatch, client
 
 
 def test_a_block_cut_short_by_the_end_of_its_file_is_one_error(tmp_path):
-    url = str(tmp_path / "c.zarr")
-    arr = make_array(url, "float16")
-    store = CacheStore(url, read_only=True)
-    s = shard(store, arr, 0, 0)
-    index = s._index(s._read(-s.index_bytes, None))
+    _, s, index = opened(tmp_path)
     open(s.path, "r+b").truncate(int(index[2, 0]) + 50)  # inside inner chunk 2
     s.indexes = {s.path: index}  # the index read before the file changed, as a read-only store keeps it
     with pytest.raises(CacheError, match=r"inner chunk 2 runs past the end of the shard"):
         s.rows(2 * CR, 3 * CR)
+    with pytest.raises(CacheError, match=r"inner chunk 2 runs past the end of the shard"):  # as BlockRows reads
+        s.rows_into(2 * CR, 3 * CR, [np.empty(2 * INNER[0] * INNER[1], np.uint8) for _ in range(CR)])
 
 
 def test_a_damaged_zstd_shard_read_through_zarr_is_the_same_kind_of_error(tmp_path):
