@@ -92,9 +92,10 @@ class BlockRows:
     draw takes a random one of its 1,024), and a view would keep their whole block alive with them: ~66 blocks of
     64 ViT-L rows, 5.4 GB, measured by ``python -m bench.reader_memory``, against 5.6 GB for whole units. Read
     straight into the samples' buffers rather than into a block buffer and then copied out sample by sample
-    (until 2026-12-02), the rows cost one pass over their bytes less: 0.48 → 0.31 ms of CPU a sample for ViT-L's
-    three taps from the page cache (read, checksum, the sample's own buffer; 20 interleaved rounds, per-round
-    ratio 0.61, quartiles 0.60–0.67; scratch /tmp/s23/direct_ab.py)."""
+    (until 2026-12-02), the rows cost one pass over their bytes less: ``BlockRows`` over ViT-L's three taps from
+    the page cache, every sample's rows taken, 0.71 → 0.32 ms of CPU a sample (8 interleaved processes of each
+    code × 3 epochs, scratch /tmp/s23/blocks_ab.py); in the reader (2 workers), the ViTKD rows' worker CPU 0.76
+    → 0.40 ms a sample (6 interleaved rounds, scratch /tmp/s23/reader_ab.py)."""
 
     def __init__(self, store: CacheStore, m: Manifest, tar: int, views: np.ndarray, names: Sequence[str]) -> None:
         count, step = len(views), m.chunk_rows
