@@ -7,7 +7,7 @@ caches; its ``breakdown_ms_per_sample.read_rows`` shows the same 1.2 ms): it rea
 ``bytes`` object and then copies every decoded chunk into a fresh output array (py-spy: ``NDBuffer.__setitem__``
 44 % of a read). Zarr offers no way to decode into the bytes it read; ``out=`` still copies, and the compiled
 ``zarrs`` codec pipeline read no faster (1.27 against 1.26 ms a sample). Here a local shard is read with
-``readinto`` into one array whose chunks become the rows (checksummed as the read lands: :meth:`RawShard._read`),
+``readinto`` into one array whose chunks become the rows (a part of it checksummed as the read lands: :meth:`RawShard.rows_into`),
 zero copies after the read (from an object store: one
 request for a whole shard instead of Zarr's two, index and chunk).
 
@@ -43,7 +43,7 @@ from storage_schemas.errors import CacheError
 MISSING = 2**64 - 1  # an index entry of a chunk not stored
 MAX_INDEXES = 4096  # shard indexes a read-only store keeps (16 bytes a chunk each)
 CRC_BYTES = 4
-PIECE = 256 << 10  # bytes a local read lands at a time, each checksummed at once (RawShard._read)
+PIECE = 256 << 10  # bytes a read lands at a time, each checksummed at once (RawShard._land)
 
 
 def damaged(path: str, what: str) -> CacheError:
@@ -91,39 +91,32 @@ class RawShard:
         self.index_bytes = 16 * self.n_chunks + CRC_BYTES
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo..hi-1`` of the shard ``[hi - lo, *row_shape]``: a view into the bytes read when they lie in
-        one inner chunk (the usual case), else the chunks' rows joined."""
+        """Rows ``lo..hi-1`` of the shard ``[hi - lo, *row_shape]``: the whole shard in one read (its rows views
+        of the bytes read), else the inner chunks holding them read straight into a fresh array
+        (:meth:`rows_into`)."""
         if hi <= lo:
             return np.empty((0, *self.row_shape), self.dtype)
-        first, last = lo // self.chunk_rows, (hi - 1) // self.chunk_rows
-        whole = first == 0 and last == self.n_chunks - 1  # the whole shard: one read
-        data = None
-        if whole:
-            try:
-                data = self._read(0, None)
-            except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
-                return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
-            index = self._index(data[-self.index_bytes:])
-        else:
-            index = self._chunk_index()
-            if index is None:
-                return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
+        if not (lo // self.chunk_rows == 0 and (hi - 1) // self.chunk_rows == self.n_chunks - 1):
+            out = np.empty((hi - lo, *self.row_shape), self.dtype)
+            self.rows_into(lo, hi, list(out.reshape(hi - lo, -1).view(np.uint8)))
+            return out
+        try:
+            data = self._read(0, None)
+        except FileNotFoundError:  # every chunk all fill value: Zarr stores no shard
+            return np.full((hi - lo, *self.row_shape), self.fill, self.dtype)
+        index = self._index(data[-self.index_bytes:])
         parts = []
-        for c in range(first, last + 1):
+        for c in range(self.n_chunks):
             offset, nbytes = int(index[c, 0]), int(index[c, 1])
-            start = c * self.chunk_rows
-            a, b = max(lo, start) - start, min(hi, start + self.chunk_rows) - start
+            a, b = max(lo, c * self.chunk_rows) - c * self.chunk_rows, min(hi, (c + 1) * self.chunk_rows) - c * self.chunk_rows
             if offset == MISSING and nbytes == MISSING:
                 parts.append(np.full((b - a, *self.row_shape), self.fill, self.dtype))
                 continue
             self._check_size(c, nbytes)
-            if whole:
-                chunk, crc = data[offset:offset + nbytes], None
-            else:
-                chunk, crc = self._read(offset, offset + nbytes, checksum=True)
+            chunk = data[offset:offset + nbytes]
             if len(chunk) != nbytes:
                 raise damaged(self.path, f"inner chunk {c} runs past the end of the shard")
-            self._check(chunk, f"inner chunk {c}", crc)
+            self._check(chunk, f"inner chunk {c}")
             parts.append(chunk[:-CRC_BYTES].view(self.dtype).reshape(self.chunk_rows, *self.row_shape)[a:b])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -178,15 +171,13 @@ class RawShard:
                 self.indexes[self.path] = index.copy()  # not a view of a buffer that is reused
         return index
 
-    def _read(self, start: int, end: int | None, *, checksum: bool = False):
+    def _read(self, start: int, end: int | None) -> np.ndarray:
         """Bytes ``start..end`` of the shard (``start`` < 0: from the end) as a fresh writable uint8 array: a
-        local file read straight into it, an object store's response copied into it.
-        With ``checksum``: ``(bytes, crc)``, ``crc`` the crc32c of all but the last :data:`CRC_BYTES` (an inner
-        chunk's stored checksum), computed as the bytes land (:meth:`_land`)."""
+        local file read straight into it, an object store's response copied into it."""
         with self._source(start, end) as (n, fill):
             out = np.empty(n, np.uint8)
-            crc = self._land([out], fill, n - CRC_BYTES if checksum else 0)
-        return (out, crc) if checksum else out
+            self._land([out], fill, 0)
+        return out
 
     @contextlib.contextmanager
     def _source(self, start: int, end: int | None) -> Iterator[tuple[int, Callable[[memoryview, int], int]]]:
@@ -242,10 +233,7 @@ class RawShard:
         self._check(raw, "the shard index")
         return raw[:-CRC_BYTES].view("<u8").reshape(self.n_chunks, 2)
 
-    def _check(self, block: np.ndarray, what: str, crc: int | None = None) -> None:
-        """``block``'s last :data:`CRC_BYTES` against the crc32c of the rest (``crc``: already computed)."""
+    def _check(self, block: np.ndarray, what: str) -> None:
         stored = int(block[-CRC_BYTES:].view("<u4")[0])
-        if crc is None:
-            crc = google_crc32c.value(block[:-CRC_BYTES])  # as Zarr's crc32c codec computes it
-        if crc != stored:
+        if google_crc32c.value(block[:-CRC_BYTES]) != stored:  # as Zarr's crc32c codec computes it
             raise damaged(self.path, f"{what} does not match its crc32c checksum")
