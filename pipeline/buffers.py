@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -37,6 +37,15 @@ ALIGN = 64  # bytes: arrays packed into one buffer start this far apart at least
 def aligned(nbytes: int) -> int:
     """``nbytes`` rounded up to a multiple of :data:`ALIGN`: the room an array takes in a buffer it shares."""
     return -(-nbytes // ALIGN) * ALIGN
+
+
+def packed(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where arrays of ``sizes`` bytes start in one buffer that packs them in order, each at an :func:`aligned`
+    offset, and the buffer's size."""
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + aligned(n))
+    return offsets[:-1], offsets[-1]
 
 
 class ReusedBuffers:
@@ -61,10 +70,10 @@ class ReusedBuffers:
     def copies(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A copy of each of ``arrays`` (NumPy's, on this thread), all in one buffer from :meth:`lend`, each at an
         :func:`aligned` offset from its start: the buffer comes back once every copy (and whatever views one) is gone."""
-        offsets = np.cumsum([0] + [aligned(a.nbytes) for a in arrays.values()])
-        mem = self.lend(int(offsets[-1]))
+        offsets, size = packed([a.nbytes for a in arrays.values()])
+        mem = self.lend(size)
         out = {}
-        for (name, a), off in zip(arrays.items(), offsets[:-1], strict=True):
+        for (name, a), off in zip(arrays.items(), offsets, strict=True):
             out[name] = mem[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
             np.copyto(out[name], a)
         return out

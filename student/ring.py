@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from pipeline.buffers import ReusedBuffers, aligned
+from pipeline.buffers import ReusedBuffers, aligned, packed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
 def packed_bytes(shapes: Mapping[str, tuple[tuple[int, ...], np.dtype | str]]) -> int:
     """Bytes a slot needs for arrays of these ``name: (shape, dtype)``, each aligned as :meth:`BatchRing.put`
     lays them out."""
-    return sum(aligned(_nbytes(shape, dt)) for shape, dt in shapes.values())
+    return packed([_nbytes(shape, dt) for shape, dt in shapes.values()])[1]
 
 
 def shm_free_bytes(path: str = "/dev/shm") -> int | None:

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.buffers import aligned
+from pipeline.buffers import packed
 from pipeline.stages import prefetch_map
 from pipeline.store import CacheStore
 from pipeline.tars import BadSampleError, BadTarError, Sample, iter_samples
@@ -102,9 +102,8 @@ class BlockRows:
         arrays = {name: store.array(name) for name in names}
         layout = {name: (a.dtype, tuple(a.shape[2:]), a.dtype.itemsize * math.prod(a.shape[2:]))
                   for name, a in arrays.items()}
-        offsets = dict(zip(names, np.cumsum([0] + [aligned(nb) for _, _, nb in layout.values()])[:-1].tolist(),
-                           strict=True))
-        size = sum(aligned(nb) for _, _, nb in layout.values())
+        starts, size = packed([nb for _, _, nb in layout.values()])  # a sample's rows, packed as copies() packs
+        offsets = dict(zip(layout, starts, strict=True))
 
         def read(lo: int) -> tuple[int, list[dict[str, np.ndarray]]]:
             hi = min(lo + step, count)
