@@ -40,14 +40,14 @@ import numcodecs
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
+from fsspec.core import url_to_fs
 
 from pipeline.images import decode_image
-from pipeline.randaugment import apply_op
 from pipeline.synthetic import write_synthetic
 from pipeline.targets import encode_targets, to_numpy
-from pipeline.tars import _members, _open, iter_samples
+from pipeline.tars import iter_samples, raw_groups
 from pipeline.teacher import TeacherOutput
-from pipeline.views import _INTERPOLATION, _erase, _to_pixels, apply_view, sample_view
+from pipeline.views import apply_view, crop_flip, erase, randaugment, sample_view
 from storage_schemas.arrays import CODEC_ZSTD_LEVEL
 from storage_schemas.codecs import LogitsInfo, codecs_of
 from storage_schemas.taps import TapInfo
@@ -88,11 +88,9 @@ def breakdown(url: str, views: int) -> dict[str, float]:
     """Seconds per view of each step, over every sample of the tar and ``views`` views (read and decode once a
     sample, divided by the views as decode-once does; the per-view path pays them ``views`` times)."""
     t = dict.fromkeys((*STEPS, "to_uint8"), 0.0)
-    fs, path = _open(url, None)
     t0 = time.perf_counter()
-    images = [data for name, data in _members(fs, path) if name.endswith(".jpg")]
+    images = [group["jpg"] for _, _, group in raw_groups(url, *url_to_fs(url))]
     t["read"] = time.perf_counter() - t0
-    interp = _INTERPOLATION[RECIPE.crop.interpolation]
     n = 0
     for pos, data in enumerate(images):
         t0 = time.perf_counter()
@@ -103,20 +101,15 @@ def breakdown(url: str, views: int) -> dict[str, float]:
             rec = sample_view(RECIPE, tar=0, position=pos, view=v, width=img.width, height=img.height)
             t["sample_record"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            left, top, w, h = _to_pixels(rec.crop, img.width, img.height, min_size=1)
-            x = F.resized_crop(img, top, left, h, w, [SIZE, SIZE], interpolation=interp, antialias=True)
-            if rec.flip:
-                x = F.hflip(x)
+            x = crop_flip(img, rec, RECIPE, size=SIZE)
             t1 = time.perf_counter()
-            for op in rec.ops:
-                x = apply_op(x, op.name, op.magnitude, RECIPE.randaugment, interp)
+            x = randaugment(x, rec, RECIPE)
             t2 = time.perf_counter()
             u8 = F.pil_to_tensor(x)
             t3 = time.perf_counter()
             y = F.normalize(F.to_tensor(x), MEAN, STD)
             t4 = time.perf_counter()
-            if rec.erase:
-                _erase(y, rec, RECIPE.erase.mode)
+            erase(y, rec, RECIPE)
             t5 = time.perf_counter()
             t["crop_resize"] += t1 - t0
             t["randaugment"] += t2 - t1

@@ -46,8 +46,8 @@ from storage_schemas.views import (
 
 from .randaugment import SIGNED_OPS, apply_op
 
-__all__ = ["apply_view", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "replay_view",
-           "sample_mix", "sample_view"]
+__all__ = ["apply_view", "crop_flip", "erase", "eval_view", "mix_block", "mix_box_pixels", "mix_views", "randaugment",
+           "replay_view", "sample_mix", "sample_view"]
 
 _MIX_STREAM = 0x6D6978  # "mix": fifth seed word of a view's mix generator, apart from its view generator
 
@@ -296,28 +296,40 @@ def apply_view(
 
     Deterministic; ``recipe`` supplies what records do not store (interpolation,
     RandAugment fill and translate range, erasing fill mode). A record's ``mix`` is not applied here:
-    that takes the partner's view too, see :func:`mix_views`.
+    that takes the partner's view too, see :func:`mix_views`. The steps, in order: :func:`crop_flip`,
+    :func:`randaugment`, ``to_tensor`` + ``normalize``, :func:`erase` (``bench.decode_once`` times each).
     """
+    img = randaugment(crop_flip(img, record, recipe, size=size), record, recipe)
+    x = F.normalize(F.to_tensor(img), mean, std)
+    erase(x, record, recipe)
+    return x
+
+
+def crop_flip(img: Image.Image, record: ViewRecord, recipe: ViewRecipe, *, size: int | tuple[int, int]
+              ) -> Image.Image:
+    """The first step of :func:`apply_view`: ``img`` as RGB, ``record``'s crop resized to ``size`` with the
+    recipe's interpolation (antialiased, as timm's ``RandomResizedCropAndInterpolation``), flipped if recorded."""
     out_h, out_w = size_pair(size)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    interp = _INTERPOLATION[recipe.crop.interpolation]
     left, top, w, h = _to_pixels(record.crop, img.width, img.height, min_size=1)
-    img = F.resized_crop(img, top, left, h, w, [out_h, out_w], interpolation=interp, antialias=True)
-    if record.flip:
-        img = F.hflip(img)
-    if record.ops:
-        ra = recipe.randaugment
-        if ra is None:
-            raise ValueError(f"view record has RandAugment ops {record.ops} but the recipe has no randaugment")
-        for op in record.ops:
-            img = apply_op(img, op.name, op.magnitude, ra, interp)
-    x = F.normalize(F.to_tensor(img), mean, std)
-    if record.erase:
-        if recipe.erase is None:
-            raise ValueError(f"view record has erase boxes {record.erase} but the recipe has no erase")
-        _erase(x, record, recipe.erase.mode)
-    return x
+    img = F.resized_crop(img, top, left, h, w, [out_h, out_w], interpolation=_INTERPOLATION[recipe.crop.interpolation],
+                         antialias=True)
+    return F.hflip(img) if record.flip else img
+
+
+def randaugment(img: Image.Image, record: ViewRecord, recipe: ViewRecipe) -> Image.Image:
+    """The second step of :func:`apply_view`: ``record``'s RandAugment ops applied in order
+    (:func:`pipeline.randaugment.apply_op`)."""
+    if not record.ops:
+        return img
+    ra = recipe.randaugment
+    if ra is None:
+        raise ValueError(f"view record has RandAugment ops {record.ops} but the recipe has no randaugment")
+    interp = _INTERPOLATION[recipe.crop.interpolation]
+    for op in record.ops:
+        img = apply_op(img, op.name, op.magnitude, ra, interp)
+    return img
 
 
 def mix_box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
@@ -388,8 +400,14 @@ def replay_view(
     return mix_views(x, apply_view(partner_img, partner_record, recipe, size=size, mean=mean, std=std), mix)
 
 
-def _erase(x: torch.Tensor, record: ViewRecord, mode: str) -> None:
-    """timm ``RandomErasing`` fills, in place on normalised ``x`` ``[C, H, W]``."""
+def erase(x: torch.Tensor, record: ViewRecord, recipe: ViewRecipe) -> None:
+    """The last step of :func:`apply_view`: timm ``RandomErasing`` fills of ``record``'s boxes, in place on the
+    normalised ``x`` ``[C, H, W]``, with the recipe's fill mode."""
+    if not record.erase:
+        return
+    if recipe.erase is None:
+        raise ValueError(f"view record has erase boxes {record.erase} but the recipe has no erase")
+    mode = recipe.erase.mode
     c, height, width = x.shape
     # One generator per view, boxes drawn in order: the same noise on any worker.
     gen = torch.Generator().manual_seed(record.noise_seed)
