@@ -105,15 +105,15 @@ class BatchRing:
         if worker is None or not 0 <= worker < self.workers:
             return None
         arrays = {k: [_numpy(a) for a in v] if isinstance(v, list) else _numpy(v) for k, v in arrays.items()}
-        fields: list[Field] = []
-        offset = 0
+        shapes = {}  # name: (shape, dtype) of what lands in the slot
         for name, v in arrays.items():
             first = v[0] if isinstance(v, list) else v
-            shape = (len(v), *first.shape) if isinstance(v, list) else tuple(first.shape)
-            fields.append((name, offset, shape, first.dtype.str))
-            offset += aligned(_nbytes(shape, first.dtype))
-        if offset > self.slot_bytes:
+            shapes[name] = ((len(v), *first.shape) if isinstance(v, list) else tuple(first.shape), first.dtype.str)
+        offsets, size = packed([_nbytes(shape, dt) for shape, dt in shapes.values()])
+        if size > self.slot_bytes:
             return None
+        fields: list[Field] = [(name, off, shape, dt)
+                               for (name, (shape, dt)), off in zip(shapes.items(), offsets, strict=True)]
         w, k = worker, self._turn % self.slots
         if not self._claim(w, k):
             if not self._warned:
