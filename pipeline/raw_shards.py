@@ -46,6 +46,34 @@ CRC_BYTES = 4
 PIECE = 256 << 10  # bytes a read lands at a time, each checksummed at once (RawShard._land)
 
 
+Fill = Callable[[memoryview, int], int]  # fill(view, at): the next bytes into view (at: written before); how many
+OpenRange = Callable[[int, "int | None"], contextlib.AbstractContextManager[tuple[int, Fill]]]
+
+
+@contextlib.contextmanager
+def file_range(path: str, start: int, end: int | None) -> Iterator[tuple[int, Fill]]:
+    """``(n, fill)`` of bytes ``start..end`` of a local file (``start`` < 0: from the end), read with
+    ``readinto`` straight into the caller's views."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        lo = size + start if start < 0 else start
+        hi = size if end is None else min(end, size)
+        f.seek(lo)
+        yield max(0, hi - lo), lambda view, at: f.readinto(view)
+
+
+@contextlib.contextmanager
+def buffer_range(data) -> Iterator[tuple[int, Fill]]:
+    """``(n, fill)`` of bytes already read (obstore's or fsspec's answer), copied into the caller's views."""
+    src = memoryview(data).cast("B")
+
+    def copy(view: memoryview, at: int) -> int:
+        view[:] = src[at:at + len(view)]
+        return len(view)
+
+    yield len(src), copy
+
+
 def damaged(path: str, what: str) -> CacheError:
     """The error for a shard object whose stored bytes are not what was written (also for Zarr's reads)."""
     return CacheError(f"{path}: {what}; the shard is damaged: run `kdcache verify` on the cache")
@@ -72,15 +100,15 @@ def is_raw_sharded(arr: zarr.Array) -> bool:
 
 class RawShard:
     """One stored shard of a raw-sharded array (:func:`is_raw_sharded`) at ``path`` on ``fs``: rows of it.
-    ``get(start, end)``, when given, reads its bytes instead of ``fs`` (S3 through obstore:
-    :func:`.s3_reads.get`). ``indexes``, when given, keeps each shard's checked index by
+    ``open_range(start, end)``, when given, reads its bytes instead of ``fs`` (S3: :class:`.s3_ranges.RangeReader`,
+    or obstore through :func:`.s3_reads.get`; see :meth:`_source`). ``indexes``, when given, keeps each shard's checked index by
     path for the next reads of a part of it (a read-only cache: :class:`~pipeline.store.CacheStore`'s), so a shard read a block of rows at a
     time (``student.stream.BlockRows``) costs one request a block, not two: at ImageNet's 1,250 rows a shard
     and 64 a block, 20 GETs of a tap's shard instead of 40 from an object store."""
 
-    def __init__(self, fs, path: str, arr: zarr.Array, get: Callable[..., np.ndarray] | None = None,
+    def __init__(self, fs, path: str, arr: zarr.Array, open_range: OpenRange | None = None,
                  indexes: dict[str, np.ndarray] | None = None) -> None:
-        self.fs, self.path, self.get, self.indexes = fs, path, get, indexes
+        self.fs, self.path, self.open_range, self.indexes = fs, path, open_range, indexes
         self.shard_rows = arr.metadata.chunk_grid.chunk_shape[0]
         self.chunk_rows = arr.metadata.codecs[0].chunk_shape[0]
         self.row_shape = tuple(arr.shape[2:])
@@ -179,27 +207,17 @@ class RawShard:
             self._land([out], fill, 0)
         return out
 
-    @contextlib.contextmanager
-    def _source(self, start: int, end: int | None) -> Iterator[tuple[int, Callable[[memoryview, int], int]]]:
+    def _source(self, start: int, end: int | None) -> contextlib.AbstractContextManager[tuple[int, Fill]]:
         """``(n, fill)`` for bytes ``start..end`` of the shard (``start`` < 0: from the end): their number, and
-        ``fill(view, at)``, which writes them from ``at`` on into ``view`` and returns how many it wrote: a local
-        file's ``readinto``, else a copy of obstore's response (``get``) or fsspec's."""
-        if self.get is None and isinstance(self.fs, LocalFileSystem):
-            with open(self.path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                lo = size + start if start < 0 else start
-                hi = size if end is None else min(end, size)
-                f.seek(lo)
-                yield max(0, hi - lo), lambda view, at: f.readinto(view)
-            return
-        src = memoryview(self.get(start, end) if self.get is not None
-                         else self.fs.cat_file(self.path, start=start, end=end)).cast("B")
-
-        def copy(view: memoryview, at: int) -> int:
-            view[:] = src[at:at + len(view)]
-            return len(view)
-
-        yield len(src), copy
+        ``fill(view, at)``, which writes the next of them (``at`` written before) into ``view`` and returns how
+        many it wrote: ``open_range``'s when given (S3: a GET read from the socket into ``view``,
+        :class:`pipeline.s3_ranges.RangeReader`, or obstore's response copied in), else a local file's
+        ``readinto`` or fsspec's bytes copied in."""
+        if self.open_range is not None:
+            return self.open_range(start, end)
+        if isinstance(self.fs, LocalFileSystem):
+            return file_range(self.path, start, end)
+        return buffer_range(self.fs.cat_file(self.path, start=start, end=end))
 
     def _land(self, dests: Sequence[np.ndarray], fill: Callable[[memoryview, int], int], checked: int) -> int:
         """Fill ``dests`` (uint8 arrays, in the order of the bytes) from ``fill`` (:meth:`_source`), :data:`PIECE`

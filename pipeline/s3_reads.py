@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV = "KDCACHE_S3_READS"  # "fsspec": every S3 read through s3fs
+ENV = "KDCACHE_S3_READS"  # "fsspec": every S3 read through s3fs; "obstore": raw shards too (not pipeline.s3_ranges)
 # s3fs options that change no GET (its listing cache, block sizes for file objects): obstore may ignore them
 NO_EFFECT_ON_GET = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache",
                     "default_block_size", "default_fill_cache", "default_cache_type", "cache_regions"}
@@ -46,11 +46,12 @@ TOKIO_THREADS = 2  # obstore's runtime threads in a process that reads through i
 _runtime_pid: int | None = None  # the process whose obstore runtime has run (None: not yet, in any ancestor)
 
 
-def s3_store(url: str, storage_options: dict | None) -> S3Store | None:
-    """An obstore ``S3Store`` rooted at ``url`` (``s3://bucket/prefix``) with the same endpoint, region and
-    credentials as s3fs would use for ``storage_options``, or None when reads of ``url`` stay on s3fs (not S3,
-    options that do not translate, ``KDCACHE_S3_READS=fsspec``, or obstore's runtime started in an ancestor
-    process: see the module docstring)."""
+def s3_config(url: str, storage_options: dict | None) -> tuple[str, str, dict] | None:
+    """``(bucket, prefix, config)`` for reading ``url`` (``s3://bucket/prefix``) with obstore's ``S3Config``
+    ``config``: the same endpoint, region and credentials as s3fs would use for ``storage_options``; or None when
+    reads of ``url`` stay on s3fs (not S3, options that do not translate, ``KDCACHE_S3_READS=fsspec``, or
+    obstore's runtime started in an ancestor process: see the module docstring). :mod:`.s3_ranges` reads with the
+    same."""
     if not url.startswith("s3://") or os.environ.get(ENV, "").lower() == "fsspec":
         return None
     if _runtime_pid is not None and _runtime_pid != os.getpid():
@@ -60,9 +61,22 @@ def s3_store(url: str, storage_options: dict | None) -> S3Store | None:
     config = _config(dict(storage_options or {}))
     if config is None:
         return None
+    bucket, _, prefix = url.removeprefix("s3://").strip("/").partition("/")
+    return bucket, prefix, config
+
+
+def s3_store(url: str, storage_options: dict | None) -> S3Store | None:
+    """An obstore ``S3Store`` rooted at ``url`` (:func:`s3_config`), or None when reads of ``url`` stay on s3fs."""
+    got = s3_config(url, storage_options)
+    if got is None:
+        return None
+    return store_for(*got)
+
+
+def store_for(bucket: str, prefix: str, config: dict) -> S3Store:
+    """obstore's ``S3Store`` for :func:`s3_config`'s answer."""
     from obstore.store import S3Store
 
-    bucket, _, prefix = url.removeprefix("s3://").strip("/").partition("/")
     client = {"allow_http": True} if config.get("endpoint", "").startswith("http://") else {}
     return S3Store(bucket, prefix=prefix or None, config=config, client_options=client)
 

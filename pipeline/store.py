@@ -34,7 +34,8 @@ from storage_schemas.manifest import Manifest, UnitCompletion
 from . import s3_reads
 from .buffers import ReusedBuffers
 from .crash_points import crash_point
-from .raw_shards import RawShard, damaged, is_raw_sharded
+from .raw_shards import RawShard, buffer_range, damaged, is_raw_sharded
+from .s3_ranges import RangeReader
 
 
 class CacheNotReadyError(CacheError):
@@ -113,19 +114,23 @@ class CacheStore:
         self.row_buffers = ReusedBuffers()
         self._group: zarr.Group | None = None
         self._s3: Any = _UNSET  # read-only S3: arrays read through obstore (pipeline.s3_reads), else None: fsspec
+        self._ranges: RangeReader | None = None  # with obstore: raw shards' GETs read into the caller's buffers
 
     def _obstore(self):
         """The obstore store the cache's arrays are read through, or None (fsspec reads them); chosen at the
-        first read (:func:`pipeline.s3_reads.s3_store`)."""
+        first read (:func:`pipeline.s3_reads.s3_config`), with the :class:`~pipeline.s3_ranges.RangeReader` that
+        reads the raw shards for the same bucket and credentials where it can."""
         if self._s3 is _UNSET:
-            self._s3 = s3_reads.s3_store(self.url, self.storage_options) if self.read_only else None
+            got = s3_reads.s3_config(self.url, self.storage_options) if self.read_only else None
+            self._s3 = None if got is None else s3_reads.store_for(*got)
+            self._ranges = RangeReader(*got) if got is not None and RangeReader.usable() else None
         return self._s3
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["row_buffers"] = ReusedBuffers()  # not this process's
         if state["_s3"] not in (None, _UNSET):  # obstore's client is per process: chosen again where unpickled
-            state.update(_s3=_UNSET, _group=None, _arrays={})
+            state.update(_s3=_UNSET, _ranges=None, _group=None, _arrays={})
         return state
 
     # --- plain objects ------------------------------------------------------------
@@ -291,9 +296,15 @@ class CacheStore:
             return None
         rel = layout.array_shard_key(name, tar, view, arr.ndim - 2)
         key = self.path(rel)
-        s3 = self._obstore()
-        get = None if s3 is None else partial(s3_reads.get, s3, rel, name=f"s3://{key}")
-        return RawShard(self.fs, key, arr, get, self._indexes if self.read_only else None)
+        s3, name = self._obstore(), f"s3://{key}"
+        if self._ranges is not None:  # straight from the socket into the rows' buffers
+            open_range = partial(self._ranges.open, rel, name=name)
+        elif s3 is not None:
+            def open_range(start: int, end: int | None):
+                return buffer_range(s3_reads.get(s3, rel, start, end, name=name))
+        else:
+            open_range = None
+        return RawShard(self.fs, key, arr, open_range, self._indexes if self.read_only else None)
 
     def read_unit(
         self, m: Manifest, tar: int, view: int, names: list[str] | None = None, lo: int = 0, hi: int | None = None,

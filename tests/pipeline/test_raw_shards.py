@@ -261,19 +261,22 @@ def test_a_damaged_block_read_as_it_lands_is_one_error_naming_it(tmp_path, monke
     assert s.path in str(e.value) and "kdcache verify" in str(e.value)
 
 
-@pytest.mark.parametrize("client", ["obstore", "fsspec"])
+@pytest.mark.parametrize("client", ["ranges", "obstore", "fsspec"])
 def test_a_block_from_s3_is_checksummed_as_it_lands(moto_s3, monkeypatch, client):
-    """From S3 (obstore's response, or s3fs's with ``KDCACHE_S3_READS=fsspec``) a block's bytes are copied into
-    the reader's buffer a piece at a time and checksummed as they land: the rows are Zarr's, and a byte changed
-    in the stored object is the checksum's one error naming it, the other blocks still read."""
+    """From S3 (the GET read from the socket by ``pipeline.s3_ranges``; obstore's response with
+    ``KDCACHE_S3_READS=obstore``, s3fs's with ``=fsspec``) a block's bytes land in the reader's buffer a piece at
+    a time and are checksummed as they land: the rows are Zarr's, and a byte changed in the stored object is the
+    checksum's one error naming it, the other blocks still read."""
     from pipeline import raw_shards, s3_reads
+    from pipeline.s3_ranges import RangeReader
 
     monkeypatch.setattr(raw_shards, "PIECE", 64)  # a chunk is 124 bytes: its crc starts inside the second piece
-    if client == "fsspec":
-        monkeypatch.setenv(s3_reads.ENV, "fsspec")
-    gets = []
-    real_get = s3_reads.get
+    if client != "ranges":
+        monkeypatch.setenv(s3_reads.ENV, client)
+    gets, opens = [], []
+    real_get, real_open = s3_reads.get, RangeReader.open
     monkeypatch.setattr(s3_reads, "get", lambda *a, **k: gets.append(a[1]) or real_get(*a, **k))
+    monkeypatch.setattr(RangeReader, "open", lambda *a, **k: opens.append(a[1]) or real_open(*a, **k))
     opts = moto_s3["storage_options"]
     url = f"s3://{moto_s3['bucket']}/raw-{uuid.uuid4().hex[:8]}.zarr"
     arr = make_array(url, "float16", opts)
@@ -285,7 +288,7 @@ def test_a_block_from_s3_is_checksummed_as_it_lands(moto_s3, monkeypatch, client
     store = CacheStore(url, opts, read_only=True)
     for c in range(S // CR):
         np.testing.assert_array_equal(block(store, c), arr[c * CR:(c + 1) * CR, 0], err_msg=f"block {c}")
-    assert (len(gets) > 0) == (client == "obstore")
+    assert (len(gets) > 0) == (client == "obstore") and (len(opens) > 0) == (client == "ranges")
     key = store.path(layout.array_shard_key("a", 0, 0, len(INNER)))
     data = bytearray(store.fs.cat_file(key))
     offset = int(np.frombuffer(bytes(data[-(16 * (S // CR) + 4):-4]), "<u8").reshape(-1, 2)[1, 0])
