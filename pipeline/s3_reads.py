@@ -5,10 +5,13 @@ benchmark's ViT-L cache (``bench.scale``, 32 rows, moto on 127.0.0.1, 3 interlea
 2026-12-01) costs, per unit, read through Zarr's ``FsspecStore`` vs Zarr's ``ObjectStore`` over obstore:
 its 14 small arrays (labels, view records, logits …) 163–171 → 53–56 ms of client CPU (wall 299–314 → 119–125
 ms); the three raw ViTKD tap shards (38 MB, :mod:`pipeline.raw_shards`) 88–94 → 47–53 ms. Only reads move
-here; writing, listing and every other protocol stay on fsspec (one code path for the caching job's writes).
+here; writing, listing and every other protocol stay on fsspec (one code path for the caching job's writes). The
+raw shards' GETs themselves now go through :class:`pipeline.s3_ranges.RangeReader` (the same bucket, endpoint
+and credentials, :func:`s3_config`), which reads them from the socket straight into the rows' buffers at half
+obstore's CPU; ``KDCACHE_S3_READS=obstore`` keeps them on obstore.
 
 When obstore is used (else s3fs, as before): an ``s3://`` URL opened read-only whose s3fs storage options
-translate exactly (:func:`s3_store`): explicit ``key``/``secret`` (``token``) or ``anon``, or the
+translate exactly (:func:`s3_config`): explicit ``key``/``secret`` (``token``) or ``anon``, or the
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` environment without ``AWS_PROFILE``; a region or an
 ``endpoint_url``; no other option that changes a request. Credentials from profiles, the shared credentials
 file or instance metadata are botocore's, which obstore does not read the same way, so those stay on s3fs.
