@@ -145,12 +145,18 @@ def _objects(store: CacheStore) -> dict[str, bytes]:
     return {rel: store.read_bytes(rel) for rel in store.objects()}
 
 
-def test_the_job_survives_object_store_faults_byte_for_byte(small_cache, moto_s3, faulty_s3):
+def test_the_job_survives_object_store_faults_byte_for_byte(small_cache, moto_s3, faulty_s3, monkeypatch):
     """The caching job (in process: the store code is the Ray job's) writes ``small_cache``'s config to S3 through
     503s, resets and lost responses and ends with the same objects as the fault-free local build; a student's
-    epoch read through the faults loses no sample."""
+    epoch read through the faults (the tap's shards by ``pipeline.s3_ranges``' GETs, the rest by obstore) loses
+    no sample."""
     from pipeline.job import build_cache_in_process
+    from pipeline.s3_ranges import RangeReader
     from student.data import CacheDataset
+
+    ranged = []
+    real_open = RangeReader.open
+    monkeypatch.setattr(RangeReader, "open", lambda *a, **k: ranged.append(a[1]) or real_open(*a, **k))
 
     proxy, opts = faulty_s3
     url = f"s3://{moto_s3['bucket']}/faults/cache.zarr"
@@ -179,6 +185,7 @@ def test_the_job_survives_object_store_faults_byte_for_byte(small_cache, moto_s3
     for (tar, pos, view), s in seen.items():
         np.testing.assert_array_equal(s.rows["feat_final"], ref[tar, view]["feat_final"][pos])
     assert sum(proxy.faults.values()) > before  # the reads met faults too
+    assert ranged  # the tap's rows came by the ranged GETs
 
 
 def test_a_bucket_that_refuses_writes_stops_the_job_clearly(small_cache, moto_s3, faulty_s3):
