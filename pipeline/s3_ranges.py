@@ -162,15 +162,16 @@ class RangeReader:
 
     def _request(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
         headers = self._signed(url, headers)
+        target = urllib.parse.urlsplit(url).path  # the endpoint's own path (if any) included, as signed
         conn = self._conn()
         try:
-            conn.request("GET", url[len(self.base):] or "/", headers=headers)
+            conn.request("GET", target, headers=headers)
             return conn.getresponse()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             # the server closed the kept-alive connection between two requests: once more on a new one
             self._drop()
             conn = self._conn()
-            conn.request("GET", url[len(self.base):] or "/", headers=headers)
+            conn.request("GET", target, headers=headers)
             return conn.getresponse()
 
     def _signed(self, url: str, headers: dict[str, str]) -> dict[str, str]:

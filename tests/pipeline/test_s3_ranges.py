@@ -116,10 +116,12 @@ class Scripted(http.server.BaseHTTPRequestHandler):
     script: list[str] = []
     ranges: list[str] = []
     ports: list[int] = []  # each request's client port: which connection it came on
+    paths: list[str] = []
 
     def do_GET(self):
         rng = self.headers.get("Range", "")
         type(self).ranges.append(rng)
+        type(self).paths.append(self.path)
         type(self).ports.append(self.client_address[1])
         what = type(self).script.pop(0) if type(self).script else "ok"
         if what in ("503", "403", "404"):
@@ -152,9 +154,9 @@ def scripted(monkeypatch):
     monkeypatch.setattr(s3_ranges, "BACKOFF_S", 0.001)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    Scripted.ranges, Scripted.ports = [], []
+    Scripted.ranges, Scripted.ports, Scripted.paths = [], [], []
     reader = RangeReader("kdcache", "c.zarr", {"region": "us-east-1", "access_key_id": "k", "secret_access_key": "s",
-                                                "endpoint": f"http://127.0.0.1:{server.server_address[1]}"})
+                                                "endpoint": f"http://127.0.0.1:{server.server_address[1]}/s3/"})
     yield reader
     server.shutdown()
     server.server_close()
@@ -168,6 +170,7 @@ def test_5xx_and_a_body_cut_short_are_retried_from_where_it_stopped(scripted):
     assert got == Scripted.data[1000:301_000]
     assert Scripted.ranges[:3] == ["bytes=1000-300999"] * 3
     assert Scripted.ranges[3] == f"bytes={1000 + 150_000}-300999"
+    assert set(Scripted.paths) == {"/s3/kdcache/c.zarr/a/c/0"}  # path-style, under the endpoint's own path
 
 
 def _read_in_child(reader: RangeReader, q) -> None:
