@@ -280,3 +280,18 @@ def test_the_reader_s3_server_answers_each_range_with_its_bytes_as_s3_does():
         assert s3_reads.get(store, "o", -20, None, name="o").tobytes() == obj[-20:]
     finally:
         s3.close()
+
+
+def test_goals_alone_are_judged_against_images_alone_by_round():
+    """bench.scale.goals: each goal's ratio is paired by round with images alone; every round at or above the goal
+    is met, every round under it not met, and the median is the middle round's ratio (worked by hand)."""
+    from bench.scale.goals import goals
+
+    rates = {"images_only": [100.0, 200.0, 100.0, 400.0, 100.0],
+             "scalekd_swinl_final": [96.0, 192.0, 99.0, 380.0, 97.0],  # 0.96 0.96 0.99 0.95 0.97
+             "vitkd_3taps": [80.0, 170.0, 85.0, 300.0, 89.0]}  # 0.80 0.85 0.85 0.75 0.89
+    c, d = goals(rates, "local")
+    assert c["ratio"] == "reader_vs_images_only[scalekd_swinl_final]" and c["target"] == 0.95
+    assert c["median"] == pytest.approx(0.96) and c["verdict"] == "met" and c["rounds"] == 5
+    assert d["target"] == 0.90 and d["median"] == pytest.approx(0.85) and d["verdict"] == "not met"
+    assert d["goal"] == "student reader with vitkd_3taps ≥ 0.9 × images only (local)"
