@@ -98,11 +98,7 @@ class RangeReader:
                         return got
                     raise Retry(f"the body ended after {at} of {n} bytes")
                 except (OSError, http.client.HTTPException, Retry) as e:
-                    self._drop()
-                    if attempt == ATTEMPTS - 1:
-                        raise CacheError(f"{name}: the S3 read failed after {ATTEMPTS} tries ({_one_line(e)}); "
-                                         "rerun, or set KDCACHE_S3_READS=obstore") from e
-                    time.sleep(BACKOFF_S * 4**attempt)
+                    self._failed(e, attempt, name)
                     rest = state["first"] + at
                     state["resp"], _ = self._get(key, rest, rest + n - at, name)
             raise AssertionError("unreachable")
@@ -137,11 +133,7 @@ class RangeReader:
                 raise CacheError(f"{name}: the S3 endpoint's certificate did not verify ({_one_line(e)}); point "
                                  "AWS_CA_BUNDLE at the CA bundle that signs it") from e
             except (OSError, http.client.HTTPException, Retry) as e:
-                self._drop()
-                if attempt == ATTEMPTS - 1:
-                    raise CacheError(f"{name}: the S3 read failed after {ATTEMPTS} tries ({_one_line(e)}); "
-                                     "rerun, or set KDCACHE_S3_READS=obstore") from e
-                time.sleep(BACKOFF_S * 4**attempt)
+                self._failed(e, attempt, name)
                 continue
             if resp.status in (200, 206, 416):
                 if resp.status == 200 and "Range" in headers:
@@ -159,6 +151,15 @@ class RangeReader:
             raise CacheError(f"{name}: the S3 read failed (HTTP {resp.status}: {_code(body)}); rerun, or set "
                              "KDCACHE_S3_READS=obstore")
         raise AssertionError("unreachable")
+
+    def _failed(self, e: BaseException, attempt: int, name: str) -> None:
+        """After try ``attempt`` (from 0) failed with ``e``: its connection dropped, then the one-line error when it
+        was the last try, else the pause before the next."""
+        self._drop()
+        if attempt == ATTEMPTS - 1:
+            raise CacheError(f"{name}: the S3 read failed after {ATTEMPTS} tries ({_one_line(e)}); rerun, or set "
+                             "KDCACHE_S3_READS=obstore") from e
+        time.sleep(BACKOFF_S * 4**attempt)
 
     def _request(self, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
         headers = self._signed(url, headers)
