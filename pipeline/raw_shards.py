@@ -219,7 +219,7 @@ class RawShard:
             return file_range(self.path, start, end)
         return buffer_range(self.fs.cat_file(self.path, start=start, end=end))
 
-    def _land(self, dests: Sequence[np.ndarray], fill: Callable[[memoryview, int], int], checked: int) -> int:
+    def _land(self, dests: Sequence[np.ndarray], fill: Fill, checked: int) -> int:
         """Fill ``dests`` (uint8 arrays, in the order of the bytes) from ``fill`` (:meth:`_source`), :data:`PIECE`
         bytes at a time; returns the crc32c of the first ``checked`` bytes, each piece checksummed while it is
         still in the core's cache instead of read back from memory after the whole block: ``RawShard.rows`` of

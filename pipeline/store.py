@@ -296,12 +296,12 @@ class CacheStore:
             return None
         rel = layout.array_shard_key(name, tar, view, arr.ndim - 2)
         key = self.path(rel)
-        s3, name = self._obstore(), f"s3://{key}"
+        s3, url = self._obstore(), f"s3://{key}"
         if self._ranges is not None:  # straight from the socket into the rows' buffers
-            open_range = partial(self._ranges.open, rel, name=name)
+            open_range = partial(self._ranges.open, rel, name=url)
         elif s3 is not None:
             def open_range(start: int, end: int | None):
-                return buffer_range(s3_reads.get(s3, rel, start, end, name=name))
+                return buffer_range(s3_reads.get(s3, rel, start, end, name=url))
         else:
             open_range = None
         return RawShard(self.fs, key, arr, open_range, self._indexes if self.read_only else None)
