@@ -36,9 +36,12 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from storage_schemas.errors import CacheError
+
+from .raw_shards import Fill
+from .s3_reads import ENV
 
 ATTEMPTS = 4  # tries of one request in all (obstore: 1 + 3 retries by default)
 BACKOFF_S = 0.1  # pause before the first retry, ×4 each next (0.1, 0.4, 1.6 s)
@@ -46,8 +49,6 @@ TIMEOUT_S = 30.0  # connect, and each read from the socket
 RETRY_STATUS = {500, 502, 503, 504}
 # proxies: obstore's (reqwest's) client goes through them, this one would not, so such reads stay on obstore
 ENV_NOT_FOLLOWED = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-
-Fill = Callable[[memoryview, int], int]
 
 
 class Retry(Exception):
@@ -73,7 +74,7 @@ class RangeReader:
     @classmethod
     def usable(cls) -> bool:
         """Whether this process's environment lets these GETs go where obstore's would (no proxy set)."""
-        return os.environ.get("KDCACHE_S3_READS", "").lower() != "obstore" and not any(
+        return os.environ.get(ENV, "").lower() != "obstore" and not any(
             os.environ.get(k) for k in ENV_NOT_FOLLOWED)
 
     def url(self, key: str) -> str:

@@ -7,10 +7,10 @@
 On this machine one round of the report's 12 reader configurations takes ~2.5 minutes, so its 8 rounds leave a
 ratio's interval wide enough that (c) and (d) stay undecided at medians of 0.91–0.95. This runs only the three
 configurations the goals compare — images alone, Swin-L's final tap (c), ViT-L's three taps (d) — from the
-report's caches in the same way (:func:`bench.scale.reader.read`: 2 workers, batch 16, ``--epochs`` epochs in
+report's caches in the same way (:func:`bench.scale.reader.read` with the report's default workers and batch, ``--epochs`` epochs in
 one DataLoader a configuration and round, rounds in seeded orders, :func:`bench.common.round_orders`) and judges
 each goal with the report's own rule (:func:`bench.common.judge`). Prints the rounds and the verdicts and writes
-``bench/scale_goals.json``; leaves ``bench/results.md`` alone.
+``bench/scale_goals_local.json`` (``_s3`` with ``--s3``); leaves ``bench/results.md`` alone.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from ..common import OUT, judge, ratio_summary, round_orders, verdict_lines
+from . import parser as report_parser
 from .caches import reader_caches
-from .reader import MotoS3, read, upload
-from .spec import GOALS, MEAN, READER, SIZE, STD
+from .reader import MotoS3, dataset, read, upload
+from .spec import GOALS
 
 NAMES = ["images_only", *(name for name, _ in GOALS["reader"])]
 
@@ -42,29 +43,25 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the workdir of `python -m bench --scale --workdir DIR` (its reader caches are reused; made "
                         "there first if missing)")
     p.add_argument("--rounds", type=int, default=16, help="rounds (default 16)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs a configuration reads each round (default 3)")
+    d = report_parser().parse_args([])  # the report's reader settings: its caches, batch, workers and epochs
+    p.add_argument("--epochs", type=int, default=d.reader_epochs,
+                   help=f"epochs a configuration reads each round (default {d.reader_epochs}, as the report)")
     p.add_argument("--s3", action="store_true", help="read from a moto S3 server on 127.0.0.1 instead of local disk")
     p.add_argument("--seed", type=int, default=24, help="seed of the rounds' orders")
     a = p.parse_args(argv)
-    from student.data import CacheDataset  # torch: after --help
-
     t0 = time.time()
-    _, caches = reader_caches(a.workdir.resolve(), 128, 6, 16)  # the report's defaults
+    _, caches = reader_caches(a.workdir.resolve(), d.reader_per_tar, d.reader_tars, d.reader_batch)
     s3 = MotoS3() if a.s3 else None
     try:
         if s3 is not None:
             caches = upload(s3, a.workdir.resolve() / "reader-data", caches)[0]
-        opts = s3.options if s3 is not None else None
-        ds = {}
-        for name in NAMES:
-            key, logits, taps = READER[name]
-            ds[name] = CacheDataset(caches[key], storage_options=opts, input_storage_options=opts, size=SIZE,
-                                    mean=MEAN, std=STD, logits=logits, taps=taps, threads=1, shuffle_buffer=256)
-            read(ds[name], 1, batch_size=16, workers=2)  # warm-up
+        ds = {name: dataset(caches, name, s3.options if s3 is not None else None) for name in NAMES}
+        for name in NAMES:  # warm-up
+            read(ds[name], 1, batch_size=d.reader_batch, workers=d.workers)
         rates: dict[str, list[float]] = {name: [] for name in NAMES}
         for r, order in enumerate(round_orders(NAMES, a.rounds, a.seed)):
             for name in order:
-                got = read(ds[name], a.epochs, batch_size=16, workers=2)
+                got = read(ds[name], a.epochs, batch_size=d.reader_batch, workers=d.workers)
                 rates[name].append(got["n_steady"] / got["s_steady"])
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in NAMES), flush=True)
     finally:

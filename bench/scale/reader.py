@@ -259,18 +259,21 @@ def target_bytes(ds: CacheDataset) -> tuple[float, float]:
     return stored, float(raw)
 
 
+def dataset(caches: dict[str, str], name: str, storage_options: dict | None = None) -> CacheDataset:
+    """Reader configuration ``name`` (:data:`~bench.scale.spec.READER`) over ``caches`` (``key: URL`` of the reader's
+    caches), the tars and the cache read with ``storage_options``, as the trainer's loader would open it."""
+    key, logits, taps = READER[name]
+    return CacheDataset(caches[key], storage_options=storage_options, input_storage_options=storage_options,
+                        size=SIZE, mean=MEAN, std=STD, logits=logits, taps=taps, threads=1, shuffle_buffer=256)
+
+
 def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: int, epochs: int, slice_epochs: int,
            batch_size: int, workers: int, seed: int = 0, server_cpu: Callable[[], float] = lambda: 0.0) -> dict:
     """The reader configurations (:data:`READER` × local/S3) in ``rounds`` interleaved rounds: samples/s
     after each DataLoader's first batch (see :func:`read`), paired by round; ``server_cpu()`` the S3 server's CPU
     seconds so far (what it costs this machine to serve)."""
-    datasets: dict[str, CacheDataset] = {}
-    for src in caches:
-        opts = s3_options if src == "s3" else None
-        for name, (key, logits, taps) in READER.items():
-            datasets[f"{src}/{name}"] = CacheDataset(
-                caches[src][key], storage_options=opts, input_storage_options=opts, size=SIZE, mean=MEAN,
-                std=STD, logits=logits, taps=taps, threads=1, shuffle_buffer=256)
+    datasets = {f"{src}/{name}": dataset(caches[src], name, s3_options if src == "s3" else None)
+                for src in caches for name in READER}
     names = list(datasets)
     for name in names:  # warm-up: imports in the workers, page cache, S3 connections
         read(datasets[name], 1, batch_size=batch_size, workers=workers)
