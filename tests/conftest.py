@@ -108,6 +108,18 @@ def damaged_copy(cache: dict, out, view: int = 0):
     return shard
 
 
+@pytest.fixture
+def no_aws_env(monkeypatch):
+    """No AWS_* credentials, region or profile and no KDCACHE_S3_READS from the caller's environment (the S3 read
+    tests choose their own); the monkeypatch, to set more."""
+    from pipeline import s3_reads
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                "AWS_DEFAULT_REGION", s3_reads.ENV):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server on 127.0.0.1 (loopback only) with one bucket; s3fs options to reach it."""

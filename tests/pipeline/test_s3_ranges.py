@@ -19,7 +19,6 @@ from pipeline.s3_ranges import RangeReader
 from pipeline.store import CacheStore
 from storage_schemas.errors import CacheError
 from tests.pipeline.test_raw_shards import S, make_array, manifest
-from tests.pipeline.test_s3_reads import no_aws_env  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.s3
 
@@ -87,7 +86,7 @@ def test_ranges_read_what_s3fs_reads(moto_s3):
     assert read(reader, "a/c/0 1", 0, 4) == data[:4]  # the connection still good after a 404
 
 
-def test_a_read_only_s3_cache_reads_its_raw_shards_through_range_gets(moto_s3, no_aws_env):  # noqa: F811
+def test_a_read_only_s3_cache_reads_its_raw_shards_through_range_gets(moto_s3, no_aws_env):
     """A cache's raw shards go through RangeReader (rows the same as Zarr over s3fs); with a proxy in the
     environment (obstore follows it, RangeReader would not) or KDCACHE_S3_READS=obstore, through obstore."""
     opts = moto_s3["storage_options"]

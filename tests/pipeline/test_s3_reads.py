@@ -25,14 +25,6 @@ pytestmark = pytest.mark.s3
 MOTO = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:5000", "region_name": "eu-west-1"}}
 
 
-@pytest.fixture
-def no_aws_env(monkeypatch):
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-                "AWS_DEFAULT_REGION", s3_reads.ENV):
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
-
-
 @pytest.mark.parametrize("opts, env, want", [
     (MOTO, {}, {"region": "eu-west-1", "endpoint": "http://127.0.0.1:5000", "access_key_id": "k",
                 "secret_access_key": "s"}),
