@@ -9,8 +9,11 @@ ratio's interval wide enough that (c) and (d) stay undecided at medians of 0.91�
 configurations the goals compare — images alone, Swin-L's final tap (c), ViT-L's three taps (d) — from the
 report's caches in the same way (:func:`bench.scale.reader.read` with the report's default workers and batch, ``--epochs`` epochs in
 one DataLoader a configuration and round, rounds in seeded orders, :func:`bench.common.round_orders`) and judges
-each goal with the report's own rule (:func:`bench.common.judge`). Prints the rounds and the verdicts and writes
-``bench/scale_goals_local.json`` (``_s3`` with ``--s3``); leaves ``bench/results.md`` alone.
+each goal with the report's own rule (:func:`bench.common.judge`). Beside each verdict, the most the goal's ratio
+can be on this machine (:mod:`bench.scale.ceiling`): the CPU a sample costs with images alone in these rounds (the
+workers', the main process's and, from S3, the server's; median of the rounds) against the least the goal's target
+rows add to it. Prints the rounds, the verdicts and the ceilings and writes ``bench/scale_goals_local.json``
+(``_s3`` with ``--s3``); leaves ``bench/results.md`` alone.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import platform
 import time
 from pathlib import Path
 
-from ..common import OUT, judge, ratio_summary, round_orders, verdict_lines
+from ..common import OUT, judge, quantile, ratio_summary, round_orders, verdict_lines
+from . import ceiling as ceil
 from . import parser as report_parser
 from .caches import reader_caches
-from .reader import MotoS3, dataset, read, upload
+from .reader import MotoS3, dataset, read, target_bytes, upload
 from .spec import GOALS
 
 NAMES = ["images_only", *(name for name, _ in GOALS["reader"])]
@@ -34,6 +38,17 @@ def goals(rates: dict[str, list[float]], src: str) -> list[dict]:
     """Each reader goal judged on per-round samples/s ``rates`` (``name: [rate a round]``) against images alone."""
     return [judge(f"reader_vs_images_only[{name}]", ratio_summary(rates[name], rates["images_only"]), target,
                   f"student reader with {name} ≥ {target} × images only ({src})") for name, target in GOALS["reader"]]
+
+
+def ceilings_of(images_ms: float, row_bytes: dict[str, float], ns_per_byte: dict[str, float], src: str) -> dict:
+    """Each goal's :func:`~bench.scale.ceiling.ceiling` from the CPU ms a sample costs with images alone and the
+    bytes of the goal's target rows a sample (``name: bytes``)."""
+    out = {}
+    for name, nbytes in row_bytes.items():
+        extra = ceil.least_ms(nbytes, ns_per_byte, src)
+        out[name] = {"images_cpu_ms": images_ms, "row_bytes": nbytes, "least_extra_ms": extra,
+                     "ceiling": ceil.ceiling(images_ms, extra)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,20 +74,32 @@ def main(argv: list[str] | None = None) -> dict:
         for name in NAMES:  # warm-up
             read(ds[name], 1, batch_size=d.reader_batch, workers=d.workers)
         rates: dict[str, list[float]] = {name: [] for name in NAMES}
+        images_ms: list[float] = []  # CPU ms a sample with images alone, each round: workers, main, S3 server
         for r, order in enumerate(round_orders(NAMES, a.rounds, a.seed)):
             for name in order:
+                served = s3.cpu_seconds() if s3 is not None else 0.0
                 got = read(ds[name], a.epochs, batch_size=d.reader_batch, workers=d.workers)
                 rates[name].append(got["n_steady"] / got["s_steady"])
+                if name == "images_only":
+                    server = (s3.cpu_seconds() - served) / got["n"] if s3 is not None else 0.0
+                    images_ms.append(1e3 * (got["s_cpu"] / got["n_cpu"] + got["s_main"] / got["n_main"] + server))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {rates[n][-1]:.1f}" for n in NAMES), flush=True)
     finally:
         if s3 is not None:
             s3.close()
     src = "s3" if a.s3 else "local"
     verdicts = goals(rates, src)
+    ns_per_byte = ceil.passes()
+    ceilings = ceilings_of(quantile(images_ms, 0.5), {name: target_bytes(ds[name])[1] for name in NAMES[1:]},
+                           ns_per_byte, src)
     print("\n".join(verdict_lines(verdicts)))
+    print("\n".join(f"ceiling on this machine for {name}: {c['ceiling']:.3f} (images alone {c['images_cpu_ms']:.2f} "
+                    f"ms of CPU a sample, its rows at least {c['least_extra_ms']:.3f} more)"
+                    for name, c in ceilings.items()))
     out = {"machine": platform.processor() or platform.machine(), "finished": time.strftime("%Y-%m-%d %H:%M UTC",
            time.gmtime()), "minutes": (time.time() - t0) / 60, "source": src, "rounds": a.rounds,
-           "epochs": a.epochs, "samples_per_s": rates, "goals": verdicts}
+           "epochs": a.epochs, "samples_per_s": rates, "goals": verdicts, "images_cpu_ms": images_ms,
+           "passes_ns_per_byte": ns_per_byte, "ceilings": ceilings}
     path = OUT / f"scale_goals_{src}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")

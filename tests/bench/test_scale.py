@@ -295,3 +295,42 @@ def test_goals_alone_are_judged_against_images_alone_by_round():
     assert c["median"] == pytest.approx(0.96) and c["verdict"] == "met" and c["rounds"] == 5
     assert d["target"] == 0.90 and d["median"] == pytest.approx(0.85) and d["verdict"] == "not met"
     assert d["goal"] == "student reader with vitkd_3taps ≥ 0.9 × images only (local)"
+
+
+def test_ceiling_of_a_goal_is_the_images_cpu_over_it_plus_the_rows_least_passes():
+    """bench.scale.ceiling: a sample's rows cost at least one read (local: from the page cache with its checksum;
+    S3: a socket's receive with its checksum plus the server's send) and two copies (into the ring slot, out of
+    it); a CPU-bound reader's ratio is at most images ÷ (images + that). Worked by hand."""
+    from bench.scale.ceiling import ceiling, least_ms
+    from bench.scale.goals import ceilings_of
+
+    ns = {"read_crc": 0.2, "copy": 0.1, "recv_crc": 0.3, "sendfile": 0.25}
+    assert least_ms(1e6, ns, "local") == pytest.approx(0.4)  # 1 MB × (0.2 + 2 × 0.1) ns
+    assert least_ms(1e6, ns, "s3") == pytest.approx(0.75)  # 1 MB × (0.3 + 0.25 + 2 × 0.1) ns
+    with pytest.raises(ValueError, match="'local' or 's3'"):
+        least_ms(1e6, ns, "gcs")
+    assert ceiling(4.0, 1.0) == pytest.approx(0.8)
+    got = ceilings_of(3.6, {"vitkd_3taps": 1e6, "scalekd_swinl_final": 2e5}, ns, "local")
+    assert got["vitkd_3taps"]["ceiling"] == pytest.approx(0.9)  # 3.6 / (3.6 + 0.4)
+    assert got["scalekd_swinl_final"]["least_extra_ms"] == pytest.approx(0.08)
+    assert got["scalekd_swinl_final"]["ceiling"] == pytest.approx(3.6 / 3.68)
+
+
+def test_ceiling_passes_move_the_bytes_they_time(tmp_path):
+    """The passes are timed over real bytes: each costs some CPU, and the loopback transfer refuses a block whose
+    checksum is not the file's (a transfer that moved nothing cannot pass for a fast one)."""
+    import google_crc32c
+    import numpy as np
+
+    from bench.scale import ceiling
+
+    got = ceiling.passes(1 << 20, rounds=1)
+    assert set(got) == set(ceiling.PASSES) and all(v > 0 for v in got.values())
+    data = np.arange(1 << 16, dtype=np.uint32).view(np.uint8)
+    (tmp_path / "b.bin").write_bytes(data.tobytes())
+    buf = np.empty(len(data), np.uint8)
+    with open(tmp_path / "b.bin", "rb", buffering=0) as f:
+        sent, received = ceiling._loopback(f, buf, google_crc32c.value(data))
+        assert (buf == data).all() and sent >= 0 and received >= 0
+        with pytest.raises(RuntimeError, match="received block's crc32c"):
+            ceiling._loopback(f, buf, google_crc32c.value(data) ^ 1)
