@@ -20,7 +20,7 @@ alone's rate (:func:`ceiling`). The reader's design fixes the least ``extra`` ca
 Each pass is timed alone on one core (:func:`passes`, CPU time of the thread doing it, median of rounds); HTTP,
 Zarr's index, the shuffle buffer and Python's bookkeeping are left out, and in the reader two cores stream memory at
 once, so each pass costs at least as much there: the ceiling is above what any implementation of this design
-reaches here. Used by :mod:`bench.scale.goals`.
+reaches here. Used by :mod:`bench.scale.goals` and the report's reader (:func:`bench.scale.reader.reader`).
 """
 
 from __future__ import annotations
@@ -69,19 +69,33 @@ def passes(nbytes: int = 32 << 20, rounds: int = 5) -> dict[str, float]:
     return {k: 1e9 * statistics.median(v) / nbytes for k, v in times.items()}
 
 
-def least_ms(row_bytes: float, ns_per_byte: dict[str, float], source: str) -> float:
-    """The least CPU ms a sample's ``row_bytes`` of target rows add to the reader from ``source`` (``"local"`` or
-    ``"s3"``), from :func:`passes`' per-byte costs (see the module docstring)."""
+def least_ms(stored_bytes: float, row_bytes: float, ns_per_byte: dict[str, float], source: str) -> float:
+    """The least CPU ms a sample's target rows add to the reader from ``source`` (``"local"`` or ``"s3"``), from
+    :func:`passes`' per-byte costs: its ``stored_bytes`` read, its ``row_bytes`` (as decoded) copied twice (see the
+    module docstring; a compressed array's decompression is left out)."""
     if source not in ("local", "s3"):
         raise ValueError(f"source {source!r}: 'local' or 's3'")
     read = ns_per_byte["read_crc"] if source == "local" else ns_per_byte["recv_crc"] + ns_per_byte["sendfile"]
-    return row_bytes * (read + 2 * ns_per_byte["copy"]) / 1e6
+    return (stored_bytes * read + row_bytes * 2 * ns_per_byte["copy"]) / 1e6
 
 
 def ceiling(images_ms: float, extra_ms: float) -> float:
     """The most a CPU-bound reader's samples/s with targets can be of its rate with images alone, when a sample
     costs ``images_ms`` of CPU with images alone and the targets add at least ``extra_ms``."""
     return images_ms / (images_ms + extra_ms)
+
+
+def ceilings(images_ms: float, rows: dict[str, tuple[float, float]], ns_per_byte: dict[str, float], source: str
+             ) -> dict:
+    """For each reader configuration (``name: (stored, decoded) bytes of its target rows a sample``), its
+    :func:`ceiling` from ``source`` when a sample costs ``images_ms`` of CPU with images alone, with what went into
+    it."""
+    out = {}
+    for name, (stored, decoded) in rows.items():
+        extra = least_ms(stored, decoded, ns_per_byte, source)
+        out[name] = {"images_cpu_ms": images_ms, "stored_bytes": stored, "row_bytes": decoded,
+                     "least_extra_ms": extra, "ceiling": ceiling(images_ms, extra)}
+    return out
 
 
 def _cpu(fn: Callable[[], object]) -> float:

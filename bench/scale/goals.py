@@ -40,17 +40,6 @@ def goals(rates: dict[str, list[float]], src: str) -> list[dict]:
                   f"student reader with {name} ≥ {target} × images only ({src})") for name, target in GOALS["reader"]]
 
 
-def ceilings_of(images_ms: float, row_bytes: dict[str, float], ns_per_byte: dict[str, float], src: str) -> dict:
-    """Each goal's :func:`~bench.scale.ceiling.ceiling` from the CPU ms a sample costs with images alone and the
-    bytes of the goal's target rows a sample (``name: bytes``)."""
-    out = {}
-    for name, nbytes in row_bytes.items():
-        extra = ceil.least_ms(nbytes, ns_per_byte, src)
-        out[name] = {"images_cpu_ms": images_ms, "row_bytes": nbytes, "least_extra_ms": extra,
-                     "ceiling": ceil.ceiling(images_ms, extra)}
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.scale.goals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     src = "s3" if a.s3 else "local"
     verdicts = goals(rates, src)
     ns_per_byte = ceil.passes()
-    ceilings = ceilings_of(quantile(images_ms, 0.5), {name: target_bytes(ds[name])[1] for name in NAMES[1:]},
+    ceilings = ceil.ceilings(quantile(images_ms, 0.5), {name: target_bytes(ds[name]) for name in NAMES[1:]},
                            ns_per_byte, src)
     print("\n".join(verdict_lines(verdicts)))
     print("\n".join(f"ceiling on this machine for {name}: {c['ceiling']:.3f} (images alone {c['images_cpu_ms']:.2f} "

@@ -26,6 +26,7 @@ from student.ring import BatchRing, packed_bytes
 from student.stream import load_rows
 
 from ..common import interleave, quantile, ratio_summary, round_orders, spread
+from .ceiling import ceilings, passes
 from .spec import MEAN, READER, SIZE, STD
 
 
@@ -271,7 +272,9 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
            batch_size: int, workers: int, seed: int = 0, server_cpu: Callable[[], float] = lambda: 0.0) -> dict:
     """The reader configurations (:data:`READER` × local/S3) in ``rounds`` interleaved rounds: samples/s
     after each DataLoader's first batch (see :func:`read`), paired by round; ``server_cpu()`` the S3 server's CPU
-    seconds so far (what it costs this machine to serve)."""
+    seconds so far (what it costs this machine to serve). Each configuration with targets also gets its ``ceiling``
+    on this machine (:mod:`bench.scale.ceiling`): the most its ratio to images alone can be, from images alone's CPU
+    a sample (workers, main process and S3 server; medians of the rounds) and the least its rows add."""
     datasets = {f"{src}/{name}": dataset(caches[src], name, s3_options if src == "s3" else None)
                 for src in caches for name in READER}
     names = list(datasets)
@@ -325,6 +328,15 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
                          "decode_ms_per_sample": decode_ms(datasets[k], batch_size) if src == "local" else None,
                          "breakdown_ms_per_sample": breakdown_ms(datasets[k], batch_size) if src == "local" else None,
                          "vs_images_only": None if name == "images_only" else ratios[src][name]})
+    ns_per_byte = passes()
+    for src in caches:  # the most each ratio can be here (bench.scale.ceiling), from images alone's CPU a sample
+        mine = {r["targets"]: r for r in rows if r["source"] == src}
+        base = mine.pop("images_only")
+        images_ms = (base["worker_cpu_ms_per_sample"]["median"] + base["main_cpu_ms_per_sample"]["median"]
+                     + (base["server_cpu_ms_per_sample"] or 0.0))
+        got = ceilings(images_ms, {name: (r["stored_bytes_per_sample"], r["decoded_bytes_per_sample"]) for name, r in mine.items()}, ns_per_byte, src)
+        for name, r in mine.items():
+            r["ceiling"] = got[name]
     return {"rounds": rounds, "epochs": epochs, "slice_epochs": slice_epochs, "batch_size": batch_size,
             "workers": workers, "samples_per_epoch": datasets[names[0]].num_samples(workers), "rows": rows,
-            "ratios": ratios, "cpu_ratios": cpu_ratios}
+            "ratios": ratios, "cpu_ratios": cpu_ratios, "passes_ns_per_byte": ns_per_byte}

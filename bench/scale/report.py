@@ -112,7 +112,11 @@ def markdown(res: dict) -> str:
                   "the DataLoader's usual way (stack into a fresh shared segment, whose pages the kernel allocates "
                   "and zeroes on first touch). The caches' rows come from a synthetic forward "
                   "with the real teachers' shapes and per-channel statistics (`bench.scale.caches.synthetic_forward`); "
-                  "the S3 server (moto, reading a ranged GET's range alone: `bench/scale/moto_server.py`) runs on this machine's cores too.", "",
+                  "the S3 server (moto, reading a ranged GET's range alone: `bench/scale/moto_server.py`) runs on this machine's cores too. "
+                  "Ceiling here: the most \"vs images only\" can be on this machine for a reader of this design, images "
+                  "alone's CPU a sample (workers, main process, S3 server) over that plus the least the rows add (a read "
+                  "with checksums, or a loopback receive and the server's send; two copies), each pass timed alone "
+                  "(`bench/scale/ceiling.py`).", "",
                   markdown_table([_reader_row(r) for r in rd["rows"]], READER_COLUMNS), ""]
     if h["bytes_per_view"]:
         lines += ["### Bytes per view at real shapes", "",
@@ -135,7 +139,7 @@ def _data_path_rows(dp: dict) -> list[dict]:
 
 JOB_COLUMNS = ["teacher", "views (steady/all)", "rounds", "forward alone views/s", "job steady views/s",
                "job end-to-end views/s", "steady / forward", "end-to-end / forward", "job fixed s"]
-READER_COLUMNS = ["source", "targets", "samples/s", "vs images only", "worker CPU ms/sample", "main-process CPU ms/sample",
+READER_COLUMNS = ["source", "targets", "samples/s", "vs images only", "ceiling here", "worker CPU ms/sample", "main-process CPU ms/sample",
                   "samples per CPU s vs images only", "target KB/sample (stored)",
                   "cache MB/s (stored)", "cache MB/s (decoded)", "first batch s", "S3 server CPU ms/sample",
                   "read rows ms/sample", "hand-over (ring) ms/sample", "hand-over (fresh shared memory) ms/sample",
@@ -162,6 +166,7 @@ def _reader_row(r: dict) -> dict:
     return {"source": r["source"], "targets": r["targets"],
             "samples/s": with_spread(sp["median"], sp["min"], sp["max"]),
             "vs images only": with_spread(vs["median"], *vs["interval"]) if vs else "1",
+            "ceiling here": r["ceiling"]["ceiling"] if r.get("ceiling") else None,  # runs before 2026-12-02 17:00: none
             "worker CPU ms/sample": with_spread(cm["median"], cm["min"], cm["max"]),
             "main-process CPU ms/sample": with_spread(mm["median"], mm["min"], mm["max"]) if mm else None,
             "samples per CPU s vs images only": with_spread(cv["median"], *cv["interval"]) if cv else "1",

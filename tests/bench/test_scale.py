@@ -301,16 +301,16 @@ def test_ceiling_of_a_goal_is_the_images_cpu_over_it_plus_the_rows_least_passes(
     """bench.scale.ceiling: a sample's rows cost at least one read (local: from the page cache with its checksum;
     S3: a socket's receive with its checksum plus the server's send) and two copies (into the ring slot, out of
     it); a CPU-bound reader's ratio is at most images ÷ (images + that). Worked by hand."""
-    from bench.scale.ceiling import ceiling, least_ms
-    from bench.scale.goals import ceilings_of
+    from bench.scale.ceiling import ceiling, ceilings, least_ms
 
     ns = {"read_crc": 0.2, "copy": 0.1, "recv_crc": 0.3, "sendfile": 0.25}
-    assert least_ms(1e6, ns, "local") == pytest.approx(0.4)  # 1 MB × (0.2 + 2 × 0.1) ns
-    assert least_ms(1e6, ns, "s3") == pytest.approx(0.75)  # 1 MB × (0.3 + 0.25 + 2 × 0.1) ns
+    assert least_ms(1e6, 1e6, ns, "local") == pytest.approx(0.4)  # 1 MB × (0.2 + 2 × 0.1) ns
+    assert least_ms(1e6, 1e6, ns, "s3") == pytest.approx(0.75)  # 1 MB × (0.3 + 0.25 + 2 × 0.1) ns
+    assert least_ms(5e5, 1e6, ns, "local") == pytest.approx(0.3)  # compressed: 0.5 MB read, 1 MB copied twice
     with pytest.raises(ValueError, match="'local' or 's3'"):
-        least_ms(1e6, ns, "gcs")
+        least_ms(1e6, 1e6, ns, "gcs")
     assert ceiling(4.0, 1.0) == pytest.approx(0.8)
-    got = ceilings_of(3.6, {"vitkd_3taps": 1e6, "scalekd_swinl_final": 2e5}, ns, "local")
+    got = ceilings(3.6, {"vitkd_3taps": (1e6, 1e6), "scalekd_swinl_final": (2e5, 2e5)}, ns, "local")
     assert got["vitkd_3taps"]["ceiling"] == pytest.approx(0.9)  # 3.6 / (3.6 + 0.4)
     assert got["scalekd_swinl_final"]["least_extra_ms"] == pytest.approx(0.08)
     assert got["scalekd_swinl_final"]["ceiling"] == pytest.approx(3.6 / 3.68)
@@ -334,3 +334,17 @@ def test_ceiling_passes_move_the_bytes_they_time(tmp_path):
         assert (buf == data).all() and sent >= 0 and received >= 0
         with pytest.raises(RuntimeError, match="received block's crc32c"):
             ceiling._loopback(f, buf, google_crc32c.value(data) ^ 1)
+
+
+def test_reader_rows_show_their_ceiling_and_runs_before_it_show_none():
+    sp = spread([300.0, 310.0, 320.0])
+    row = {"source": "local", "targets": "vitkd_3taps", "samples_per_s": sp,
+           "vs_images_only": ratio_summary([0.9] * 5, [1.0] * 5), "worker_cpu_ms_per_sample": sp,
+           "main_cpu_ms_per_sample": sp, "cpu_vs_images_only": None, "stored_bytes_per_sample": 1.2e6,
+           "cache_mb_per_s_stored": 1.0, "cache_mb_per_s_decoded": 1.0, "first_batch_s": 1.0,
+           "server_cpu_ms_per_sample": None, "decode_ms_per_sample": None, "breakdown_ms_per_sample": None,
+           "ceiling": {"ceiling": 0.909}}
+    assert report._reader_row(row)["ceiling here"] == 0.909
+    assert "ceiling here" in report.READER_COLUMNS
+    del row["ceiling"]
+    assert report._reader_row(row)["ceiling here"] is None
