@@ -111,11 +111,17 @@ def _check(crc: int, want: int, what: str) -> None:
 
 def _read_crc(f, buf: np.ndarray) -> int:
     f.seek(0)
+    return _land(f.readinto, buf, "the block file")
+
+
+def _land(read_into: Callable[[memoryview], int], buf: np.ndarray, what: str) -> int:
+    """``buf`` filled by ``read_into`` (a file's ``readinto``, a socket's ``recv_into``) a
+    :data:`~pipeline.raw_shards.PIECE` at a time, each piece checksummed as it lands; returns the crc32c."""
     view, crc, got = memoryview(buf), 0, 0
     while got < len(buf):
-        k = f.readinto(view[got:got + PIECE])
+        k = read_into(view[got:got + PIECE])
         if not k:
-            raise RuntimeError("ceiling: the block file ended early")
+            raise RuntimeError(f"ceiling: {what} ended early")
         crc = google_crc32c.extend(crc, buf[got:got + k])
         got += k
     return crc
@@ -138,14 +144,11 @@ def _loopback(f, buf: np.ndarray, want: int) -> tuple[float, float]:
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         with socket.create_connection(server.getsockname(), timeout=60) as conn:
-            t, view, crc, got = time.thread_time(), memoryview(buf), 0, 0
-            while got < len(buf):
-                k = conn.recv_into(view[got:got + PIECE])
-                if not k:
-                    raise RuntimeError("ceiling: the loopback connection closed early")
-                crc = google_crc32c.extend(crc, buf[got:got + k])
-                got += k
+            t = time.thread_time()
+            crc = _land(conn.recv_into, buf, "the loopback connection")
             received = time.thread_time() - t
         sender.join(timeout=60)
+    if not sent:
+        raise RuntimeError("ceiling: the loopback sender did not finish")
     _check(crc, want, "received")
     return sent[0], received
