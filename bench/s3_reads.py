@@ -34,7 +34,7 @@ ENV = "KDCACHE_S3_READS"
 @contextlib.contextmanager
 def client(name: str):
     """The S3 client a DataLoader's workers read the cache's arrays with: they are forked inside this block and
-    choose it from the environment (:func:`pipeline.s3_reads.s3_store`)."""
+    choose it from the environment (:func:`pipeline.s3_reads.s3_config`)."""
     before = os.environ.get(ENV)
     os.environ[ENV] = "fsspec" if name == "s3fs" else "auto"
     try:

@@ -68,16 +68,8 @@ def s3_config(url: str, storage_options: dict | None) -> tuple[str, str, dict] |
     return bucket, prefix, config
 
 
-def s3_store(url: str, storage_options: dict | None) -> S3Store | None:
-    """An obstore ``S3Store`` rooted at ``url`` (:func:`s3_config`), or None when reads of ``url`` stay on s3fs."""
-    got = s3_config(url, storage_options)
-    if got is None:
-        return None
-    return store_for(*got)
-
-
 def store_for(bucket: str, prefix: str, config: dict) -> S3Store:
-    """obstore's ``S3Store`` for :func:`s3_config`'s answer."""
+    """obstore's ``S3Store`` for :func:`s3_config`'s answer (``store_for(*got)``)."""
     from obstore.store import S3Store
 
     client = {"allow_http": True} if config.get("endpoint", "").startswith("http://") else {}

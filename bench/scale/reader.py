@@ -334,7 +334,8 @@ def reader(caches: dict[str, dict[str, str]], s3_options: dict | None, rounds: i
         base = mine.pop("images_only")
         images_ms = (base["worker_cpu_ms_per_sample"]["median"] + base["main_cpu_ms_per_sample"]["median"]
                      + (base["server_cpu_ms_per_sample"] or 0.0))
-        got = ceilings(images_ms, {name: (r["stored_bytes_per_sample"], r["decoded_bytes_per_sample"]) for name, r in mine.items()}, ns_per_byte, src)
+        rows_bytes = {name: (r["stored_bytes_per_sample"], r["decoded_bytes_per_sample"]) for name, r in mine.items()}
+        got = ceilings(images_ms, rows_bytes, ns_per_byte, src)
         for name, r in mine.items():
             r["ceiling"] = got[name]
     return {"rounds": rounds, "epochs": epochs, "slice_epochs": slice_epochs, "batch_size": batch_size,

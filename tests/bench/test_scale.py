@@ -275,7 +275,7 @@ def test_the_reader_s3_server_answers_each_range_with_its_bytes_as_s3_does():
         with pytest.raises(botocore.exceptions.ClientError, match="InvalidRange"):
             c.get_object(Bucket=s3.bucket, Key="o", Range=f"bytes={n}-")
         assert c.get_object(Bucket=s3.bucket, Key="o")["Body"].read() == obj
-        store = s3_reads.s3_store(f"s3://{s3.bucket}", s3.options)  # the reader's own client
+        store = s3_reads.store_for(*s3_reads.s3_config(f"s3://{s3.bucket}", s3.options))  # the reader's own client
         assert s3_reads.get(store, "o", 1000, 501_000, name="o").tobytes() == obj[1000:501_000]
         assert s3_reads.get(store, "o", -20, None, name="o").tobytes() == obj[-20:]
     finally:

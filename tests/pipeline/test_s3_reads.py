@@ -47,13 +47,14 @@ def test_s3fs_options_translate_only_where_the_request_is_the_same(no_aws_env, o
     for k, v in env.items():
         no_aws_env.setenv(k, v)
     assert s3_reads._config(dict(opts)) == want
-    store = s3_reads.s3_store("s3://bkt/team/c.zarr", opts)
-    assert (store is None) == (want is None)
-    if store is not None:
+    got = s3_reads.s3_config("s3://bkt/team/c.zarr", opts)
+    assert (got is None) == (want is None)
+    if got is not None:
+        store = s3_reads.store_for(*got)
         assert store.prefix == "team/c.zarr" and store.config["bucket"] == "bkt"
     no_aws_env.setenv(s3_reads.ENV, "fsspec")
-    assert s3_reads.s3_store("s3://bkt/c.zarr", opts) is None
-    assert s3_reads.s3_store("/local/c.zarr", opts) is None
+    assert s3_reads.s3_config("s3://bkt/c.zarr", opts) is None
+    assert s3_reads.s3_config("/local/c.zarr", opts) is None
 
 
 def _no_s3fs_reads(store: CacheStore, monkeypatch) -> None:
@@ -197,7 +198,7 @@ def test_a_refused_read_is_one_line_naming_the_object(no_aws_env):
             "endpoint_url": f"http://127.0.0.1:{server.server_address[1]}", "region_name": "us-east-1"}}
         url = "s3://kdcache/refused.zarr"
         with pytest.raises(CacheError) as e:
-            s3_reads.get(s3_reads.s3_store(url, opts), "a/c/0/0/0/0", 0, None, name=f"{url}/a/c/0/0/0/0")
+            s3_reads.get(s3_reads.store_for(*s3_reads.s3_config(url, opts)), "a/c/0/0/0/0", 0, None, name=f"{url}/a/c/0/0/0/0")
     finally:
         server.shutdown()
         server.server_close()
